@@ -1,0 +1,158 @@
+"""One CNF block: integrates (z, log-determinant, regulariser states) from 0 to an end time T.
+
+Instantaneous change of variables (FFJORD eq. 2-4; TO-FLOW 004 eq. 4-5)::
+
+    dz/dt = f(t, z),   d log p(z(t))/dt = -tr(df/dz)
+    log p(x) = log p(z(T)) + int_0^T tr(df/dz(t)) dt
+
+The block integrates in rescaled time s = t / T on [0, 1] (dz/ds = T f(sT, z)), so that T is an
+ordinary parameter of the right-hand side: its gradient is exact for direct and adjoint
+back-propagation, and T can be learned (TO-FLOW) or randomised (STEER) without touching the
+solver. ``forward`` maps data to latent and returns the log-determinant; ``inverse`` maps back.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fastcnf.cnf.divergence import DivergenceEstimator, DivergenceResult, ExactTrace
+from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
+from fastcnf.cnf.regularizers import Regularizer
+from fastcnf.ode.solve import NFECounter, SolverConfig, solve
+
+__all__ = ["CNFBlock"]
+
+
+class _BlockODE(nn.Module):
+    """Right-hand side in rescaled time: state (z, logdet, *regs) -> T * (f, div, *rates)."""
+
+    def __init__(self, block: "CNFBlock") -> None:
+        super().__init__()
+        self.net = block.net
+        self._block = [block]  # not a submodule (avoid a cycle)
+        self.end_time: Tensor | None = None
+        self.noise: Tensor | None = None
+        self.with_logdet = True
+
+    def forward(self, s: Tensor, state: tuple[Tensor, ...]):
+        block = self._block[0]
+        z = state[0]
+        T = self.end_time
+        t = s * T
+        if not self.with_logdet:
+            return (self.net(t, z) * T,)
+        # a graph through the divergence is needed only when this evaluation is differentiated
+        # (direct back-propagation, or the adjoint's backward solve), not in no-grad solves
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            if not z.requires_grad:
+                z = z.detach().requires_grad_(True)
+            est = block.divergence
+            if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
+                f, div = self.net.trace_forward(t, z)
+                result = DivergenceResult(div)
+            else:
+                f = self.net(t, z)
+                result = est(f, z, self.noise, self.net, t, create_graph=create_graph)
+            rates = [r.rate(f, z, result, self.noise, create_graph) for r in block.regularizers]
+        return (f * T, result.div * T, *(r * T for r in rates))
+
+
+class CNFBlock(nn.Module):
+    """A continuous normalizing flow block.
+
+    Args:
+        net: dynamics ``f(t, z)`` (e.g. :class:`~fastcnf.cnf.dynamics.ConcatSquashMLP`).
+        divergence: a divergence estimator (exact trace or Hutchinson).
+        solver: solver configuration used in training mode.
+        end_time: an :class:`EndTimePolicy` or a positive float T0 (fixed T).
+        regularizers: integrated as extra states; values of the last forward are in
+            :attr:`reg_states` (name -> per-example integral).
+        eval_solver: solver configuration in eval mode (default: ``solver``).
+        name: names the block in NFE records and errors.
+
+    Example:
+        >>> from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace
+        >>> block = CNFBlock(ConcatSquashMLP(2), ExactTrace(), end_time=0.5)
+        >>> z, logdet = block(torch.randn(8, 2))
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        divergence: DivergenceEstimator | None = None,
+        solver: SolverConfig | None = None,
+        end_time: EndTimePolicy | float = 0.5,
+        regularizers: Sequence[Regularizer] = (),
+        eval_solver: SolverConfig | None = None,
+        name: str = "cnf",
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.divergence = divergence if divergence is not None else ExactTrace()
+        self.solver = solver if solver is not None else SolverConfig()
+        self.eval_solver = eval_solver
+        self.end_time_policy = end_time if isinstance(end_time, EndTimePolicy) else FixedEndTime(end_time)
+        self.regularizers = list(regularizers)
+        self.name = name
+        self.nfe = NFECounter(name)
+        self.solver_override: SolverConfig | None = None
+        self.reg_states: dict[str, Tensor] = {}
+        self.odefunc = _BlockODE(self)
+
+    @property
+    def end_time(self) -> Tensor:
+        return self.end_time_policy.end_time
+
+    def current_solver(self) -> SolverConfig:
+        """Override (set per batch by a tolerance policy) > eval solver in eval mode > solver."""
+        if self.solver_override is not None:
+            return self.solver_override
+        if not self.training and self.eval_solver is not None:
+            return self.eval_solver
+        return self.solver
+
+    def _integrate(self, state: tuple[Tensor, ...], s0: float, s1: float, with_logdet: bool):
+        func = self.odefunc
+        func.end_time = self.end_time_policy()
+        func.with_logdet = with_logdet
+        needs_noise = with_logdet and (
+            not isinstance(self.divergence, ExactTrace) or any(r.needs_noise for r in self.regularizers)
+        )
+        if needs_noise:
+            est = self.divergence if not isinstance(self.divergence, ExactTrace) else None
+            func.noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])
+        else:
+            func.noise = None
+        t = torch.tensor([s0, s1], dtype=state[0].dtype, device=state[0].device)
+        params = tuple(self.net.parameters()) + tuple(p for p in self.end_time_policy.parameters() if p.requires_grad)
+        out = solve(func, state, t, self.current_solver(), self.nfe, name=self.name, adjoint_params=params)
+        return tuple(o[-1] for o in out)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Data -> latent. Returns ``(z, logdet)`` with ``log p(x) = log p(z) + logdet``."""
+        b = x.shape[0]
+        zeros = torch.zeros(b, dtype=x.dtype, device=x.device)
+        state = (x, zeros, *(zeros for _ in self.regularizers))
+        out = self._integrate(state, 0.0, 1.0, with_logdet=True)
+        self.reg_states = {r.name: v for r, v in zip(self.regularizers, out[2:])}
+        return out[0], out[1]
+
+    def inverse(self, z: Tensor, with_logdet: bool = False):
+        """Latent -> data. With ``with_logdet`` also returns ``int_0^T tr(df/dz) dt`` along the
+        trajectory (the same quantity :meth:`forward` returns for the recovered x)."""
+        if not with_logdet:
+            return self._integrate((z,), 1.0, 0.0, with_logdet=False)[0]
+        b = z.shape[0]
+        zeros = torch.zeros(b, dtype=z.dtype, device=z.device)
+        state = (z, zeros, *(zeros for _ in self.regularizers))
+        out = self._integrate(state, 1.0, 0.0, with_logdet=True)
+        return out[0], -out[1]
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        return shape
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, divergence={self.divergence!r}, T0={self.end_time_policy.t0}"

@@ -1,0 +1,156 @@
+"""Divergence estimators: the trace of the Jacobian of the dynamics, exact or Hutchinson.
+
+The instantaneous change of variables (FFJORD eq. 2; TO-FLOW 004 eq. 5) needs
+``tr(df/dz)``. Estimators are swappable objects with one contract::
+
+    noise = estimator.sample_noise(z)        # once per solve, as FFJORD does
+    result = estimator(f, z, noise, net, t)  # f = net(t, z), computed with a graph to z
+
+References: Grathwohl et al. 2019 (FFJORD) §3 eq. 7 (Hutchinson's estimator);
+Hutchinson 1989.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DivergenceResult",
+    "DivergenceEstimator",
+    "ExactTrace",
+    "Hutchinson",
+    "ESTIMATORS",
+    "make_divergence",
+]
+
+
+@dataclass
+class DivergenceResult:
+    """Divergence per example, and the vector-Jacobian product e^T df/dz when one was formed
+    (the Jacobian-Frobenius regulariser reuses it, as RNODE does)."""
+
+    div: Tensor
+    noise: Tensor | None = None
+    eps_jac: Tensor | None = None
+
+
+def _grad(out: Tensor, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
+    g = torch.autograd.grad(out, z, v, create_graph=create_graph, allow_unused=True)[0]
+    return torch.zeros_like(z) if g is None else g
+
+
+class DivergenceEstimator:
+    """Base class. Subclasses implement :meth:`__call__` and, if stochastic, :meth:`sample_noise`."""
+
+    name = "base"
+
+    def sample_noise(self, z: Tensor) -> Tensor | None:
+        return None
+
+    def __call__(self, f: Tensor, z: Tensor, noise: Tensor | None, net=None, t=None,
+                 create_graph: bool = True) -> DivergenceResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class ExactTrace(DivergenceEstimator):
+    """Exact trace of the Jacobian.
+
+    ``mode``:
+      * ``"auto"``: the network's own forward-mode trace when it has one (``net.trace_forward``,
+        tangents pushed through the layers; one fused pass), else ``"vmap"`` for dimensions up to
+        ``vmap_max_dim``, else ``"loop"``.
+      * ``"loop"``: one autograd pass per dimension (FFJORD's ``divergence_bf``).
+      * ``"vmap"``: all rows of the Jacobian in one batched vector-Jacobian product.
+    The ``auto`` fast path is taken by the CNF block before calling this object (it needs the
+    network, not just its output); see :meth:`uses_network_trace`.
+    """
+
+    name = "exact"
+    MODES = ("auto", "loop", "vmap")
+
+    def __init__(self, mode: str = "auto", vmap_max_dim: int = 64) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"unknown exact-trace mode {mode!r}; accepted: {', '.join(self.MODES)}")
+        self.mode = mode
+        self.vmap_max_dim = vmap_max_dim
+
+    def uses_network_trace(self, net) -> bool:
+        return self.mode == "auto" and hasattr(net, "trace_forward")
+
+    def __call__(self, f, z, noise, net=None, t=None, create_graph=True):
+        b = z.shape[0]
+        f2 = f.reshape(b, -1)
+        d = f2.shape[1]
+        mode = self.mode
+        if mode == "auto":
+            mode = "vmap" if d <= self.vmap_max_dim else "loop"
+        if mode == "vmap":
+            eye = torch.eye(d, dtype=f.dtype, device=f.device).unsqueeze(1).expand(d, b, d)
+            rows = torch.autograd.grad(f2, z, eye, create_graph=create_graph,
+                                       is_grads_batched=True, allow_unused=True)[0]
+            if rows is None:  # f does not depend on z
+                return DivergenceResult(torch.zeros(b, dtype=f.dtype, device=f.device))
+            return DivergenceResult(torch.diagonal(rows.reshape(d, b, d), dim1=0, dim2=2).sum(-1))
+        div = torch.zeros(b, dtype=f.dtype, device=f.device)
+        for i in range(d):
+            gi = torch.autograd.grad(f2[:, i].sum(), z, create_graph=create_graph, allow_unused=True)[0]
+            if gi is not None:
+                div = div + gi.reshape(b, -1)[:, i]
+        return DivergenceResult(div)
+
+    def __repr__(self) -> str:
+        return f"ExactTrace(mode={self.mode!r})"
+
+
+class Hutchinson(DivergenceEstimator):
+    """Hutchinson's stochastic trace estimator ``E_e[e^T (df/dz) e]`` (FFJORD eq. 7).
+
+    ``noise``: ``"gaussian"`` (e ~ N(0, I)) or ``"rademacher"`` (e uniform on {-1, +1}). Unbiased
+    for any noise with zero mean and identity covariance. The noise is drawn once per solve.
+    """
+
+    name = "hutchinson"
+    NOISES = ("gaussian", "rademacher")
+
+    def __init__(self, noise: str = "gaussian", generator: torch.Generator | None = None) -> None:
+        if noise not in self.NOISES:
+            raise ValueError(f"unknown Hutchinson noise {noise!r}; accepted: {', '.join(self.NOISES)}")
+        self.noise = noise
+        self.generator = generator
+
+    def sample_noise(self, z: Tensor) -> Tensor:
+        if self.noise == "gaussian":
+            return torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=self.generator)
+        return torch.randint(0, 2, z.shape, dtype=z.dtype, device=z.device, generator=self.generator) * 2 - 1
+
+    def __call__(self, f, z, noise, net=None, t=None, create_graph=True):
+        if noise is None:
+            noise = self.sample_noise(z)
+        e_jac = _grad(f, z, noise, create_graph)
+        div = (e_jac * noise).reshape(z.shape[0], -1).sum(1)
+        return DivergenceResult(div, noise=noise, eps_jac=e_jac)
+
+    def __repr__(self) -> str:
+        return f"Hutchinson(noise={self.noise!r})"
+
+
+ESTIMATORS: dict[str, Callable[..., DivergenceEstimator]] = {
+    "exact": ExactTrace,
+    "hutchinson": Hutchinson,
+}
+
+
+def make_divergence(name: str, **kwargs) -> DivergenceEstimator:
+    """Build an estimator by name (``exact``, ``hutchinson``); unknown names list the valid ones."""
+    if name not in ESTIMATORS:
+        close = difflib.get_close_matches(name, ESTIMATORS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown divergence estimator {name!r}{hint}; accepted: {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name](**kwargs)

@@ -1,0 +1,144 @@
+"""One entry point for every data set: ``load_data(DataConfig(name=...), seed) -> DataBundle``.
+
+Data sets are found through a name -> loader table (:data:`DATASETS` holds the one-line
+descriptions), so adding a data set is one function and one line here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .base import DataBundle, DataError
+from .images import load_cifar10, load_digits_data, load_mnist, load_mnist_test_split
+from .toy import TOY_SAMPLERS, load_mix1d, load_toy
+
+__all__ = ["DataConfig", "DATASETS", "load_data"]
+
+
+@dataclass
+class DataConfig:
+    """Which data set to load and how much of it.
+
+    Attributes:
+        name: registry name, one of :data:`DATASETS` (e.g. ``"8gaussians"``, ``"digits"``,
+            ``"mnist-test-split"``).
+        root: directory holding the image files (``mnist``, ``fmnist``, ``mnist-test-split``,
+            ``cifar10``); ignored by the synthetic sets and ``digits``. ``~`` is expanded.
+        n_train: synthetic sets: size of the fixed training draw; image sets: keep only the
+            first ``n_train`` training images. 0 means the data set's default (20,000 draws /
+            every image).
+        n_test: the same for the test split.
+        train_fraction: fraction of the examples used for training where the split is ours
+            (``digits``: 0.8 of a fixed permutation; ``mnist-test-split``: 0.9 in file order).
+            ``None`` means that data set's default; ignored by the other data sets.
+    """
+
+    name: str = "8gaussians"
+    root: str | None = None
+    n_train: int = 0
+    n_test: int = 0
+    train_fraction: float | None = None
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
+        """Build from a mapping (e.g. a YAML section), rejecting unknown keys."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(valid))
+        if unknown:
+            raise DataError(f"unknown data config key(s) {', '.join(unknown)}; "
+                            f"valid keys: {', '.join(valid)}")
+        return cls(**values)
+
+
+_TOY_DESCRIPTIONS = {
+    "swissroll": "FFJORD 2-D toy: swiss roll (scikit-learn, noise 1.0, scaled by 1/5)",
+    "circles": "FFJORD 2-D toy: two concentric circles, radii 3 and 1.5",
+    "rings": "FFJORD 2-D toy: four concentric rings, radii 3, 2.25, 1.5, 0.75",
+    "moons": "FFJORD 2-D toy: two interleaved half-moons",
+    "8gaussians": "FFJORD 2-D toy: eight Gaussians on a circle of radius 4/1.414",
+    "pinwheel": "FFJORD 2-D toy: five-armed pinwheel",
+    "2spirals": "FFJORD 2-D toy: two interleaved spirals",
+    "checkerboard": "FFJORD 2-D toy: uniform on the black squares of a 4x4 checkerboard",
+}
+
+DATASETS: dict[str, str] = {
+    **_TOY_DESCRIPTIONS,
+    "mix1d": "1-D mixture of three Gaussians, labels = component (InfoCNF Appendix C)",
+    "digits": "scikit-learn digits, 1,797 images 1x8x8, 17 levels, fixed 80/20 split (no files)",
+    "mnist": "MNIST 1x28x28, 256 levels, standard 60,000/10,000 split (IDX files in root)",
+    "fmnist": "Fashion-MNIST 1x28x28, 256 levels, standard 60,000/10,000 split (IDX files)",
+    "mnist-test-split": "MNIST t10k file only: first 9,000 train / last 1,000 test (in root)",
+    "cifar10": "CIFAR-10 3x32x32, 256 levels, binary version 50,000/10,000 (files in root)",
+}
+"""Name -> one-line description of every data set :func:`load_data` knows."""
+
+_Loader = Callable[[DataConfig, int], DataBundle]
+
+
+def _fraction(cfg: DataConfig, default: float) -> float:
+    return default if cfg.train_fraction is None else float(cfg.train_fraction)
+
+
+_LOADERS: dict[str, _Loader] = {
+    **{name: (lambda cfg, seed, name=name: load_toy(name, cfg.n_train, cfg.n_test, seed))
+       for name in TOY_SAMPLERS},
+    "mix1d": lambda cfg, seed: load_mix1d(cfg.n_train, cfg.n_test, seed),
+    "digits": lambda cfg, seed: load_digits_data(_fraction(cfg, 0.8)),
+    "mnist": lambda cfg, seed: load_mnist(cfg.root, "mnist"),
+    "fmnist": lambda cfg, seed: load_mnist(cfg.root, "fmnist"),
+    "mnist-test-split": lambda cfg, seed: load_mnist_test_split(cfg.root, _fraction(cfg, 0.9)),
+    "cifar10": lambda cfg, seed: load_cifar10(cfg.root),
+}
+assert set(_LOADERS) == set(DATASETS)
+
+
+def _first(bundle: DataBundle, n_train: int, n_test: int) -> DataBundle:
+    """Keep the first ``n_train`` / ``n_test`` examples of a file-backed data set."""
+    if not n_train and not n_test:
+        return bundle
+    for what, n, split in (("n_train", n_train, bundle.train), ("n_test", n_test, bundle.test)):
+        if n > len(split):
+            raise DataError(f"{what}={n} exceeds the {len(split)} examples of {bundle.name!r}'s "
+                            f"{what[2:]} split")
+    train = bundle.train.head(n_train) if n_train else bundle.train
+    test = bundle.test.head(n_test) if n_test else bundle.test
+    return dataclasses.replace(
+        bundle, train=train, test=test,
+        split=f"{bundle.split}; subsampled to the first {len(train)} train / {len(test)} test")
+
+
+def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
+    """Load the data set ``cfg.name``.
+
+    Args:
+        cfg: which data set, from where, and how much of it.
+        seed: seeds the fixed draws of the synthetic sets (train: ``seed``, test: ``seed + 1``);
+            file-backed sets and their splits do not depend on it.
+
+    Raises:
+        DataError: unknown name (listing valid names, with a close match if any), bad config
+            values, missing or corrupt files.
+
+    Example:
+        >>> bundle = load_data(DataConfig(name="digits"))
+        >>> bundle.shape, bundle.levels, len(bundle.train), len(bundle.test)
+        ((1, 8, 8), 17, 1437, 360)
+    """
+    if not isinstance(cfg, DataConfig):
+        raise DataError(f"load_data expects a DataConfig, got {type(cfg).__name__}")
+    if cfg.name not in _LOADERS:
+        close = difflib.get_close_matches(str(cfg.name), list(DATASETS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise DataError(f"unknown data set {cfg.name!r}{hint}; valid names: "
+                        f"{', '.join(DATASETS)}")
+    for what in ("n_train", "n_test"):
+        value = getattr(cfg, what)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DataError(f"DataConfig.{what} must be an integer >= 0 (0 = default), "
+                            f"got {value!r}")
+    bundle = _LOADERS[cfg.name](cfg, seed)
+    if bundle.sampler is None:  # synthetic sets already drew n_train / n_test examples
+        bundle = _first(bundle, cfg.n_train, cfg.n_test)
+    return bundle
