@@ -39,6 +39,8 @@ class DivergenceResult:
 
 
 def _grad(out: Tensor, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
+    if not out.requires_grad:  # f has no graph at all (e.g. zero dynamics): d f / dz = 0
+        return torch.zeros_like(z)
     g = torch.autograd.grad(out, z, v, create_graph=create_graph, allow_unused=True)[0]
     return torch.zeros_like(z) if g is None else g
 
@@ -88,6 +90,8 @@ class ExactTrace(DivergenceEstimator):
         b = z.shape[0]
         f2 = f.reshape(b, -1)
         d = f2.shape[1]
+        if not f.requires_grad:  # f has no graph at all (e.g. zero dynamics): the trace is 0
+            return DivergenceResult(torch.zeros(b, dtype=f.dtype, device=f.device))
         mode = self.mode
         if mode == "auto":
             mode = "vmap" if d <= self.vmap_max_dim else "loop"

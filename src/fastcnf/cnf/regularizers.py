@@ -58,6 +58,8 @@ class JacobianFrobenius(Regularizer):
     def rate(self, f, z, div, noise, create_graph):
         e_jac = div.eps_jac
         if e_jac is None:
+            if not f.requires_grad:  # f has no graph at all: its Jacobian is 0
+                return torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)
             e_jac = torch.autograd.grad(f, z, noise, create_graph=create_graph, allow_unused=True)[0]
             if e_jac is None:
                 return torch.zeros(f.shape[0], dtype=f.dtype, device=f.device)

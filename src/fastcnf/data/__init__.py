@@ -1,4 +1,4 @@
-"""Data sets for fastcnf: FFJORD's 2-D toys, InfoCNF's 1-D mixture, digits, MNIST, F-MNIST, CIFAR-10.
+"""Data sets: FFJORD's 2-D toys, InfoCNF's 1-D mixture, digits, MNIST, F-MNIST, CIFAR-10.
 
 Everything goes through one call::
 

@@ -174,7 +174,8 @@ def load_mnist(root: str | Path | None, name: str = "mnist") -> DataBundle:
         if name == "mnist" and all(found[k] for k in ("test_images", "test_labels")):
             raise DataError(f"{path} holds only MNIST's t10k (10,000-image test) files; "
                             f"{' and '.join(missing)} are missing. To train on the test images, "
-                            "use the data set 'mnist-test-split' (first 90% train / last 10% test)")
+                            "use the data set 'mnist-test-split' (first 9,000 train / last 1,000 "
+                            "test)")
         raise DataError(f"data set {name!r}: missing {', '.join(missing)} (plain or .gz) in "
                         f"{path}; expected {', '.join(expected)}")
     train = _read_idx_pair(found["train_images"], found["train_labels"])

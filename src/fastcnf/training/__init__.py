@@ -1,0 +1,1 @@
+"""Training: the one loop (trainer), hooks, tasks, schedules, checkpoints."""

@@ -1,0 +1,5 @@
+import sys
+
+from fastcnf.cli import main
+
+sys.exit(main())

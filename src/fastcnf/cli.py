@@ -1,0 +1,189 @@
+"""Command line: ``fastcnf recipes | train | eval | sample``.
+
+Errors a user can fix (unknown recipe or key, malformed value, missing data, corrupt
+checkpoint, NaN in data) print one line on stderr and exit with code 2; ``--debug`` shows the
+traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "COMMANDS"]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fastcnf.config import ConfigError
+    from fastcnf.data.base import DataError
+    from fastcnf.models.flow_model import InputError
+    from fastcnf.ode.solve import SolverBudgetExceeded
+    from fastcnf.training.checkpoint import CheckpointError
+    from fastcnf.training.trainer import TrainingDiverged
+
+    return (ConfigError, DataError, InputError, CheckpointError, TrainingDiverged, SolverBudgetExceeded,
+            FileNotFoundError, ValueError)
+
+
+def cmd_recipes(args) -> int:
+    from fastcnf.config import list_recipes
+
+    recipes = list_recipes()
+    width = max(len(n) for n in recipes) if recipes else 0
+    for name, desc in recipes.items():
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def _print_metrics(metrics: dict, out_dir: Path) -> None:
+    keys = ["test_nll_nats", "test_bits_per_dim", "test_error", "nfe_forward_mean", "nfe_backward_mean",
+            "train_seconds", "iterations"]
+    parts = []
+    for k in keys:
+        v = metrics.get(k)
+        if v is None:
+            continue
+        parts.append(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}")
+    print("metrics: " + ", ".join(parts))
+    print(f"run directory: {out_dir}  (metrics.json, log.csv, figures/, checkpoints/)")
+
+
+def cmd_train(args) -> int:
+    import yaml
+
+    from fastcnf.config import config_to_dict, load_recipe
+    from fastcnf.training.trainer import Trainer
+
+    if args.resume:
+        if args.recipe:
+            raise ValueError("give either a RECIPE or --resume DIR, not both")
+        trainer = Trainer.from_run_dir(args.resume, args.set, resume=True, quiet=args.quiet)
+        out_dir = Path(args.resume)
+    else:
+        if not args.recipe:
+            raise ValueError("missing RECIPE (see `fastcnf recipes`) or --resume DIR")
+        cfg = load_recipe(args.recipe, args.set)
+        if args.show:
+            print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
+            return 0
+        out_dir = Path(args.out) if args.out else Path("runs") / f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if (out_dir / "checkpoints" / "last.pt").exists() and not args.force:
+            raise ValueError(f"{out_dir} already holds a run; use `fastcnf train --resume {out_dir}` "
+                             "to continue it, or --force to start over")
+        trainer = Trainer(cfg, out_dir, quiet=args.quiet)
+    metrics = trainer.fit()
+    if getattr(trainer, "is_main", True):
+        _print_metrics(metrics, out_dir)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fastcnf.training.trainer import Trainer
+
+    trainer = Trainer.from_run_dir(args.run_dir, args.set, resume=True, quiet=True, progress=False)
+    extra = {}
+    if args.integrate:
+        from fastcnf.evaluation.integrate import integrate_run
+
+        extra["integrate"] = integrate_run(trainer)
+    metrics = trainer.evaluate_and_write(extra or None)
+    print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from fastcnf.evaluation.plots import save_image_grid
+    from fastcnf.training.trainer import Trainer
+
+    trainer = Trainer.from_run_dir(args.run_dir, args.set, resume=True, quiet=True, progress=False)
+    model = trainer.model
+    model.eval()
+    if args.n <= 0:
+        raise ValueError(f"--n must be positive, got {args.n}")
+    y = None
+    if args.label is not None:
+        if not getattr(model.prior, "conditional", False):
+            raise ValueError("--label needs a class-conditional model (CCNF / InfoCNF recipe)")
+        y = torch.full((args.n,), args.label, dtype=torch.long)
+    torch.manual_seed(args.seed)
+    x = model.sample(args.n, y)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if trainer.bundle.is_image:
+        save_image_grid(x.float().cpu(), out, nrow=min(args.n, 10),
+                        title=None if y is None else f"label {args.label}")
+    else:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        pts = x.cpu().numpy()
+        fig, ax = plt.subplots(figsize=(4, 4))
+        if pts.shape[1] >= 2:
+            ax.scatter(pts[:, 0], pts[:, 1], s=2)
+        else:
+            ax.hist(pts[:, 0], bins=60)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+    print(f"wrote {args.n} samples to {out}")
+    return 0
+
+
+COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastcnf", description="Train continuous normalizing flows fast.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("recipes", help="list recipe names")
+    t = sub.add_parser("train", help="train a recipe (or resume a run)")
+    t.add_argument("recipe", nargs="?", help="recipe name (see `fastcnf recipes`)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a configuration value (dotted key, e.g. train.lr=1e-3); repeatable")
+    t.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
+    t.add_argument("--show", action="store_true", help="print the resolved configuration and exit")
+    t.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
+    t.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
+    t.add_argument("--force", action="store_true", help="start over in a directory that holds a run")
+    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e = sub.add_parser("eval", help="re-evaluate a run (e.g. at another tolerance)")
+    e.add_argument("run_dir")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--integrate", action="store_true",
+                   help="1-D/2-D models: integrate the density over a grid at tolerances 1e-8..1e-1")
+    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--label", type=int, default=None, help="class label (conditional models)")
+    s.add_argument("--out", required=True, help="output image, e.g. samples.png")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt as e:
+        msg = str(e) or "interrupted"
+        print(f"fastcnf: {msg}", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line for user errors
+        if args.debug or not isinstance(e, _user_errors()):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fastcnf: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

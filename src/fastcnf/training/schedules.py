@@ -1,0 +1,67 @@
+"""Learning-rate schedules: linear warm-up, then constant, step decay or cosine.
+
+The learning rate at iteration i (0-based, the rate used by step i+1) is
+``base * warmup(i) * decay(i)``; large-batch recipes scale ``base`` with the batch size
+(Goyal et al. 2017; 000 §3; 002 §4.5) before it reaches this module.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+__all__ = ["LRSchedule"]
+
+
+@dataclass
+class LRSchedule:
+    """Learning rate as a pure function of the iteration (so resuming needs no schedule state).
+
+    Args:
+        base_lr: rate after warm-up and before decay.
+        kind: constant, step or cosine.
+        total_iterations: length of the run (cosine).
+        warmup_iterations: linear warm-up from base_lr / warmup to base_lr over this many steps.
+        decay_at: step-decay boundaries, in iterations (convert epochs with ``steps_per_epoch``).
+        decay_factor: multiplicative factor at each boundary.
+        min_lr: cosine floor.
+    """
+
+    base_lr: float
+    kind: str = "constant"
+    total_iterations: int = 1
+    warmup_iterations: int = 0
+    decay_at: tuple[int, ...] = ()
+    decay_factor: float = 0.1
+    min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("constant", "step", "cosine"):
+            raise ValueError(f"unknown schedule {self.kind!r}; accepted: constant, step, cosine")
+        self.decay_at = tuple(sorted(int(b) for b in self.decay_at))
+
+    def __call__(self, iteration: int) -> float:
+        lr = self.base_lr
+        if self.kind == "step":
+            lr *= self.decay_factor ** bisect.bisect_right(self.decay_at, iteration)
+        elif self.kind == "cosine":
+            span = max(self.total_iterations - self.warmup_iterations, 1)
+            progress = min(max(iteration - self.warmup_iterations, 0) / span, 1.0)
+            lr = self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+        if self.warmup_iterations > 0 and iteration < self.warmup_iterations:
+            lr *= (iteration + 1) / self.warmup_iterations
+        return lr
+
+    @classmethod
+    def from_config(cls, train, steps_per_epoch: int, base_lr: float | None = None) -> "LRSchedule":
+        """Build from a :class:`fastcnf.config.TrainConfig` (``decay_unit`` epochs -> iterations)."""
+        scale = steps_per_epoch if train.decay_unit == "epochs" else 1
+        return cls(
+            base_lr=train.lr if base_lr is None else base_lr,
+            kind=train.schedule,
+            total_iterations=train.iterations,
+            warmup_iterations=train.warmup_iterations,
+            decay_at=tuple(int(b) * scale for b in train.decay_at),
+            decay_factor=train.decay_factor,
+            min_lr=train.min_lr,
+        )
