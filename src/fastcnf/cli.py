@@ -69,11 +69,21 @@ def cmd_train(args) -> int:
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="")
             return 0
         out_dir = Path(args.out) if args.out else Path("runs") / f"{args.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # under torchrun every rank must use rank 0's run directory (its timestamp)
+        from fastcnf.training import distributed as ddp
+
+        if ddp.init_distributed(cfg).enabled:
+            out_dir = Path(ddp.broadcast_object(str(out_dir)))
         if (out_dir / "checkpoints" / "last.pt").exists() and not args.force:
             raise ValueError(f"{out_dir} already holds a run; use `fastcnf train --resume {out_dir}` "
                              "to continue it, or --force to start over")
         trainer = Trainer(cfg, out_dir, quiet=args.quiet)
-    metrics = trainer.fit()
+    try:
+        metrics = trainer.fit()
+    finally:
+        from fastcnf.training.distributed import teardown
+
+        teardown()  # leave torchrun's process group (no-op in one process)
     if getattr(trainer, "is_main", True):
         _print_metrics(metrics, out_dir)
     return 0
@@ -151,13 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
     t.add_argument("--quiet", action="store_true", help="log lines instead of a progress bar")
     t.add_argument("--force", action="store_true", help="start over in a directory that holds a run")
-    t.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e = sub.add_parser("eval", help="re-evaluate a run (e.g. at another tolerance)")
     e.add_argument("run_dir")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     e.add_argument("--integrate", action="store_true",
                    help="1-D/2-D models: integrate the density over a grid at tolerances 1e-8..1e-1")
-    e.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=64)
@@ -165,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output image, e.g. samples.png")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    s.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 

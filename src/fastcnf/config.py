@@ -57,6 +57,11 @@ class ModelConfig:
         logit_alpha: alpha of the logit transform at the input of image models.
         kinetic_weight: weight of the RNODE kinetic-energy regulariser (0: off).
         jacobian_weight: weight of the RNODE Jacobian-Frobenius regulariser (0: off).
+        glow_levels: ``glow``: levels L (squeeze, K steps, split; Glow: 3 for 32x32 images).
+        glow_steps: ``glow``: flow steps K per level (actnorm, 1x1 conv, coupling; Glow: 32).
+        glow_hidden: ``glow``: hidden channels of the coupling networks (Glow: 512).
+        glow_lu: ``glow``: LU-parametrised invertible 1x1 convolutions.
+        glow_preprocess: ``glow``: ``shift`` (x - 0.5, Glow) or ``logit`` (with ``logit_alpha``).
     """
 
     arch: str = "mlp"
@@ -72,6 +77,11 @@ class ModelConfig:
     logit_alpha: float = 1e-6
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
+    glow_levels: int = 3
+    glow_steps: int = 32
+    glow_hidden: int = 512
+    glow_lu: bool = True
+    glow_preprocess: str = "shift"
 
 
 @dataclass
@@ -94,6 +104,11 @@ class TrainConfig:
         eval_every: evaluate on the test split every this many iterations (0: only at the end).
         checkpoint_every: write a checkpoint every this many iterations (0: only at the end).
         log_every: refresh the progress bar / log line every this many iterations.
+        accumulation_steps: micro-batches per optimiser step on each process; ``batch_size`` stays
+            the global batch and the accumulated gradient equals the full-batch gradient.
+        lr_scaling: none, linear or sqrt: the rate used is ``lr * (batch_size /
+            reference_batch_size)`` (linear) or its square root (Goyal et al. 2017; 002 §4.5).
+        reference_batch_size: the batch ``lr`` was tuned for (0: ``batch_size``, no scaling).
     """
 
     iterations: int = 1000
@@ -111,6 +126,9 @@ class TrainConfig:
     eval_every: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
+    accumulation_steps: int = 1
+    lr_scaling: str = "none"
+    reference_batch_size: int = 0
 
 
 @dataclass
@@ -137,58 +155,245 @@ class EvalConfig:
 
 @dataclass
 class ConditioningConfig:
-    """Class conditioning (CCNF / InfoCNF, 002 §2; implemented in fastcnf.priors and
+    """Class conditioning (CCNF / InfoCNF, 002 §2; implemented in fastcnf.conditioning and
     fastcnf.training.conditioning).
 
     Attributes:
-        kind: none, ccnf or infocnf.
+        kind: none, ccnf (class-conditional Gaussian on the whole latent z, 002 eq. 3) or infocnf
+            (on the supervised code z_y only: the first ``supervised_fraction`` of the final
+            latent piece, i.e. the last scale's output; the rest of z is N(0, I); 002 §2.2).
+        beta: weight of the classifier's cross-entropy in the loss (002 eq. 4); the NLL part is in
+            bits/dim for images and nats for vectors, as the density loss.
+        supervised_fraction: infocnf: fraction of the final latent piece that forms z_y (002: 0.5).
+        dropout: dropout rate on the linear classifier's input during training (002 §4.1: 0.5).
+        learn_scale: learn log sigma(y) as well as mu(y); false fixes sigma = 1.
+        label_prior: p(y) of the marginal likelihood and of unlabelled sampling: uniform or
+            empirical (the training split's label frequencies).
     """
 
     kind: str = "none"
+    beta: float = 1.0
+    supervised_fraction: float = 0.5
+    dropout: float = 0.5
+    learn_scale: bool = True
+    label_prior: str = "uniform"
+
+    def __post_init__(self) -> None:
+        kinds = ("none", "ccnf", "infocnf")
+        if self.kind not in kinds:
+            raise ValueError(f"conditioning.kind={self.kind!r} is not valid; accepted: {', '.join(kinds)}")
+        if self.label_prior not in ("uniform", "empirical"):
+            raise ValueError(f"conditioning.label_prior={self.label_prior!r} is not valid; accepted: uniform, empirical")
+        if not 0.0 < self.supervised_fraction <= 1.0:
+            raise ValueError(f"conditioning.supervised_fraction must be in (0, 1], got {self.supervised_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"conditioning.dropout must be in [0, 1), got {self.dropout}")
+        if self.beta < 0:
+            raise ValueError(f"conditioning.beta must be >= 0, got {self.beta}")
 
 
 @dataclass
 class TolerancesConfig:
-    """Solver-tolerance policy (002 §3; fastcnf.ode.tolerances).
+    """Solver-tolerance policy (002 §3; fastcnf.ode.tolerances, fastcnf.training.tolerances).
+
+    Every tolerance must lie in (0, 1). Lists are per CNF block in forward order
+    (``model.cnf_blocks()``); a single value applies to every block; empty keeps ``solver.*``.
 
     Attributes:
-        policy: fixed (solver.atol/rtol for every block).
+        policy: fixed (one tolerance, ``atol`` or solver.atol), per_block (``atol`` list) or
+            learned (a gating network per block samples log10(tolerance) per batch; 002 §3).
+        atol, rtol: forward-solve tolerances (fixed / per_block; rtol empty: equal to atol).
+        adjoint_atol, adjoint_rtol: backward (adjoint) solve tolerances, any policy
+            (empty: solver.adjoint_atol/adjoint_rtol, else the forward tolerance).
+        init_tol: learned: initial gate mean tolerance (0: solver.atol).
+        init_std: learned: initial std of the Gaussian over log10(tolerance).
+        min_std: learned: floor of that std (keeps exploring).
+        min_tol, max_tol: learned: sampled tolerances are clamped to [min_tol, max_tol].
+        gate_hidden: learned: width of each gate (MLP on vectors, small CNN on images).
+        gate_lr: learned: Adam learning rate of the gates (their own optimiser).
+        alpha: learned: weight of the reward -NFE against the loss (002 eq. 6).
+        baseline_momentum: learned: momentum of the moving-average baseline of the returns.
+        include_loss: learned: the return r_i includes -L (002 eq. 7); false: reward -NFE only.
+        eval_tolerance: learned: at evaluation solve at eval.atol/rtol (fixed; 002 §4.2) or at
+            each gate's mean tolerance (mean; 002 appendix D).
     """
 
     policy: str = "fixed"
+    atol: list[float] = field(default_factory=list)
+    rtol: list[float] = field(default_factory=list)
+    adjoint_atol: list[float] = field(default_factory=list)
+    adjoint_rtol: list[float] = field(default_factory=list)
+    init_tol: float = 0.0
+    init_std: float = 0.5
+    min_std: float = 0.05
+    min_tol: float = 1e-8
+    max_tol: float = 1e-1
+    gate_hidden: int = 16
+    gate_lr: float = 1e-2
+    alpha: float = 0.01
+    baseline_momentum: float = 0.9
+    include_loss: bool = True
+    eval_tolerance: str = "fixed"
+
+    def __post_init__(self) -> None:
+        from fastcnf.ode.tolerances import TOLERANCE_POLICIES, check_tolerance
+
+        if self.policy not in TOLERANCE_POLICIES:
+            close = difflib.get_close_matches(self.policy, list(TOLERANCE_POLICIES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"tolerances.policy={self.policy!r} is not valid{hint}; "
+                             f"accepted: {', '.join(TOLERANCE_POLICIES)}")
+        for key in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+            for i, v in enumerate(getattr(self, key)):
+                check_tolerance(v, f"tolerances.{key}[{i}]")
+        if self.init_tol != 0.0:
+            check_tolerance(self.init_tol, "tolerances.init_tol")
+        check_tolerance(self.min_tol, "tolerances.min_tol")
+        check_tolerance(self.max_tol, "tolerances.max_tol")
+        if not self.min_tol < self.max_tol:
+            raise ValueError(f"tolerances.min_tol={self.min_tol} must be below tolerances.max_tol={self.max_tol}")
+        if not self.init_std > self.min_std > 0:
+            raise ValueError(f"tolerances.init_std ({self.init_std}) must exceed tolerances.min_std ({self.min_std}) > 0")
+        if self.eval_tolerance not in ("fixed", "mean"):
+            raise ValueError(f"tolerances.eval_tolerance={self.eval_tolerance!r} is not valid; accepted: fixed, mean")
+        if self.alpha < 0 or self.gate_lr <= 0 or self.gate_hidden <= 0:
+            raise ValueError("tolerances.alpha must be >= 0, tolerances.gate_lr and gate_hidden positive")
 
 
 @dataclass
 class EndTimeConfig:
     """End-time policy (TO-FLOW 004, STEER; fastcnf.cnf.endtime and fastcnf.training.endtime).
 
+    T0, the initial (toflow), fixed (fixed) or central (steer) end time of every block, is
+    ``model.end_time`` (004 §4: 0.5 on toy data, 1 on images).
+
     Attributes:
-        policy: fixed (model.end_time; model.train_end_time trains it by plain gradient).
+        policy: fixed (T = T0; ``model.train_end_time: true`` = joint), joint (T an ordinary
+            parameter of the main optimiser), toflow (004 Algorithm 1: coordinate descent on T with
+            its own Adam, temporal regularisation, clipping) or steer (T ~ U[T0 - b, T0 + b] in
+            training, T0 at evaluation).
+        lr: toflow: learning rate of T's own Adam (004 §4: 1e-2); not scaled by the schedule.
+        alpha: toflow: weight of the temporal regulariser alpha * |T| (004 eq. 15-16: 0.1).
+        clip_eps: toflow: eps of the clipping T in [eps, 2 T0 - eps] (004 eq. 17: 0.1); 0 < eps < T0.
+        steer_b: steer: half-width b of the uniform end-time interval; 0 < b < T0.
     """
 
     policy: str = "fixed"
+    lr: float = 1e-2
+    alpha: float = 0.1
+    clip_eps: float = 0.1
+    steer_b: float = 0.25
+
+    def __post_init__(self) -> None:
+        from fastcnf.cnf.endtime import END_TIME_POLICIES
+
+        if self.policy not in END_TIME_POLICIES:
+            close = difflib.get_close_matches(str(self.policy), list(END_TIME_POLICIES), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"endtime.policy={self.policy!r} is not valid{hint}; "
+                              f"accepted: {', '.join(END_TIME_POLICIES)}")
+        if not self.lr > 0:
+            raise ConfigError(f"endtime.lr must be positive, got {self.lr!r}")
+        if not self.alpha >= 0:
+            raise ConfigError(f"endtime.alpha must be >= 0, got {self.alpha!r}")
+        if not self.clip_eps > 0:
+            raise ConfigError(f"endtime.clip_eps must be positive (and below T0 = model.end_time), got {self.clip_eps!r}")
+        if not self.steer_b > 0:
+            raise ConfigError(f"endtime.steer_b must be positive (and below T0 = model.end_time), got {self.steer_b!r}")
 
 
 @dataclass
 class PartsConfig:
     """Training a flow by gradient-isolated parts (003; fastcnf.training.parts).
 
+    Give the part boundaries with exactly one of ``boundaries`` / ``level_boundaries``.
+
     Attributes:
         enabled: train by parts.
+        boundaries: indices into ``flow.steps`` where parts 2, 3, ... start (strictly increasing,
+            each in 1..len(flow.steps)-1); any flow (Glow, multiscale, a stack of CNF blocks).
+        level_boundaries: multiscale flows with levels (Glow): positions in 003's notation, levels
+            counted from 1: ``2`` = the start of level 2 ("by blocks"), ``1.5`` = the middle flow
+            step of level 1 ("across blocks", 003's 1_{1/2}).
+        mechanism: ``alternate`` (parts take turns of ``turn`` units, 003's stable mechanism) or
+            ``sequential`` (the parts phase split in equal consecutive budgets, one per part).
+        turn: ``alternate``: length of one part's turn, in ``unit``.
+        finetune: end-to-end fine-tuning at the end of training, in ``unit`` (003: 30 epochs);
+            the parts phase is the first ``train.iterations`` minus this.
+        unit: ``iterations`` or ``epochs`` (for ``turn`` and ``finetune``).
+        lr_scales: per-part learning-rate factors on the scheduled rate (empty: all 1).
     """
 
     enabled: bool = False
+    boundaries: list[int] = field(default_factory=list)
+    level_boundaries: list[float] = field(default_factory=list)
+    mechanism: str = "alternate"
+    turn: int = 1
+    finetune: int = 0
+    unit: str = "iterations"
+    lr_scales: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from fastcnf.training.parts import check_parts_config  # the rules live with the feature
+
+        check_parts_config(self)
 
 
 @dataclass
 class DistributedConfig:
     """Data-parallel training under torchrun (fastcnf.training.distributed).
 
+    Launch with ``torchrun --nproc_per_node N -m fastcnf train RECIPE --out DIR``; without
+    torchrun's variables training runs in one process. ``train.batch_size`` is the global batch.
+
     Attributes:
         backend: auto (nccl on GPU, gloo on CPU), gloo or nccl.
+        timeout_minutes: collective timeout (rank 0 evaluates alone while the others wait).
+        broadcast_buffers: after each step copy buffers and the parameters the main optimiser
+            does not own (stepped by hooks) from rank 0, so every rank holds the same model.
+        check_every: every this many steps verify that all ranks hold identical parameters and
+            stop with an error otherwise (0: never).
     """
 
     backend: str = "auto"
+    timeout_minutes: int = 60
+    broadcast_buffers: bool = True
+    check_every: int = 0
+
+
+@dataclass
+class LatentODEConfig:
+    """LatentODE on the bi-directional spirals (002 §4.6, App. E; ``task: latent_ode``,
+    fastcnf.models.latent_ode and fastcnf.training.latent_ode_task).
+
+    Attributes:
+        latent_dim: dimension of the initial latent state z_t0 (002: 5).
+        supervised_dim: size of the supervised code z_y (the first coordinates of z_t0) conditioned
+            on y = (a, b, direction) by a linear q_phi and predicting y by a linear q_theta
+            (002: 3); 0 = plain LatentODE (no partition).
+        rnn_hidden: hidden units of the time-reversed recognition RNN (002: 25).
+        dynamics_hidden: hidden units of the one-hidden-layer dynamics MLP (002: 20).
+        decoder_hidden: hidden units of the one-hidden-layer decoder MLP (002: 20).
+        obs_std: standard deviation of the Gaussian observation likelihood (the data's noise, 0.3).
+        supervised_weight: weight of q_theta's label loss added to the negative ELBO.
+        probe_examples: training sequences used to fit the logistic-regression probe of the
+            direction on the posterior mean of z_t0 (reported for both models).
+        n_figure: test spirals drawn in the trajectory figure.
+        time_stride: use every ``time_stride``-th time step of each sequence (observed window and
+            extrapolation horizon alike); 1 = all 200 + 100 steps of 002, larger values make the
+            recognition RNN and the dense ODE output cheaper on a CPU.
+    """
+
+    latent_dim: int = 5
+    supervised_dim: int = 0
+    rnn_hidden: int = 25
+    dynamics_hidden: int = 20
+    decoder_hidden: int = 20
+    obs_std: float = 0.3
+    supervised_weight: float = 1.0
+    probe_examples: int = 1000
+    n_figure: int = 6
+    time_stride: int = 1
 
 
 @dataclass
@@ -222,6 +427,7 @@ class Config:
     endtime: EndTimeConfig = field(default_factory=EndTimeConfig)
     parts: PartsConfig = field(default_factory=PartsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    latent_ode: LatentODEConfig = field(default_factory=LatentODEConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,8 +56,9 @@ class _Linear(nn.Module):
 
 
 def test_density_integrates_to_one_in_1d():
-    model = _model(CNFBlock(_net(1, scale=3.0), ExactTrace(), TIGHT, end_time=1.0), 1).eval()
-    grid = torch.linspace(-12.0, 12.0, 3001, dtype=DTYPE).unsqueeze(1)
+    model = _model(CNFBlock(_net(1, scale=3.0), ExactTrace(), SolverConfig(atol=1e-8, rtol=1e-8),
+                            end_time=1.0), 1).eval()
+    grid = torch.linspace(-12.0, 12.0, 2401, dtype=DTYPE).unsqueeze(1)
     with torch.no_grad():
         log_p = model.log_prob(grid)
     mass = torch.trapezoid(log_p.exp(), grid[:, 0])
@@ -108,7 +109,7 @@ def test_zero_dynamics_log_prob_equals_the_prior():
     model = _model(CNFBlock(_Zero(), ExactTrace(), end_time=1.3), 3)
     x = torch.randn(10, 3, dtype=DTYPE)
     z, logdet = model(x)
-    torch.testing.assert_close(z, x, rtol=0, atol=0)
+    torch.testing.assert_close(z, x, rtol=0, atol=1e-13)
     torch.testing.assert_close(logdet, torch.zeros(10, dtype=DTYPE), rtol=0, atol=0)
     torch.testing.assert_close(model.log_prob(x), standard_normal_logprob(x), rtol=0, atol=1e-14)
 
@@ -179,7 +180,7 @@ def test_end_time_receives_gradients_only_when_learnable():
     _, grads, params = _loss_and_grads(False, ESTIMATORS["exact-network"], learnable=False)
     assert all(p.ndim > 0 for p in params)  # a fixed T is not trained
     block = CNFBlock(_net(2), end_time=FixedEndTime(0.5, learnable=True))
-    assert block.end_time.requires_grad and float(block.end_time) == 0.5
+    assert block.end_time.requires_grad and float(block.end_time.detach()) == 0.5
 
 
 @pytest.mark.parametrize("adjoint", [False, True], ids=["direct", "adjoint"])
@@ -203,7 +204,7 @@ def test_log_prob_derivative_in_end_time_matches_finite_difference(adjoint):
 
 
 def test_non_positive_end_time_is_rejected():
-    for bad in (0.0, -1.0, float("nan")):
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="end time T0 must be positive"):
             FixedEndTime(bad)
     with pytest.raises(ValueError, match="end time T0 must be positive"):
@@ -250,9 +251,9 @@ def test_jacobian_frobenius_state_equals_its_definition_in_expectation(estimator
     torch.manual_seed(3)
     net = _net(2, scale=2.0)
     end_time = 0.5
-    block = CNFBlock(net, estimator, SolverConfig(atol=1e-8, rtol=1e-8), end_time=end_time,
+    block = CNFBlock(net, estimator, SolverConfig(atol=1e-7, rtol=1e-7), end_time=end_time,
                      regularizers=[JacobianFrobenius(1.0)])
-    n = 4000
+    n = 2000
     x0 = torch.randn(1, 2, dtype=DTYPE)
     with torch.no_grad():
         block(x0.repeat(n, 1))

@@ -32,7 +32,8 @@ class _BlockODE(nn.Module):
         super().__init__()
         self.net = block.net
         self._block = [block]  # not a submodule (avoid a cycle)
-        self.end_time: Tensor | None = None
+        # plain attributes set per solve (kept out of the module's parameters/buffers)
+        self.__dict__["end_time"] = None
         self.noise: Tensor | None = None
         self.with_logdet = True
 
@@ -47,7 +48,12 @@ class _BlockODE(nn.Module):
         # (direct back-propagation, or the adjoint's backward solve), not in no-grad solves
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not z.requires_grad:
+            # Differentiate w.r.t. a fresh leaf unless z is a live node of the graph being built.
+            # In a no-grad solve (the adjoint's forward pass, evaluation) z can still report
+            # requires_grad=True -- a view, taken under no_grad, of an input that requires grad --
+            # while having no grad_fn: autograd.grad would then find no path to it and every
+            # divergence would silently come out as 0.
+            if not (create_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
             est = block.divergence
             if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
@@ -116,7 +122,7 @@ class CNFBlock(nn.Module):
 
     def _integrate(self, state: tuple[Tensor, ...], s0: float, s1: float, with_logdet: bool):
         func = self.odefunc
-        func.end_time = self.end_time_policy()
+        func.__dict__["end_time"] = self.end_time_policy()  # not registered as a parameter
         func.with_logdet = with_logdet
         needs_noise = with_logdet and (
             not isinstance(self.divergence, ExactTrace) or any(r.needs_noise for r in self.regularizers)

@@ -124,7 +124,7 @@ def read_idx(path: str | Path, expected_magic: int | None = None) -> np.ndarray:
 def _require_dir(root: str | Path | None, dataset: str, expected: list[str]) -> Path:
     listing = ", ".join(expected)
     if root is None:
-        raise DataError(f"data set {dataset!r} is read from files: set DataConfig.root to a "
+        raise DataError(f"data set {dataset!r} is read from files: set data.root (DataConfig.root) to a "
                         f"directory holding {listing}")
     path = Path(root).expanduser()
     if not path.is_dir():

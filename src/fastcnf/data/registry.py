@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from .base import DataBundle, DataError
 from .images import load_cifar10, load_digits_data, load_mnist, load_mnist_test_split
+from .spirals import load_spirals
 from .toy import TOY_SAMPLERS, load_mix1d, load_toy
 
 __all__ = ["DataConfig", "DATASETS", "load_data"]
@@ -71,6 +72,7 @@ DATASETS: dict[str, str] = {
     "fmnist": "Fashion-MNIST 1x28x28, 256 levels, standard 60,000/10,000 split (IDX files)",
     "mnist-test-split": "MNIST t10k file only: first 9,000 train / last 1,000 test (in root)",
     "cifar10": "CIFAR-10 3x32x32, 256 levels, binary version 50,000/10,000 (files in root)",
+    "spirals": "bi-directional 2-D spirals (InfoCNF 002 App. E.1), 5,000/1,000 sequences of 200+100 steps",
 }
 """Name -> one-line description of every data set :func:`load_data` knows."""
 
@@ -90,6 +92,7 @@ _LOADERS: dict[str, _Loader] = {
     "fmnist": lambda cfg, seed: load_mnist(cfg.root, "fmnist"),
     "mnist-test-split": lambda cfg, seed: load_mnist_test_split(cfg.root, _fraction(cfg, 0.9)),
     "cifar10": lambda cfg, seed: load_cifar10(cfg.root),
+    "spirals": lambda cfg, seed: load_spirals(cfg.n_train, cfg.n_test, seed),
 }
 assert set(_LOADERS) == set(DATASETS)
 

@@ -10,6 +10,7 @@ from fastcnf.cnf.divergence import ExactTrace, Hutchinson
 from fastcnf.cnf.dynamics import ConcatSquashConvNet, ConcatSquashMLP
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
 from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy
+from fastcnf.flows.glow import build_glow
 from fastcnf.flows.multiscale import build_multiscale
 from fastcnf.flows.sequential import SequentialFlow
 from fastcnf.models.flow_model import FlowModel
@@ -66,8 +67,16 @@ def _multiscale(cfg, bundle) -> SequentialFlow:
                             cfg.model.num_blocks, cfg.model.logit_alpha)
 
 
+def _glow(cfg, bundle) -> SequentialFlow:
+    if len(bundle.shape) != 3:
+        raise ValueError(f"model.arch=glow needs images (C, H, W), got shape {bundle.shape}")
+    m = cfg.model
+    alpha = m.logit_alpha if m.glow_preprocess == "logit" else None  # logit_alpha only applies to logit
+    return build_glow(bundle.shape, m.glow_levels, m.glow_steps, m.glow_hidden, m.glow_lu, m.glow_preprocess, alpha)
+
+
 #: architecture name -> ``(cfg, bundle) -> SequentialFlow``
-ARCHITECTURES: dict[str, Callable] = {"mlp": _mlp, "multiscale": _multiscale}
+ARCHITECTURES: dict[str, Callable] = {"mlp": _mlp, "multiscale": _multiscale, "glow": _glow}
 
 
 def build_prior(cfg, flow: SequentialFlow, bundle) -> Prior:
@@ -80,6 +89,8 @@ def build_prior(cfg, flow: SequentialFlow, bundle) -> Prior:
 
 def build_model(cfg, bundle) -> FlowModel:
     """The :class:`FlowModel` of ``cfg.model`` for the data set ``bundle``."""
+    from fastcnf.training import features  # noqa: F401  (registers feature priors / end-time policies)
+
     if cfg.model.arch not in ARCHITECTURES:
         raise ValueError(f"unknown model.arch {cfg.model.arch!r}; available: {', '.join(ARCHITECTURES)}")
     flow = ARCHITECTURES[cfg.model.arch](cfg, bundle)

@@ -1,0 +1,204 @@
+"""End-time policies compared at equal iterations: FFJORD (fixed T) vs TO-FLOW vs STEER vs RNODE vs
+TO-FLOW + RNODE (issue 11; TO-FLOW 004 Table 1 and Figure 1), plus a TO-FLOW settings study.
+
+For every (data set, variant, seed) it trains with the one fastcnf trainer and records the test
+NLL (toy) or bits/dim (images), mean forward/backward NFE per training iteration, training wall
+time and the final T per block; the T and NFE curves come from each run's log.csv.
+
+Outputs: ``benchmarks/results/endtime.json`` (with the command, commit and machine), the figures
+``benchmarks/results/endtime_densities.png`` (learned 2-D densities side by side, 004 Figure 1
+style) and ``benchmarks/results/endtime_T.png`` (T and NFE over training).
+
+Run ``PYTHONPATH=src python benchmarks/endtime.py`` (defaults sized for ~15 minutes on 2 CPU
+cores; ``--help`` for the sizes: toy sets, iterations, seeds, the study, digits, MNIST).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastcnf.config import load_recipe
+from fastcnf.training.trainer import Trainer
+
+#: variant -> overrides on top of the data set's base recipe
+VARIANTS: dict[str, list[str]] = {
+    "ffjord": [],
+    "toflow": ["endtime.policy=toflow"],
+    "steer": ["endtime.policy=steer"],
+    "rnode": ["model.kinetic_weight=0.01", "model.jacobian_weight=0.01"],
+    "toflow+rnode": ["endtime.policy=toflow", "model.kinetic_weight=0.01", "model.jacobian_weight=0.01"],
+}
+#: TO-FLOW settings study (toy): why does T grow, and what setting shortens it?
+STUDY: dict[str, list[str]] = {
+    "toflow-alpha1": ["endtime.policy=toflow", "endtime.alpha=1.0"],
+    "toflow-alpha5": ["endtime.policy=toflow", "endtime.alpha=5.0"],
+    "joint": ["endtime.policy=joint"],
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def run_one(recipe: str, overrides: list[str], seed: int) -> dict:
+    cfg = load_recipe(recipe, overrides + [f"seed={seed}", "train.checkpoint_every=0"])
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, tmp, progress=False)
+        tr.figures = lambda: None  # figures are drawn here, not per run
+        t0 = time.perf_counter()
+        m = tr.fit()
+        wall = time.perf_counter() - t0
+        with open(Path(tmp) / "log.csv") as fh:
+            rows = list(csv.DictReader(fh))
+        density = None
+        if tr.bundle.dim == 2:
+            from fastcnf.evaluation.plots import density_2d
+
+            tr.model.eval()
+            with torch.no_grad():
+                _, density = density_2d(tr.model, npts=60, dtype=tr.dtype)
+    t_cols = [k for k in rows[0] if k.startswith("T.")]
+    return {
+        "test_nll_nats": m["test_nll_nats"], "test_bits_per_dim": m.get("test_bits_per_dim"),
+        "nfe_forward_mean": m["nfe_forward_mean"], "nfe_backward_mean": m["nfe_backward_mean"],
+        "eval_nfe_forward": m.get("eval_nfe_forward"), "train_seconds": m["train_seconds"], "wall_seconds": wall,
+        "end_times": m["end_times"],
+        "curves": {"nfe_forward": [float(r["nfe_forward"]) for r in rows],
+                   **{k: [float(r[k]) for r in rows] for k in t_cols}},
+        "density": None if density is None else density.tolist(),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("test_nll_nats", "test_bits_per_dim", "nfe_forward_mean", "nfe_backward_mean", "train_seconds"):
+        vals = [r[key] for r in runs if r.get(key) is not None]
+        if vals:
+            out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    out["end_times"] = [r["end_times"] for r in runs]
+    return out
+
+
+def figures(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    toy = {d: v for d, v in results["data"].items() if any(r["runs"][0]["density"] for r in v.values())}
+    if toy:
+        variants = list(next(iter(toy.values())))
+        fig, axes = plt.subplots(len(toy), len(variants), figsize=(2.2 * len(variants), 2.2 * len(toy)),
+                                 squeeze=False)
+        for i, (d, per_variant) in enumerate(toy.items()):
+            for j, v in enumerate(variants):
+                ax = axes[i, j]
+                ax.imshow(np.array(per_variant[v]["runs"][0]["density"]), origin="lower", cmap="inferno")
+                ax.set_xticks([]), ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(v, fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(d, fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "endtime_densities.png", dpi=110)
+        plt.close(fig)
+    datasets = list(results["data"])
+    fig, axes = plt.subplots(2, len(datasets), figsize=(3.6 * len(datasets), 5.4), squeeze=False)
+    for j, d in enumerate(datasets):
+        for v, entry in results["data"][d].items():
+            curves = entry["runs"][0]["curves"]
+            for k, c in curves.items():
+                if k.startswith("T."):
+                    axes[0, j].plot(c, lw=0.9, label=f"{v} {k[2:]}" if len(curves) > 2 else v)
+            nfe = np.array(curves["nfe_forward"])
+            w = max(1, len(nfe) // 20)
+            axes[1, j].plot(np.convolve(nfe, np.ones(w) / w, mode="valid"), lw=0.9, label=v)
+        axes[0, j].set_title(d, fontsize=9)
+        axes[0, j].set_ylabel("end time T")
+        axes[1, j].set_ylabel("forward NFE (moving avg)")
+        axes[1, j].set_xlabel("iteration")
+        axes[0, j].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "endtime_T.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy", nargs="*", default=["checkerboard", "8gaussians"],
+                   help="toy sets (the eight: swissroll circles rings moons 8gaussians pinwheel 2spirals checkerboard)")
+    p.add_argument("--toy-iterations", type=int, default=100)
+    p.add_argument("--toy-hidden", default="[32,32,32]", help="dynamics widths on toy data (FFJORD: [64,64,64])")
+    p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--study", action=argparse.BooleanOptionalAction, default=True,
+                   help="the TO-FLOW settings study on the first toy set")
+    p.add_argument("--digits-iterations", type=int, default=30, help="0 skips digits")
+    p.add_argument("--mnist-iterations", type=int, default=0,
+                   help="mnist-test-split (../shared/data/mnist) iterations; 0 skips it")
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    toy_common = [f"train.iterations={args.toy_iterations}", f"model.hidden_dims={args.toy_hidden}",
+                  "data.n_test=2000", "eval.batch_size=2000"]
+    plan: list[tuple[str, str, str, list[str]]] = []
+    for d in args.toy:
+        for v in args.variants:
+            plan.append((d, v, "toy-ffjord", [f"data.name={d}", *toy_common, *VARIANTS[v]]))
+    if args.study and args.toy:
+        for v, o in STUDY.items():
+            plan.append((args.toy[0], v, "toy-ffjord", [f"data.name={args.toy[0]}", *toy_common, *o]))
+    if args.digits_iterations > 0:
+        for v in args.variants:
+            plan.append(("digits", v, "digits-cnf", [f"train.iterations={args.digits_iterations}", *VARIANTS[v]]))
+    mnist_root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+    if args.mnist_iterations > 0 and mnist_root.exists():
+        for v in args.variants:
+            plan.append(("mnist-test-split", v, "mnist-ffjord", [
+                "data.name=mnist-test-split", f"data.root={mnist_root}", f"train.iterations={args.mnist_iterations}",
+                "model.hidden_dims=[32,32]", "model.num_blocks=1", "solver.adjoint=false", "train.batch_size=100",
+                "eval.max_examples=500", *VARIANTS[v]]))
+    results: dict = {
+        "command": "PYTHONPATH=src python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
+        "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{args.threads} threads",
+        "settings": vars(args),
+        "data": {},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    for d, v, recipe, overrides in plan:
+        runs = []
+        for seed in range(args.seeds):
+            r = run_one(recipe, overrides, seed)
+            runs.append(r)
+            T = ", ".join(f"{k}={t:.3f}" for k, t in r["end_times"].items())
+            score = r["test_bits_per_dim"] if r["test_bits_per_dim"] is not None else r["test_nll_nats"]
+            print(f"{d:14s} {v:14s} seed {seed}: test {score:.4f}  NFE f/b {r['nfe_forward_mean']:.1f}/"
+                  f"{r['nfe_backward_mean']:.1f}  train {r['train_seconds']:.1f}s  T {T}", flush=True)
+        results["data"].setdefault(d, {})[v] = {"recipe": recipe, "overrides": overrides, **summarise(runs),
+                                               "runs": runs}
+        with open(RESULTS / "endtime.json", "w") as fh:
+            json.dump(results, fh)
+    figures(results)
+    print("\n| data | variant | test NLL (nats) / bits/dim | NFE fwd | NFE bwd | train s | final T |")
+    print("|---|---|---|---|---|---|---|")
+    for d, per in results["data"].items():
+        for v, e in per.items():
+            score = e.get("test_bits_per_dim", e.get("test_nll_nats"))
+            T = "; ".join(", ".join(f"{t:.3f}" for t in et.values()) for et in e["end_times"])
+            print(f"| {d} | {v} | {score['mean']:.4f} ± {score['std']:.4f} | {e['nfe_forward_mean']['mean']:.1f} | "
+                  f"{e['nfe_backward_mean']['mean']:.1f} | {e['train_seconds']['mean']:.1f} | {T} |")
+    return results
+
+
+if __name__ == "__main__":
+    main()

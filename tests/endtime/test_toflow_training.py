@@ -1,0 +1,143 @@
+"""TO-FLOW in the trainer (004 Algorithm 1): the temporal step moves T and only T, the main
+optimiser never moves T, clipping (eq. 17) holds at every step; configuration errors are clear."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from fastcnf.cnf.endtime import LearnedEndTime, RandomEndTime
+from fastcnf.config import ConfigError, list_recipes, load_recipe
+from fastcnf.data.base import DataError
+from fastcnf.data.registry import load_data
+from fastcnf.training.endtime import EndTimeHook
+from fastcnf.training.trainer import Trainer
+
+TINY = ["model.hidden_dims=[8]", "solver.atol=1e-3", "solver.rtol=1e-3", "eval.atol=1e-3", "eval.rtol=1e-3",
+        "data.n_train=200", "data.n_test=100", "eval.batch_size=100", "train.batch_size=32",
+        "train.checkpoint_every=0", "eval.n_samples=4"]
+
+
+def _trainer(tmp_path, recipe="toy-toflow", extra=(), iterations=3):
+    cfg = load_recipe(recipe, TINY + [f"train.iterations={iterations}", *extra])
+    return Trainer(cfg, tmp_path, progress=False)
+
+
+def _hook(trainer) -> EndTimeHook:
+    return next(h for h in trainer.hooks if isinstance(h, EndTimeHook))
+
+
+def test_temporal_step_changes_T_and_only_T(tmp_path):
+    tr = _trainer(tmp_path)
+    hook = _hook(tr)
+    T = tr.model.cnf_blocks()[0].end_time
+    assert all(T is not p for g in tr.optimizer.param_groups for p in g["params"])  # excluded
+    ctx = {"x": tr.batcher.next()[0].to(tr.dtype), "y": None}
+    tr.task.step(tr.model, ctx)
+    loss = ctx["loss"] + hook.loss_terms(tr, ctx)["temporal_reg"]
+    loss.backward()
+    before = {k: v.detach().clone() for k, v in tr.model.state_dict().items()}
+    T_before, grad = float(T), float(T.grad)
+    hook.step_end_time()
+    after = tr.model.state_dict()
+    for k, v in before.items():
+        if k.endswith("end_time"):
+            continue
+        assert torch.equal(v, after[k]), f"{k} moved in the temporal step"
+    # Adam's first step has magnitude lr (1e-2) against the gradient's sign
+    assert float(T) == pytest.approx(T_before - 1e-2 * (1 if grad > 0 else -1), abs=1e-6)
+
+
+def test_network_step_does_not_move_T(tmp_path):
+    tr = _trainer(tmp_path)
+    hook = _hook(tr)
+    hook.step_end_time = lambda: None  # only Algorithm 1's network step
+    T_before = float(tr.model.cnf_blocks()[0].end_time)
+    net_before = [p.detach().clone() for p in tr.model.cnf_blocks()[0].net.parameters()]
+    tr.train_step()
+    assert float(tr.model.cnf_blocks()[0].end_time) == T_before
+    assert any(not torch.equal(a, b) for a, b in zip(net_before, tr.model.cnf_blocks()[0].net.parameters()))
+
+
+def test_clipping_holds_at_every_step(tmp_path):
+    # a huge temporal learning rate and regulariser push T down hard: eq. 17 keeps it in [eps, 2 T0 - eps]
+    tr = _trainer(tmp_path, extra=["endtime.lr=0.3", "endtime.alpha=50.0"], iterations=4)
+    tr.fit()
+    with open(tmp_path / "log.csv") as fh:
+        Ts = [float(r["T.cnf0"]) for r in csv.DictReader(fh)]
+    assert len(Ts) == 4
+    assert all(0.1 - 1e-7 <= t <= 0.9 + 1e-7 for t in Ts)
+    assert min(Ts) == pytest.approx(0.1, abs=1e-6)  # it did hit the bound
+    policy = LearnedEndTime(0.5, clip_eps=0.1)
+    hook = EndTimeHook(load_recipe("toy-toflow", ["endtime.lr=1.0"]))
+    hook.learned = {"b": policy}
+    hook.optimizer = torch.optim.Adam([policy.end_time], lr=1.0)
+    for sign in (1, 1, 1, -1, -1, -1, -1, -1, -1):
+        policy.end_time.grad = torch.tensor(float(sign))
+        hook.step_end_time()
+        assert 0.1 - 1e-7 <= float(policy.end_time) <= 0.9 + 1e-7
+
+
+def test_resume_restores_the_temporal_optimiser(tmp_path):
+    tr = _trainer(tmp_path, iterations=2)
+    tr.fit()
+    state = tr.state_dict()["hooks"]["endtime"]
+    assert state["optimizer"]["state"]  # Adam moments were saved
+    tr2 = Trainer.from_run_dir(tmp_path, resume=True, progress=False)
+    m1 = tr.state_dict()["hooks"]["endtime"]["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(_hook(tr2).optimizer.state_dict()["state"][0]["exp_avg"], m1)
+
+
+def test_steer_run_logs_sampled_T_and_keeps_T0(tmp_path):
+    tr = _trainer(tmp_path, recipe="toy-steer", iterations=3)
+    metrics = tr.fit()
+    with open(tmp_path / "log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    sampled = [float(r["T_sampled.cnf0"]) for r in rows]
+    assert all(0.25 <= s <= 0.75 for s in sampled) and len(set(sampled)) == 3
+    assert metrics["end_times"]["cnf0"] == 0.5
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.end_time=0", "model.end_time must be positive"),
+    ("model.end_time=-1", "model.end_time must be positive"),
+    ("endtime.policy=tofow", "did you mean 'toflow'"),
+    ("endtime.clip_eps=0", "endtime.clip_eps must be positive"),
+    ("endtime.steer_b=-0.1", "endtime.steer_b must be positive"),
+    ("endtime.lr=0", "endtime.lr must be positive"),
+])
+def test_bad_configuration_is_a_clear_error(override, words):
+    with pytest.raises(ConfigError, match=words):
+        load_recipe("toy-toflow", [override])
+
+
+def test_eps_at_or_above_T0_and_bad_policies_are_clear_errors():
+    for eps in (0.5, 0.7):
+        with pytest.raises(ValueError, match="empty interval"):
+            LearnedEndTime(0.5, clip_eps=eps)
+    for t0 in (0.0, -0.5, float("inf")):
+        with pytest.raises(ValueError, match="positive"):
+            LearnedEndTime(t0)
+    with pytest.raises(ValueError, match="steer_b"):
+        RandomEndTime(0.5, half_width=0.5)
+    from fastcnf.training.endtime import build_end_time_policy
+
+    with pytest.raises(ValueError, match="empty interval"):
+        build_end_time_policy(load_recipe("toy-toflow", ["endtime.clip_eps=0.5"]), "cnf0")
+    with pytest.raises(ValueError, match="conflicts"):
+        build_end_time_policy(load_recipe("toy-toflow", ["model.train_end_time=true"]), "cnf0")
+
+
+def test_recipes_load_and_image_recipes_fail_cleanly_without_data(tmp_path):
+    names = ["toy-toflow", "toy-steer", "toy-rnode", "digits-toflow", "mnist-ffjord", "mnist-toflow",
+             "mnist-steer", "fmnist-toflow", "cifar10-toflow"]
+    assert set(names) <= set(list_recipes())
+    policies = {n: load_recipe(n).endtime.policy for n in names}
+    assert policies["mnist-toflow"] == "toflow" and policies["mnist-steer"] == "steer"
+    assert load_recipe("toy-rnode").model.kinetic_weight > 0
+    assert load_recipe("mnist-toflow").model.end_time == 1.0 and load_recipe("toy-toflow").model.end_time == 0.5
+    for n in ("fmnist-toflow", "cifar10-toflow"):
+        cfg = load_recipe(n, [f"data.root={tmp_path}"])
+        with pytest.raises(DataError):
+            load_data(cfg.data, 0)
