@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE overrides for every run")
     p.add_argument("--runs", default="runs/bench-conditioning")
     p.add_argument("--out", default=str(HERE / "results" / "conditioning.json"))
+    p.add_argument("--from-log", default=None,
+                   help="summarise the run lines printed by an earlier (interrupted) run instead of training; "
+                        "seeds missing a model are dropped")
+    p.add_argument("--log-command", default=None, help="with --from-log: the command that produced the log")
     args = p.parse_args(argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     for d in datasets:
@@ -140,7 +144,16 @@ def main(argv: list[str] | None = None) -> int:
     if "mnist" in datasets and not Path(args.mnist_root).exists():
         print(f"skipping mnist: {args.mnist_root} not found", flush=True)
         datasets.remove("mnist")
-    rows = [run_one(ds, kind, seed, args) for ds in datasets for seed in args.seeds for kind in KINDS]
+    if args.from_log:
+        # aggregate the per-run JSON lines of an earlier (possibly interrupted) run of this script
+        with open(args.from_log) as fh:
+            rows = [json.loads(line) for line in fh if line.startswith("{") and '"kind"' in line]
+        args.seeds = sorted({r["seed"] for r in rows})
+        complete = [s for s in args.seeds if all(any(r["seed"] == s and r["kind"] == k for r in rows) for k in KINDS)]
+        rows = [r for r in rows if r["seed"] in complete]
+        args.seeds = complete
+    else:
+        rows = [run_one(ds, kind, seed, args) for ds in datasets for seed in args.seeds for kind in KINDS]
     summary = summarise(rows)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": _commit(),
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "load_average_at_end": os.getloadavg()},
+        "training_command": args.log_command if args.from_log else None,
         "iterations": args.iterations, "seeds": args.seeds, "overrides": args.set,
         "runs": rows, "summary": summary, "figure": str(fig_path),
         "paper_reference": {

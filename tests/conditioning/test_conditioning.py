@@ -11,7 +11,7 @@ from fastcnf.config import ConfigError, config_from_dict, load_recipe
 from fastcnf.data.base import DataBundle, DataSplit
 from fastcnf.models.builder import build_model
 from fastcnf.models.flow_model import InputError
-from fastcnf.priors import StandardNormal, standard_normal_logprob
+from fastcnf.priors import StandardNormal
 
 
 def _bundle(dim: int = 4, k: int = 3, n: int = 24) -> DataBundle:

@@ -115,9 +115,9 @@ def test_logit_transform_logdet_equals_the_log_derivative(alpha):
     torch.testing.assert_close(layer.inverse(y), x, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("shape,n_scales", [((1, 4, 4), 2), ((1, 8, 8), 0)])
-def test_multiscale_encode_then_decode_returns_the_image(shape, n_scales):
-    model = _image_model(shape, n_scales).eval()
+@pytest.mark.parametrize("shape,n_scales,tol", [((1, 4, 4), 2, 1e-10), ((1, 8, 8), 0, 1e-8)])
+def test_multiscale_encode_then_decode_returns_the_image(shape, n_scales, tol):
+    model = _image_model(shape, n_scales, tol=tol).eval()
     x = _images(3, shape)
     with torch.no_grad():
         z = model.encode(x)
@@ -138,7 +138,7 @@ def test_multiscale_log_density_equals_prior_terms_plus_bruteforce_logdet():
     log_p = model.log_prob(x)
     for i in range(x.shape[0]):
         jac = torch.autograd.functional.jacobian(lambda v: flow(v.reshape(1, *shape))[0].reshape(-1),
-                                                 x[i].reshape(-1))
+                                                 x[i].reshape(-1), vectorize=True)
         sign, logabsdet = torch.linalg.slogdet(jac)
         z = flow(x[i:i + 1])[0]
         prior_terms = sum(standard_normal_logprob(piece) for piece in flow.split_latent(z))

@@ -41,7 +41,8 @@ class DivergenceResult:
 def _grad(out: Tensor, z: Tensor, v: Tensor, create_graph: bool) -> Tensor:
     if not out.requires_grad:  # f has no graph at all (e.g. zero dynamics): d f / dz = 0
         return torch.zeros_like(z)
-    g = torch.autograd.grad(out, z, v, create_graph=create_graph, allow_unused=True)[0]
+    # retain the graph: a regulariser may differentiate f again after the estimator
+    g = torch.autograd.grad(out, z, v, create_graph=create_graph, retain_graph=True, allow_unused=True)[0]
     return torch.zeros_like(z) if g is None else g
 
 
@@ -97,14 +98,17 @@ class ExactTrace(DivergenceEstimator):
             mode = "vmap" if d <= self.vmap_max_dim else "loop"
         if mode == "vmap":
             eye = torch.eye(d, dtype=f.dtype, device=f.device).unsqueeze(1).expand(d, b, d)
-            rows = torch.autograd.grad(f2, z, eye, create_graph=create_graph,
+            rows = torch.autograd.grad(f2, z, eye, create_graph=create_graph, retain_graph=True,
                                        is_grads_batched=True, allow_unused=True)[0]
             if rows is None:  # f does not depend on z
                 return DivergenceResult(torch.zeros(b, dtype=f.dtype, device=f.device))
             return DivergenceResult(torch.diagonal(rows.reshape(d, b, d), dim1=0, dim2=2).sum(-1))
         div = torch.zeros(b, dtype=f.dtype, device=f.device)
         for i in range(d):
-            gi = torch.autograd.grad(f2[:, i].sum(), z, create_graph=create_graph, allow_unused=True)[0]
+            # retain_graph: the next row (or a regulariser) differentiates the same graph, also in
+            # no-grad solves where create_graph is False
+            gi = torch.autograd.grad(f2[:, i].sum(), z, create_graph=create_graph, retain_graph=True,
+                                     allow_unused=True)[0]
             if gi is not None:
                 div = div + gi.reshape(b, -1)[:, i]
         return DivergenceResult(div)

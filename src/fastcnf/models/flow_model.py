@@ -10,7 +10,9 @@ with ``levels`` = 256 for 8-bit images and 17 for scikit-learn's digits.
 """
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -50,17 +52,31 @@ class FlowModel(nn.Module):
         self.levels = levels
 
     # ---- boundary checks -------------------------------------------------------------------
-    def check_input(self, x: Tensor) -> None:
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the model's first floating-point tensor (a flow may have none)."""
+        for t in itertools.chain(self.parameters(), self.buffers()):
+            if t.is_floating_point():
+                return t.device, t.dtype
+        return torch.device("cpu"), torch.get_default_dtype()
+
+    def _check_tensor(self, x: Tensor, what: str, shape: tuple[int, ...]) -> None:
         if not isinstance(x, Tensor):
-            raise InputError(f"expected a torch.Tensor, got {type(x).__name__}")
+            raise InputError(f"expected the {what} as a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise InputError(f"expected a floating-point tensor, got dtype {x.dtype} "
-                             "(dequantise integer images first: fastcnf.data.dequantize)")
-        if tuple(x.shape[1:]) != self.data_shape or x.dim() != len(self.data_shape) + 1:
-            raise InputError(f"expected input of shape (batch, {', '.join(map(str, self.data_shape))}), "
+            hint = " (dequantise integer images first: fastcnf.data.dequantize)" if what == "input" else ""
+            raise InputError(f"expected a floating-point {what}, got dtype {x.dtype}{hint}")
+        if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise InputError(f"expected {what} of shape (batch, {', '.join(map(str, shape))}), "
                              f"got {tuple(x.shape)}")
+        dtype = self._device_dtype()[1]
+        if x.dtype != dtype:
+            raise InputError(f"expected {what} of dtype {dtype} (the model's), got {x.dtype}: "
+                             f"convert it with .to({dtype}) or the model with .to({x.dtype})")
         if not torch.isfinite(x).all():
-            raise InputError("input contains NaN or inf")
+            raise InputError(f"{what} contains NaN or inf")
+
+    def check_input(self, x: Tensor) -> None:
+        self._check_tensor(x, "input", self.data_shape)
 
     def check_label(self, y: Tensor | None, batch: int) -> Tensor | None:
         if y is None:
@@ -68,7 +84,7 @@ class FlowModel(nn.Module):
         if not getattr(self.prior, "conditional", False):
             return None
         n = self.prior.num_classes
-        y = torch.as_tensor(y, device=next(self.parameters()).device)
+        y = torch.as_tensor(y, device=self._device_dtype()[0])
         if y.dim() == 0:
             y = y.expand(batch)
         if y.dtype.is_floating_point or y.shape != (batch,):
@@ -86,8 +102,7 @@ class FlowModel(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Flat latent z -> data."""
-        if z.dim() != 2 or z.shape[1] != self.flow.latent_dim:
-            raise InputError(f"expected latent of shape (batch, {self.flow.latent_dim}), got {tuple(z.shape)}")
+        self._check_tensor(z, "latent", (self.flow.latent_dim,))
         return self.flow.inverse(z)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,9 +125,11 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
         """Draw ``n`` samples (class-conditional when ``y`` is given and the prior is conditional)."""
-        p = next(self.parameters())
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
+            raise InputError(f"number of samples must be a positive int, got {n!r}")
+        device, dtype = self._device_dtype()
         y = self.check_label(y, n)
-        z = self.prior.sample(n, y, generator=generator, device=p.device, dtype=p.dtype)
+        z = self.prior.sample(n, y, generator=generator, device=device, dtype=dtype)
         return self.decode(z)
 
     # ---- NFE record ------------------------------------------------------------------------

@@ -1,9 +1,14 @@
-"""Solving layer: one wrapper around torchdiffeq with per-solve NFE accounting and a step cap.
+"""Solving layer: one entry point with per-solve NFE accounting and a step cap.
 
-Every CNF block (and the LatentODE) solves through :func:`solve`. The wrapper counts the
-number of function evaluations (NFE) of the forward solve and of the backward pass
-separately, in a :class:`NFECounter` owned by the caller, and stops a runaway solve with a
+Every CNF block (and the LatentODE) solves through :func:`solve`. It counts the number of
+function evaluations (NFE) of the forward solve and of the backward pass separately, in a
+:class:`NFECounter` owned by the caller, and stops a runaway solve with a
 :class:`SolverBudgetExceeded` error naming the block, the time reached and the last step.
+
+Two backends integrate: torchdiffeq (the reference; every method, the adjoint) and fastcnf's
+lean dopri5/bosh3 (:mod:`fastcnf.ode.fast_solvers`: the same steps and solutions as torchdiffeq
+in fewer operations), used by default wherever it applies: an adaptive method it implements,
+with direct back-propagation or without gradients. See ``benchmarks/README.md`` (speed).
 
 References: Chen et al. 2018 (neural ODEs, adjoint method); Grathwohl et al. 2019 (FFJORD).
 """
@@ -17,9 +22,12 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
+
 __all__ = [
     "SOLVER_METHODS",
     "ADAPTIVE_METHODS",
+    "SOLVER_BACKENDS",
     "SolverConfig",
     "SolverBudgetExceeded",
     "NFECounter",
@@ -30,6 +38,9 @@ __all__ = [
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 FIXED_METHODS = ("rk4", "euler", "midpoint")
 SOLVER_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
+#: ``fastcnf``: the lean solvers where they apply (dopri5, bosh3; direct back-propagation or no
+#: gradients), torchdiffeq otherwise; ``torchdiffeq``: always torchdiffeq
+SOLVER_BACKENDS = ("fastcnf", "torchdiffeq")
 
 
 class SolverBudgetExceeded(RuntimeError):
@@ -49,6 +60,9 @@ class SolverConfig:
             in the block's rescaled time).
         max_nfe: cap on function evaluations per solve (forward or backward); exceeding it raises
             :class:`SolverBudgetExceeded`. 0 disables the cap.
+        backend: ``fastcnf`` (default) integrates dopri5 and bosh3 with the lean solvers of
+            :mod:`fastcnf.ode.fast_solvers` (same steps and solutions as torchdiffeq, faster)
+            unless the adjoint is used; ``torchdiffeq`` always uses torchdiffeq.
     """
 
     method: str = "dopri5"
@@ -59,6 +73,7 @@ class SolverConfig:
     adjoint_rtol: float | None = None
     step_size: float = 0.05
     max_nfe: int = 10000
+    backend: str = "fastcnf"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +91,8 @@ class SolverConfig:
             raise ValueError(f"solver step_size must be in (0, 1], got {self.step_size!r}")
         if int(self.max_nfe) < 0:
             raise ValueError(f"solver max_nfe must be >= 0, got {self.max_nfe!r}")
+        if self.backend not in SOLVER_BACKENDS:
+            raise ValueError(f"unknown solver backend {self.backend!r}; accepted: {', '.join(SOLVER_BACKENDS)}")
 
     @property
     def adaptive(self) -> bool:
@@ -133,6 +150,30 @@ class NFECounter:
         return {"forward": self.forward, "backward": self.backward}
 
 
+def _budget_error(name: str, phase: str, max_nfe: int, t: float, dt: float) -> SolverBudgetExceeded:
+    return SolverBudgetExceeded(
+        f"{name}: {phase} solve exceeded max_nfe={max_nfe} "
+        f"at time t={t:.6g} (rescaled to [0,1]) with last step size {dt:.3g}; "
+        "the dynamics are too stiff for the tolerances: raise the tolerances, "
+        "regularise the dynamics, or raise solver.max_nfe"
+    )
+
+
+class _CountGraphBackward(torch.autograd.Function):
+    """Identity on the solution's components; its backward adds the number of evaluations the
+    solution depends on to the backward count (once per backward pass)."""
+
+    @staticmethod
+    def forward(ctx, counter, n, *xs):  # type: ignore[override]
+        ctx.counter, ctx.n = counter, n
+        return tuple(x.view_as(x) for x in xs)
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        ctx.counter.backward += ctx.n
+        return (None, None, *grads)
+
+
 class _CountBackward(torch.autograd.Function):
     """Identity whose backward counts one backward evaluation (direct back-propagation)."""
 
@@ -178,12 +219,7 @@ class _CountedFunc(nn.Module):
             c.backward += 1
             n, phase = c.backward, "backward"
         if self.max_nfe and n > self.max_nfe:
-            raise SolverBudgetExceeded(
-                f"{self.name}: {phase} solve exceeded max_nfe={self.max_nfe} "
-                f"at time t={tf:.6g} (rescaled to [0,1]) with last step size {c.last_dt:.3g}; "
-                "the dynamics are too stiff for the tolerances: raise the tolerances, "
-                "regularise the dynamics, or raise solver.max_nfe"
-            )
+            raise _budget_error(self.name, phase, self.max_nfe, tf, c.last_dt)
         out = self.func(t, state)
         if self.direct and self.in_forward and torch.is_grad_enabled():
             first = out[0] if isinstance(out, tuple) else out
@@ -221,6 +257,9 @@ def solve(
             evaluations.
     """
     counter.begin()
+    use_adjoint = config.adjoint and torch.is_grad_enabled()
+    if config.backend == "fastcnf" and config.method in LEAN_METHODS and not use_adjoint:
+        return _solve_lean(func, state, t, config, counter, name)
     wrapped = _CountedFunc(func, counter, config.max_nfe, name, direct=not config.adjoint)
     kwargs: dict = {"method": config.method}
     if config.adaptive:
@@ -240,3 +279,27 @@ def solve(
     finally:
         wrapped.in_forward = False
     return out
+
+
+def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str):
+    """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad)."""
+    is_tuple = isinstance(state, tuple)
+    y0 = state if is_tuple else (state,)
+    rhs = func if is_tuple else (lambda tt, y: (func(tt, y[0]),))
+    max_nfe = int(config.max_nfe)
+
+    def before_eval(time: float, step: float) -> None:
+        n = counter.forward + 1
+        if max_nfe and n > max_nfe:
+            raise _budget_error(name, "forward", max_nfe, time, step if math.isfinite(step) else counter.last_dt)
+        counter.forward = n
+        counter.last_t = time
+        if math.isfinite(step):
+            counter.last_dt = step
+
+    times = t.detach().cpu().tolist()
+    solution, graph_evals = solve_adaptive(rhs, y0, times, LEAN_METHODS[config.method], float(config.rtol),
+                                           float(config.atol), before_eval)
+    if torch.is_grad_enabled() and any(s.requires_grad for s in solution):
+        solution = _CountGraphBackward.apply(counter, graph_evals, *solution)
+    return tuple(solution) if is_tuple else solution[0]

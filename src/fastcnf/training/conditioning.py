@@ -72,6 +72,7 @@ class ConditioningHook(Hook):
     def eval_begin(self, trainer) -> None:
         self._reset()
 
+    @torch.no_grad()
     def eval_batch(self, trainer, ctx: StepContext) -> None:
         prior = trainer.model.prior
         z, logdet, labels = ctx["z"], ctx["logdet"], ctx.get("labels")

@@ -38,7 +38,7 @@ from fastcnf.models.latent_ode import LatentODE
 from fastcnf.training.hooks import StepContext
 from fastcnf.training.tasks import TASKS, Task
 
-__all__ = ["LatentODETask", "spiral_labels"]
+__all__ = ["LatentODETask", "spiral_labels", "plot_trajectories"]
 
 
 def spiral_labels(x: Tensor, direction: Tensor) -> Tensor:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import signal
 import sys
@@ -64,7 +63,9 @@ class Batcher:
         self.pos = 0
         self.epoch = 0
         n = len(bundle.train)
-        self.steps_per_epoch = max(1, math.ceil(n / batch_size)) if n else 1
+        # [large batch] next() drops an epoch's last partial batch, so an epoch is n // batch_size
+        # steps (ceil overstated it by up to one step: 17% at 50000 / 8000, shifting epoch decays)
+        self.steps_per_epoch = max(1, n // batch_size) if n else 1
 
     def next(self):
         """This rank's shard of the next global batch (the whole batch in one process)."""

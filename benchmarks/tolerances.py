@@ -1,0 +1,136 @@
+"""Fixed vs learned solver tolerances (002 §4.4, Tables 1-2, at CPU scale) + the integrate-to-one
+curve (002 §4.2, Figure 2a).
+
+For InfoCNF and the unconditional CNF on scikit-learn's digits, trains with the tolerance fixed
+at 1e-5 (``tolerances.policy=fixed``) and learned by gates + REINFORCE (the
+``digits-*-learned-tol`` recipes, initialised at 1e-5), over several seeds, through fastcnf's one
+trainer. Reports mean forward/backward NFE per training iteration, test NLL (bits/dim, at the
+evaluation tolerance 1e-5), test error (InfoCNF), training and wall time. Then trains
+``mix1d-infocnf`` briefly and integrates its density at tolerances 1e-8..1e-1.
+
+Writes ``benchmarks/results/tolerances.json`` (command, commit, machine, every run, means) and
+prints a Markdown table.
+
+Example::
+
+    PYTHONPATH=src python benchmarks/tolerances.py --iterations 60 --seeds 0 --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+
+from fastcnf.config import load_recipe  # noqa: E402
+from fastcnf.evaluation.integrate import integrate_run  # noqa: E402
+from fastcnf.training.trainer import Trainer  # noqa: E402
+
+MODELS = {"infocnf": "digits-infocnf-learned-tol", "cnf": "digits-cnf-learned-tol"}
+POLICIES = {"fixed": ["tolerances.policy=fixed"], "learned": []}
+COLUMNS = ["nfe_forward_mean", "nfe_backward_mean", "test_bits_per_dim", "test_error", "train_seconds",
+           "wall_seconds"]
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="infocnf,cnf")
+    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--mix1d-iterations", type=int, default=150)
+    p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE overrides for every run")
+    p.add_argument("--work", default=str(HERE / "_work" / "tolerances"))
+    p.add_argument("--out", default=str(HERE / "results" / "tolerances.json"))
+    args = p.parse_args(argv)
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    runs = []
+    common = [f"train.iterations={args.iterations}", f"threads={args.threads}", "train.checkpoint_every=0",
+              "train.log_every=10"] + args.set
+    for model in args.models.split(","):
+        for policy, extra in POLICIES.items():
+            for seed in args.seeds:
+                cfg = load_recipe(MODELS[model], common + extra + [f"seed={seed}"])
+                out = work / f"{model}-{policy}-{seed}"
+                t0 = time.perf_counter()
+                metrics = Trainer(cfg, out, quiet=True, progress=False).fit()
+                wall = time.perf_counter() - t0
+                row = {"model": model, "policy": policy, "seed": seed, "wall_seconds": wall,
+                       **{k: metrics.get(k) for k in COLUMNS if k != "wall_seconds"},
+                       "tolerances": metrics.get("tolerances")}
+                runs.append(row)
+                print(json.dumps({k: v for k, v in row.items() if k != "tolerances"}), flush=True)
+    summary = {}
+    for model in args.models.split(","):
+        for policy in POLICIES:
+            sel = [r for r in runs if r["model"] == model and r["policy"] == policy]
+            summary[f"{model}/{policy}"] = {k: _mean_std([r[k] for r in sel]) for k in COLUMNS}
+        fixed, learned = summary[f"{model}/fixed"], summary[f"{model}/learned"]
+        nfe_f = fixed["nfe_forward_mean"][0] + fixed["nfe_backward_mean"][0]
+        nfe_l = learned["nfe_forward_mean"][0] + learned["nfe_backward_mean"][0]
+        summary[f"{model}/learned_vs_fixed"] = {
+            "nfe_reduction": 1 - nfe_l / nfe_f,
+            "nll_change_relative": learned["test_bits_per_dim"][0] / fixed["test_bits_per_dim"][0] - 1,
+        }
+    # integrate-to-one (002 Fig. 2a)
+    cfg = load_recipe("mix1d-infocnf", [f"train.iterations={args.mix1d_iterations}", f"threads={args.threads}",
+                                        "train.checkpoint_every=0"])
+    trainer = Trainer(cfg, work / "mix1d-infocnf", quiet=True, progress=False)
+    mix_metrics = trainer.fit()
+    integral = integrate_run(trainer)
+    shutil.copy(work / "mix1d-infocnf" / "figures" / "integrate.png", Path(args.out).with_name("tolerances_integrate.png"))
+    result = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "commit": _commit(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "runs": runs,
+        "summary": summary,
+        "integrate": {"recipe": "mix1d-infocnf", "iterations": args.mix1d_iterations,
+                      "test_nll_nats": mix_metrics.get("test_nll_nats"), **integral},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(result, fh, indent=2)
+    print("\n| model | tolerance | NFE fwd | NFE bwd | test bits/dim | test error | train s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for key, s in summary.items():
+        if key.endswith("learned_vs_fixed"):
+            continue
+        cells = [f"{s[k][0]:.4g} ± {s[k][1]:.2g}" if s[k][0] is not None else "-" for k in COLUMNS]
+        print(f"| {key.split('/')[0]} | {key.split('/')[1]} | " + " | ".join(cells) + " |")
+    for key, s in summary.items():
+        if key.endswith("learned_vs_fixed"):
+            print(f"{key}: NFE reduction {100 * s['nfe_reduction']:.1f}%, "
+                  f"NLL change {100 * s['nll_change_relative']:+.2f}%")
+    print("\n| tolerance | integral | abs error | NFE |\n|---|---|---|---|")
+    for k, r in integral["results"].items():
+        print(f"| {k} | {r['integral']:.6f} | {r['abs_error']:.2e} | {r['nfe_forward']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
