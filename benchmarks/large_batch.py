@@ -123,7 +123,7 @@ def figures(results: dict, out_dir: Path) -> list[str]:
                         label=f"{name} batch ({r['batch_size']})" if i == 0 else None)
         ax.set_xlabel("training wall time (s)")
         ax.set_ylabel(label)
-        ax.set_title(f"digits InfoCNF: {label} vs wall time (000 Fig. 5-6)")
+        ax.set_title(f"digits InfoCNF: {label} vs time", fontsize=10)
         ax.legend()
         fig.tight_layout()
         path = out_dir / f"large_batch_{key}_vs_time.png"

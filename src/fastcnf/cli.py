@@ -111,6 +111,9 @@ def cmd_sample(args) -> int:
 
     trainer = Trainer.from_run_dir(args.run_dir, args.set, resume=True, quiet=True, progress=False)
     model = trainer.model
+    if not hasattr(model, "prior") or not hasattr(model, "sample"):
+        raise ValueError(f"`fastcnf sample` draws from density models; {args.run_dir} holds a "
+                         f"{trainer.cfg.task!r} run (see its figures/ for trajectories)")
     model.eval()
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
