@@ -98,12 +98,16 @@ def figures(results: dict) -> None:
 
     toy = {d: v for d, v in results["data"].items() if any(r["runs"][0]["density"] for r in v.values())}
     if toy:
-        variants = list(next(iter(toy.values())))
+        variants = list(dict.fromkeys(v for per in toy.values() for v in per))
         fig, axes = plt.subplots(len(toy), len(variants), figsize=(2.2 * len(variants), 2.2 * len(toy)),
                                  squeeze=False)
         for i, (d, per_variant) in enumerate(toy.items()):
             for j, v in enumerate(variants):
                 ax = axes[i, j]
+                ax.set_xticks([]), ax.set_yticks([])
+                if v not in per_variant:
+                    ax.axis("off")
+                    continue
                 ax.imshow(np.array(per_variant[v]["runs"][0]["density"]), origin="lower", cmap="inferno")
                 ax.set_xticks([]), ax.set_yticks([])
                 if i == 0:

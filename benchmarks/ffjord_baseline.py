@@ -28,9 +28,10 @@ Deliberate, documented differences from the published script:
   from an unseeded ``RandomState()`` and its checkerboard from the global NumPy state), and
   ``torch.manual_seed(seed)`` fixes the initialisation;
 * no plots, checkpoints or log files (not part of what is timed);
-* the final test NLL is measured on a fresh sample of ``--test-size`` points (default 20,000;
-  FFJORD's own validation batch of 1,000 has a standard error of several hundredths of a nat,
-  too coarse for a 0.05-nat comparison).
+* the final test NLL is measured on a fresh sample of ``--test-size`` points (default 20,000),
+  or on the points of ``--test-file`` (the benchmark passes fastcnf's test split, so that both
+  are measured on the same points); FFJORD's own validation batch of 1,000 has a standard error
+  of several hundredths of a nat, too coarse for a 0.05-nat comparison.
 
 Run ``python benchmarks/ffjord_baseline.py --data 8gaussians --iterations 1000 --json out.json``.
 """
@@ -249,18 +250,21 @@ def evaluate_nll(model: CNF, x: torch.Tensor) -> tuple[float, int]:
 
 def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch_size: int = 100,
           lr: float = 1e-3, weight_decay: float = 1e-5, val_freq: int = 100, val_batch_size: int = 1000,
-          test_size: int = 20000, eval_every: int = 0, log_every: int = 0) -> dict:
+          test_size: int = 20000, eval_every: int = 0, log_every: int = 0,
+          test_x: torch.Tensor | None = None) -> dict:
     """FFJORD's toy training loop. Returns per-iteration records and the final test NLL.
 
-    ``eval_every`` > 0 additionally records the test NLL on the ``test_size`` sample every that
-    many iterations (outside the timed steps; used for time-to-quality curves).
+    The test NLL is measured on ``test_x`` when given, else on a fresh sample of ``test_size``
+    points. ``eval_every`` > 0 additionally records the test NLL every that many iterations
+    (outside the timed steps; used for time-to-quality curves).
     """
     torch.manual_seed(seed)
     rng = np.random.RandomState(seed)
     test_rng = np.random.RandomState(seed + 1)
     model = build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    test_x = torch.from_numpy(inf_train_gen(data, test_rng, batch_size=test_size))
+    if test_x is None:
+        test_x = torch.from_numpy(inf_train_gen(data, test_rng, batch_size=test_size))
     step_seconds, losses, nfe_f, nfe_b, curve, val = [], [], [], [], [], []
     train_seconds = 0.0
     model.train()
@@ -307,7 +311,7 @@ def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch
         "train_seconds": train_seconds,
         "test_nll_nats": test_nll,
         "test_nfe": test_nfe,
-        "test_size": test_size,
+        "test_size": int(test_x.shape[0]),
         "test_eval_seconds": eval_seconds,
         "validation": val,
         "curve": curve,
@@ -326,6 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--val-freq", type=int, default=100, help="FFJORD's periodic validation (0 disables)")
     p.add_argument("--test-size", type=int, default=20000)
+    p.add_argument("--test-file", default=None, help="evaluate on the (N, 2) float32 array in this .npy file")
     p.add_argument("--eval-every", type=int, default=0, help="record the test NLL every N iterations")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--log-every", type=int, default=0)
@@ -333,8 +338,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    test_x = torch.from_numpy(np.load(args.test_file).astype("float32")) if args.test_file else None
     metrics = train(args.data, args.iterations, args.seed, batch_size=args.batch_size, val_freq=args.val_freq,
-                    test_size=args.test_size, eval_every=args.eval_every, log_every=args.log_every)
+                    test_size=args.test_size, eval_every=args.eval_every, log_every=args.log_every, test_x=test_x)
     summary = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     print(json.dumps(summary, indent=1))
     if args.json:

@@ -141,6 +141,7 @@ class EvalConfig:
         max_examples: evaluate on at most this many test examples (0: all).
         n_samples: samples drawn for the figures.
         seed: seed of evaluation noise (dequantisation, Hutchinson), so evaluations are repeatable.
+        figures: write the figures at the end of training (density maps and samples cost solves).
     """
 
     atol: float = 1e-5
@@ -149,6 +150,7 @@ class EvalConfig:
     max_examples: int = 0
     n_samples: int = 64
     seed: int = 1234
+    figures: bool = True
 
 
 # ---- feature sections: each is owned by its feature module (see the docstrings) -------------

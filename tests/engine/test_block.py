@@ -203,12 +203,24 @@ def test_log_prob_derivative_in_end_time_matches_finite_difference(adjoint):
     assert grad_t.abs() > 1e-2
 
 
-def test_non_positive_end_time_is_rejected():
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
-        with pytest.raises(ValueError, match="end time T0 must be positive"):
-            FixedEndTime(bad)
-    with pytest.raises(ValueError, match="end time T0 must be positive"):
-        CNFBlock(_net(2), end_time=-0.5)
+@pytest.mark.parametrize("t0", [0.0, -0.5, float("nan"), float("inf")])
+def test_non_positive_end_time_is_rejected(t0):
+    with pytest.raises(ValueError, match=r"end time T0 must be positive and finite, got"):
+        FixedEndTime(t0)
+    with pytest.raises(ValueError, match=r"end time T0 must be positive and finite, got"):
+        CNFBlock(ConcatSquashMLP(2, (4,)), end_time=t0)
+
+
+def test_end_time_is_exactly_t0_after_a_change_of_dtype():
+    policy = FixedEndTime(0.7)
+    assert policy.end_time.dtype == torch.float32
+    policy.to(DTYPE)
+    assert policy.end_time.item() == 0.7  # not float32(0.7) = 0.699999988...
+    learned = FixedEndTime(0.7, learnable=True)
+    with torch.no_grad():
+        learned.end_time.fill_(0.9)  # a trained value is converted, not reset
+    learned.to(DTYPE)
+    assert learned.end_time.item() == pytest.approx(0.9, abs=1e-7) and learned.end_time.requires_grad
 
 
 # ---- regularisers ----------------------------------------------------------------------------------
@@ -272,8 +284,61 @@ def test_jacobian_frobenius_state_equals_its_definition_in_expectation(estimator
 def test_regularisation_loss_is_the_weighted_mean_of_the_states():
     block = CNFBlock(_net(2), ExactTrace(), end_time=0.5, regularizers=[KineticEnergy(0.25), JacobianFrobenius(0.5)])
     model = _model(block, 2)
-    model(torch.randn(7, 2, dtype=DTYPE))
+    with torch.no_grad():
+        model(torch.randn(7, 2, dtype=DTYPE))
     states = model.regularization_states()
     expected = 0.25 * states["kinetic"].mean() + 0.5 * states["jacobian_frobenius"].mean()
     torch.testing.assert_close(model.regularization_loss(), expected)
     assert states["kinetic"].min() > 0
+
+
+class _CountingMLP(ConcatSquashMLP):
+    """Counts the evaluations of the fused network trace and the backward passes through each f."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+        self.backward_passes = 0
+
+    def _count(self, grad):
+        self.backward_passes += 1
+
+    def trace_forward(self, t, z):
+        self.calls += 1
+        f, trace = super().trace_forward(t, z)
+        if f.requires_grad:
+            f.register_hook(self._count)
+        return f, trace
+
+
+def _jacobian_frobenius_block(mode: str, net: nn.Module) -> CNFBlock:
+    # euler with 6 steps: the cost of each evaluation's vector-Jacobian product stays small even
+    # if it walked back through the whole solve
+    return CNFBlock(net, ExactTrace(mode), SolverConfig(method="euler", step_size=1 / 6), end_time=0.5,
+                    regularizers=[JacobianFrobenius(1.0)]).to(DTYPE)
+
+
+def test_jacobian_frobenius_gradient_through_the_network_trace_equals_autograd():
+    grads = {}
+    for mode in ("vmap", "auto"):  # auto: the fused forward-mode trace of ConcatSquashMLP
+        net = _net(2)
+        block = _jacobian_frobenius_block(mode, net)
+        assert block.divergence.uses_network_trace(net) == (mode == "auto")
+        torch.manual_seed(0)  # the same Frobenius noise for both
+        x = torch.randn(3, 2, dtype=DTYPE)
+        model = _model(block, 2)
+        model(x)
+        loss = model.regularization_loss()
+        grads[mode] = (loss.detach(), torch.autograd.grad(loss, list(net.parameters())))
+    torch.testing.assert_close(grads["auto"][0], grads["vmap"][0], rtol=1e-12, atol=0)
+    for ga, gv in zip(grads["auto"][1], grads["vmap"][1]):
+        torch.testing.assert_close(ga, gv, rtol=1e-9, atol=1e-14)
+
+
+def test_jacobian_frobenius_through_the_network_trace_differentiates_each_evaluation_once():
+    torch.manual_seed(0)
+    net = _CountingMLP(2, (16, 16)).to(DTYPE)
+    block = _jacobian_frobenius_block("auto", net)
+    block(torch.randn(3, 2, dtype=DTYPE))
+    assert net.calls == 6
+    assert net.backward_passes == 6  # one vector-Jacobian product per evaluation

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from fastcnf.cnf import CNFBlock, ConcatSquashConvNet, ExactTrace
 from fastcnf.flows import FactorOut, LogitTransform, SequentialFlow, Squeeze, auto_n_scales, build_multiscale

@@ -12,6 +12,7 @@ from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace, Hutchinson
 from fastcnf.flows import SequentialFlow
 from fastcnf.models import FlowModel
 from fastcnf.ode import NFECounter, SolverBudgetExceeded, SolverConfig, solve
+from fastcnf.ode.solve import SOLVER_METHODS
 
 DTYPE = torch.float64
 
@@ -190,15 +191,16 @@ def _dopri5_steps(times: list[float]) -> list[tuple[float, float]]:
     return steps
 
 
-def _capped_solve(adjoint: bool, max_nfe: int = 20):
+def _capped_solve(adjoint: bool, backend: str = "fastcnf", max_nfe: int = 20):
     """The same solve twice: uncapped (recording its steps) and capped at ``max_nfe``."""
     x = torch.randn(4, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(3))
-    free, free_net = _counting_block(name="scale0.cnf1", atol=1e-10, rtol=1e-10)
+    free, free_net = _counting_block(name="scale0.cnf1", atol=1e-10, rtol=1e-10, backend=backend)
     with torch.no_grad():
         free(x)
     end_time = float(free.end_time.detach())
     steps = _dopri5_steps([t / end_time for t in free_net.times])
-    block, net = _counting_block(name="scale0.cnf1", max_nfe=max_nfe, atol=1e-10, rtol=1e-10, adjoint=adjoint)
+    block, net = _counting_block(name="scale0.cnf1", max_nfe=max_nfe, atol=1e-10, rtol=1e-10, adjoint=adjoint,
+                                 backend=backend)
     with pytest.raises(SolverBudgetExceeded) as info:
         _loss(block, x)
     return str(info.value), net, steps
@@ -217,16 +219,24 @@ def test_nfe_cap_raises_naming_the_block_and_the_time_reached(adjoint):
     assert math.isfinite(float(m["dt"])) and float(m["dt"]) != 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "solve.py _CountedFunc.forward reports as 'last step size' the gap between the last two distinct "
-    "evaluation times (a dopri5 stage spacing, negative after a rejected step), not the solver's step; "
-    "fix: record (t0, dt) in torchdiffeq's callback_step / callback_step_adjoint hooks on _CountedFunc"))
-def test_nfe_cap_reports_the_solvers_step_size():
-    message, _, steps = _capped_solve(adjoint=False)
+_TORCHDIFFEQ_STEP_BUG = pytest.mark.xfail(strict=True, reason=(
+    "solve.py _CountedFunc.forward (the torchdiffeq path: backend='torchdiffeq', the adjoint, fixed-step "
+    "methods) reports as 'last step size' the gap between the last two distinct evaluation times (a dopri5 "
+    "stage spacing, h/5 here, negative after a rejected step), not the solver's step; fix: record "
+    "(t0, dt) in torchdiffeq's callback_step / callback_step_adjoint hooks on _CountedFunc"))
+
+
+@pytest.mark.parametrize("adjoint,backend", [
+    (False, "fastcnf"),
+    pytest.param(False, "torchdiffeq", marks=_TORCHDIFFEQ_STEP_BUG),
+    pytest.param(True, "fastcnf", marks=_TORCHDIFFEQ_STEP_BUG),  # the adjoint always solves with torchdiffeq
+], ids=["lean", "torchdiffeq", "adjoint"])
+def test_nfe_cap_reports_the_solvers_step_size(adjoint, backend):
+    message, _, steps = _capped_solve(adjoint, backend)
     m = _CAP_MESSAGE.search(message)
     t0, h = steps[3]  # the step whose first stage the cap refused
     assert float(m["dt"]) == pytest.approx(h, rel=2e-3), (message, t0, h)
-    assert float(m["t"]) == pytest.approx(t0, rel=2e-3)
+    assert t0 * (1 - 1e-5) <= float(m["t"]) <= (t0 + h) * (1 + 1e-5), (message, t0, h)
 
 
 def test_nfe_cap_applies_to_the_adjoint_backward_solve():
@@ -247,3 +257,17 @@ def test_nfe_cap_zero_disables_the_cap():
     with torch.no_grad():
         block(torch.randn(3, 2, dtype=DTYPE))
     assert block.nfe.forward > 50
+
+
+def test_unknown_solver_method_lists_the_accepted_ones():
+    with pytest.raises(ValueError, match=r"unknown solver method 'rk45'; accepted: dopri5, bosh3, .*rk4, euler"):
+        SolverConfig(method="rk45")
+    for method in SOLVER_METHODS:
+        assert SolverConfig(method=method).method == method
+
+
+@pytest.mark.parametrize("field", ["atol", "rtol", "adjoint_atol", "adjoint_rtol"])
+@pytest.mark.parametrize("value", [0.0, -1e-5, 1.0, 3.0, float("nan")])
+def test_tolerance_outside_the_unit_interval_is_rejected(field, value):
+    with pytest.raises(ValueError, match=rf"solver {field} must be in \(0, 1\), got"):
+        SolverConfig(**{field: value})

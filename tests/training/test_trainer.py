@@ -15,7 +15,7 @@ from fastcnf.training.trainer import Trainer, TrainingDiverged
 
 TINY = [
     "model.hidden_dims=[8,8]", "data.n_test=200", "eval.batch_size=200", "train.batch_size=32",
-    "solver.atol=1e-3", "solver.rtol=1e-3", "eval.atol=1e-4", "eval.rtol=1e-4",
+    "solver.atol=1e-3", "solver.rtol=1e-3", "eval.atol=1e-4", "eval.rtol=1e-4", "eval.figures=false",
 ]
 
 
@@ -34,7 +34,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
             return load_recipe("digits-cnf", [
                 f"train.iterations={n}", "model.hidden_dims=[4]", "train.batch_size=16", "data.n_test=32",
                 "eval.batch_size=32", "solver.atol=1e-2", "solver.rtol=1e-2", "eval.atol=1e-2",
-                "eval.rtol=1e-2", "train.checkpoint_every=3"])
+                "eval.rtol=1e-2", "train.checkpoint_every=3", "eval.figures=false", "data.n_train=64"])
     else:
         def make(n: int):
             return tiny_cfg("train.checkpoint_every=3", iterations=n)
@@ -57,7 +57,8 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
 
 
 def test_run_directory_contract(tmp_path: Path) -> None:
-    metrics = Trainer(tiny_cfg(iterations=3), tmp_path, progress=False).fit()
+    metrics = Trainer(tiny_cfg("eval.figures=true", "eval.n_samples=4", iterations=3), tmp_path,
+                      progress=False).fit()
     for name in ("config.yaml", "log.csv", "metrics.json", "checkpoints/last.pt", "model.safetensors",
                  "figures/training_curves.png", "figures/density.png"):
         assert (tmp_path / name).exists(), name

@@ -14,6 +14,8 @@ References: Grathwohl et al. 2019 (FFJORD) appendix B; Chen et al. 2018.
 from __future__ import annotations
 
 import difflib
+import math
+import weakref
 from typing import Sequence
 
 import torch
@@ -121,18 +123,16 @@ class ConcatSquashMLP(nn.Module):
         stacked under the activations ``h[b, j]`` so that each layer is one matrix product; a
         layer maps it by ``W`` scaled by the time gate, an activation by its derivative. The
         backward pass is written out by hand (:class:`_ConcatSquashTrace`): the same derivatives
-        autograd would form, without recording some forty operations per evaluation.
+        autograd forms (:meth:`_trace_forward_autograd`), in far fewer operations.
         """
         if z.dim() != 2 or len(self.layers) < 2:
             return self._trace_forward_autograd(t, z)
-        params = [p for layer in self.layers for p in _layer_params(layer)]
-        needs_graph = torch.is_grad_enabled() and (
-            z.requires_grad or t.requires_grad or any(p.requires_grad for p in params))
-        if not needs_graph:
+        packed = _get_packed(self)
+        if not (torch.is_grad_enabled() and (z.requires_grad or t.requires_grad or packed.token is not None)):
             with torch.no_grad():
-                f, trace, _ = _trace_forward_kernel(self.acts, t, z, params, save=False)
+                f, trace, _ = _trace_forward_kernel(packed.acts, packed, t, z, save=False)
             return f, trace
-        return _ConcatSquashTrace.apply(self.acts, t, z, *params)
+        return _ConcatSquashTrace.apply(packed.acts, packed, t, z, packed.token)
 
     def _trace_forward_autograd(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """Reference implementation of :meth:`trace_forward` through autograd (any depth)."""
@@ -142,12 +142,18 @@ class ConcatSquashMLP(nn.Module):
 
 # ---- the fused forward-mode trace and its hand-written backward ----------------------------------
 #
-# Notation (one concat-squash layer l, inputs of width m, outputs of width n, D = data dimension):
-#   g = sigmoid(G t + g0), c = H t                    (time gate and time bias, (n,))
-#   P = (S W^T) * g + [b * g + c; 0; ...; 0]           (S stacks the activations over the D tangents)
-#   h = act(P[0]),  U_k = P[1 + k] * act'(P[0])       (hidden layers)
-# The first layer's tangents are W^T * g, the same for every example; the last layer only needs
-# the diagonal of its tangent block: trace = sum_k P[1 + k][:, k].
+# One concat-squash layer l (inputs of width m, outputs of width n, D = data dimension):
+#   g = sigmoid(G t + g0),  c = H t,  v = b * g + c       (time gate, time bias, folded bias; (n,))
+#   P = (S W^T) * g + [v; 0; ...; 0]                      S = [h; U_1..U_D] stacks the activations
+#   h' = act(P[0]),  U'_k = P[1 + k] * act'(P[0])         over the D tangents: one product per layer
+# The first layer's tangents are W^T * g for every example; the last layer only needs the diagonal
+# of its tangent block: trace = sum_k P[1 + k][:, k].
+#
+# The parameters enter every evaluation as one flat tensor (:class:`_Packed`); the evaluations of
+# a backward pass add their share of its gradient to one accumulator (weights in place, the
+# time-gate terms as one row each), flattened once when the pass reaches the parameters
+# (:class:`_ParameterToken`): autograd then sums one gradient instead of five per layer and
+# evaluation.
 
 
 def _layer_params(layer: "ConcatSquashLinear") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -156,7 +162,8 @@ def _layer_params(layer: "ConcatSquashLinear") -> tuple[Tensor, Tensor, Tensor, 
 
 
 def _trace_reference(acts, t: Tensor, z: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(f, trace)`` by tangent propagation in differentiable torch operations (any depth)."""
+    """``(f, trace)`` by tangent propagation in differentiable torch operations (any depth);
+    ``params`` holds (weight, bias, gate weight, gate bias, time-bias weight) per layer."""
     b, d = z.shape
     tt = t.reshape(1, 1).to(params[0].dtype)
     h = z
@@ -185,12 +192,11 @@ def _act_into(act: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
     return out.copy_(act(pre))
 
 
-def _act_slope(act: nn.Module, pre: Tensor, post: Tensor) -> Tensor:
+def _act_slope(act: nn.Module, pre: Tensor, post: Tensor, one: Tensor) -> Tensor:
     """``act'(pre)`` elementwise (``post = act(pre)``); torch's own conventions at the kinks."""
     if isinstance(act, nn.Tanh):
-        return torch.mul(post, post).neg_().add_(1.0)
-    if isinstance(act, nn.Softplus):
-        # torch's softplus is linear above its threshold: slope 1 there
+        return torch.addcmul(one, post, post, value=-1)
+    if isinstance(act, nn.Softplus):  # linear above its threshold: slope 1 there
         bp = pre * act.beta
         return torch.where(bp > act.threshold, torch.ones_like(bp), torch.sigmoid(bp))
     return _activation_derivative(act, pre, post)
@@ -216,166 +222,280 @@ def _act_grad_pre(act: nn.Module, grad_post: Tensor, slope: Tensor, pre: Tensor,
     return grad_post * slope + grad_slope * curv
 
 
-def _trace_forward_kernel(acts, t: Tensor, z: Tensor, params: Sequence[Tensor], save: bool):
+class _Packed:
+    """The parameters of a :class:`ConcatSquashMLP` as one flat tensor, for one parameter version.
+
+    Layout: all weights (flattened), all biases, all gate weights, all gate biases, all
+    time-bias weights, layer by layer; so the time gates of every layer come from three
+    contiguous segments. Evaluations take the flat tensor through :attr:`token` (one autograd
+    input instead of five per layer) and add their share of its gradient to one accumulator.
+    """
+
+    def __init__(self, net: "ConcatSquashMLP", key) -> None:
+        layers = list(net.layers)
+        self.key = key
+        self.acts = tuple(net.acts)
+        self.sizes = [layer.layer.out_features for layer in layers]
+        order = ([layer.layer.weight for layer in layers] + [layer.layer.bias for layer in layers]
+                 + [layer.hyper_gate.weight for layer in layers] + [layer.hyper_gate.bias for layer in layers]
+                 + [layer.hyper_bias.weight for layer in layers])
+        self.shapes = [p.shape for p in order]
+        flat = torch.cat([p.reshape(-1) for p in order])
+        self.n_weights = sum(p.numel() for p in order[:len(layers)])
+        self.token = _ParameterToken.apply(flat, self) if flat.requires_grad else None
+        self.one = torch.ones((), dtype=flat.dtype, device=flat.device)
+        self.flat = flat.detach()
+        self.views(self.flat)
+        self.acc: _Accumulator | None = None
+        self.last_index: int | None = None
+        self.count = 0
+
+    def split(self, flat: Tensor) -> list[Tensor]:
+        """The parameters (in layout order, original shapes) as views of ``flat``."""
+        return [v.view(shape) for v, shape in zip(flat.split([math.prod(s) for s in self.shapes]), self.shapes)]
+
+    def views(self, flat: Tensor) -> None:
+        n = len(self.sizes)
+        parts = self.split(flat)
+        self.weights = parts[:n]
+        self.weights_t = [w.t() for w in self.weights]
+        total = sum(self.sizes)
+        start = self.n_weights
+        self.bias_all = flat[start:start + total]
+        self.biases = self.bias_all.split(self.sizes)
+        self.wg_all = flat[start + total:start + 2 * total]
+        self.bg_all = flat[start + 2 * total:start + 3 * total]
+        self.wc_all = flat[start + 3 * total:start + 4 * total]
+
+    def layer_params(self, flat: Tensor) -> list[Tensor]:
+        """Differentiable per-layer ``(weight, bias, gate weight, gate bias, time-bias weight)``."""
+        n = len(self.sizes)
+        parts = self.split(flat)
+        return [parts[k * n + i] for i in range(n) for k in range(5)]
+
+    def accumulator(self, index: int) -> "_Accumulator":
+        # evaluations run backward in decreasing creation order within one backward pass; a larger
+        # index than the last one means a new pass, after one that did not reach the parameters
+        if self.acc is None or (self.last_index is not None and index > self.last_index):
+            self.acc = _Accumulator(self)
+        self.last_index = index
+        return self.acc
+
+    def take_gradient(self) -> Tensor | None:
+        acc, self.acc, self.last_index = self.acc, None, None
+        return None if acc is None or not acc.rows else acc.flat_gradient(self)
+
+
+def _get_packed(net: "ConcatSquashMLP") -> _Packed:
+    """The packed parameters of ``net`` for their current values and the current grad mode
+    (rebuilt after an optimiser step, a load, a change of dtype or device)."""
+    slots = _SLOTS.get(net)
+    if slots is None:  # (module, name) of every parameter: ``net.parameters()`` walks the module tree
+        slots = [(m, n) for m in net.modules() for n, p in m._parameters.items() if p is not None]
+        _SLOTS[net] = slots
+    grad = torch.is_grad_enabled()
+    key = [grad]
+    for m, n in slots:
+        p = m._parameters[n]
+        key += (p.data_ptr(), p._version, p.requires_grad)
+    packed = _PACKED.get(net)
+    if packed is None or packed.key != key:
+        packed = _Packed(net, key)
+        _PACKED[net] = packed
+    return packed
+
+
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
+
+
+def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
     """``(f, trace, saved)`` without autograd; ``saved`` holds what the backward pass needs."""
-    n_layers = len(params) // 5
+    n_layers = len(pk.sizes)
     b, d = z.shape
-    # the time gates and time biases of all layers in three operations
-    sizes = [params[5 * i + 1].shape[0] for i in range(n_layers)]
-    wg = torch.cat([params[5 * i + 2] for i in range(n_layers)]).view(-1)
-    wc = torch.cat([params[5 * i + 4] for i in range(n_layers)]).view(-1)
-    bg = torch.cat([params[5 * i + 3] for i in range(n_layers)])
-    gate_all = torch.sigmoid(torch.addcmul(bg, wg, t))
-    bias_all = wc * t
-    gates = gate_all.split(sizes)
-    biases = bias_all.split(sizes)
+    gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))
+    fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)  # b * g + c
+    gates = gate_all.split(pk.sizes)
+    folds = fold_all.split(pk.sizes)
     # layer 1: the tangents W^T * g do not depend on the example
-    w, bias = params[0], params[1]
-    wt = w.t()
     g = gates[0]
-    a = torch.addmm(bias, z, wt)
-    pre = torch.addcmul(biases[0], a, g)
-    tan1 = wt * g  # (D, n)
+    a = torch.mm(z, pk.weights_t[0])
+    pre = torch.addcmul(folds[0], a, g)
+    tan1 = pk.weights_t[0] * g  # (D, n)
     s = torch.empty((1 + d, b, pre.shape[1]), dtype=z.dtype, device=z.device)
     h = _act_into(acts[0], pre, s[0])
-    slope = _act_slope(acts[0], pre, h)
+    slope = _act_slope(acts[0], pre, h, pk.one)
     torch.mul(tan1.unsqueeze(1), slope, out=s[1:])
-    hidden = []
+    saved = [(z, a, tan1, pre, h, slope)] if save else None
     # hidden layers 2 .. L-1: s = [h; tangents] goes through W as one matrix product
     for i in range(1, n_layers - 1):
-        w, bias = params[5 * i], params[5 * i + 1]
         g = gates[i]
-        m = torch.mm(s.view(-1, s.shape[-1]), w.t()).view(1 + d, b, -1)
+        m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[i]).view(1 + d, b, -1)
         p = m * g
         p0 = p[0]
-        p0.add_(torch.addcmul(biases[i], bias, g))
+        p0.add_(folds[i])
         s_next = torch.empty_like(p)
-        h_i = _act_into(acts[i], p0, s_next[0])
-        slope_i = _act_slope(acts[i], p0, h_i)
-        torch.mul(p[1:], slope_i, out=s_next[1:])
+        h = _act_into(acts[i], p0, s_next[0])
+        slope = _act_slope(acts[i], p0, h, pk.one)
+        torch.mul(p[1:], slope, out=s_next[1:])
         if save:
-            hidden.append((s, m, p, h_i, slope_i))
+            saved.append((s, m, p, h, slope))
         s = s_next
     # last layer: f from the activations, the trace from the diagonal of the tangent block
-    i = n_layers - 1
-    w, bias = params[5 * i], params[5 * i + 1]
-    g = gates[i]
-    m = torch.mm(s.view(-1, s.shape[-1]), w.t()).view(1 + d, b, d)
-    f = torch.addcmul(torch.addcmul(biases[i], bias, g), m[0], g)
+    g = gates[-1]
+    m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[-1]).view(1 + d, b, d)
+    m0 = m[0]
+    f = torch.addcmul(folds[-1], m0, g)
     diag = torch.diagonal(m[1:], dim1=0, dim2=2)  # (B, D): d f_k / d z_k before the gate
     trace = torch.mv(diag, g)
-    saved = None
     if save:
-        saved = {"gates": (gate_all, gates, wg, wc, sizes), "first": (z, a, tan1, pre, h, slope),
-                 "hidden": hidden, "last": (s, m, diag)}
+        saved.append((s, m0, diag))
+        saved.append((t, gate_all, gates))
     return f, trace, saved
 
 
-def _trace_backward_kernel(acts, t: Tensor, params: Sequence[Tensor], saved: dict, grad_f: Tensor,
-                           grad_trace: Tensor, need_z: bool, need_t: bool):
-    """Gradients of ``<grad_f, f> + <grad_trace, trace>`` w.r.t. z, t and the parameters."""
-    n_layers = len(params) // 5
-    gate_all, gates, wg_all, wc_all, sizes = saved["gates"]
-    grads: list[Tensor | None] = [None] * len(params)
-    # d/d gate and d/d time-bias of every layer, filled layer by layer
-    grad_gate_all = torch.empty_like(gate_all)
-    grad_bias_all = torch.empty_like(gate_all)
-    grad_gate = grad_gate_all.split(sizes)
-    grad_bias = grad_bias_all.split(sizes)
-
-    # last layer: f = m[0] * g + (b g + c),  trace = diag(m[1:]) @ g
-    i = n_layers - 1
-    w, bias = params[5 * i], params[5 * i + 1]
-    g = gates[i]
-    s, m, diag = saved["last"]
-    d = m.shape[-1]
-    grad_m = torch.zeros_like(m)
+def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: Tensor, acc: "_Accumulator | None",
+                    need_t: bool) -> tuple[Tensor, Tensor | None]:
+    """The gradients w.r.t. z (and t) of ``<grad_f, f> + <grad_trace, trace>``; the parameters'
+    share is added to ``acc`` (weights in place, the time-gate terms as one row per evaluation)."""
+    t, gate_all, gates = saved[-1]
+    n_layers = len(pk.sizes)
+    row_gate = row_fold = None
+    if acc is not None or need_t:
+        row_gate = torch.empty_like(gate_all)  # d/d gate of every layer
+        row_fold = torch.empty_like(gate_all)  # d/d (b g + c) of every layer
+        rg, rf = row_gate.split(pk.sizes), row_fold.split(pk.sizes)
+    # last layer: f = m0 * g + v, trace = diag(m[1:]) @ g
+    s, m0, diag = saved[-2]
+    g = gates[-1]
+    grad_m = torch.zeros_like(s[:, :, :m0.shape[1]])
     torch.mul(grad_f, g, out=grad_m[0])
     torch.diagonal(grad_m[1:], dim1=0, dim2=2).copy_(torch.outer(grad_trace, g))
-    grad_f_sum = torch.sum(grad_f, 0, out=grad_bias[i])
-    torch.addmv(torch.addcmul((grad_f * m[0]).sum(0), bias, grad_f_sum), diag.t(), grad_trace, out=grad_gate[i])
-    grads[5 * i] = torch.mm(grad_m.view(-1, d).t(), s.view(-1, s.shape[-1]))
-    grads[5 * i + 1] = g * grad_f_sum
-    grad_s = torch.mm(grad_m.view(-1, d), w).view(s.shape)
-    # hidden layers, last to first: s_next = [act(p[0]); p[1:] * act'(p[0])],  p = m * g + [b g + c; 0]
+    grad_m2 = grad_m.view(-1, grad_m.shape[-1])
+    if row_gate is not None:
+        torch.addmv(torch.sum(grad_f * m0, 0), diag.t(), grad_trace, out=rg[-1])
+        torch.sum(grad_f, 0, out=rf[-1])
+    if acc is not None:
+        acc.weights[-1].addmm_(grad_m2.t(), s.view(-1, s.shape[-1]))
+    grad_s = torch.mm(grad_m2, pk.weights[-1]).view(s.shape)
+    # hidden layers, last to first: s_next = [act(p[0]); p[1:] * act'(p[0])],  p = m * g + [v; 0]
     for i in range(n_layers - 2, 0, -1):
-        s, m, p, h, slope = saved["hidden"][i - 1]
-        w, bias = params[5 * i], params[5 * i + 1]
-        g = gates[i]
+        s, m, p, h, slope = saved[i]
         grad_tan = grad_s[1:]
         grad_p = torch.empty_like(p)
         torch.mul(grad_tan, slope, out=grad_p[1:])
-        grad_p[0] = _act_grad_pre(acts[i], grad_s[0], slope, p[0], h, (grad_tan * p[1:]).sum(0))
-        grad_p0_sum = torch.sum(grad_p[0], 0, out=grad_bias[i])
-        torch.addcmul((grad_p * m).sum((0, 1)), bias, grad_p0_sum, out=grad_gate[i])
-        grad_m = grad_p.mul_(g)
-        width = grad_m.shape[-1]
-        grads[5 * i] = torch.mm(grad_m.view(-1, width).t(), s.view(-1, s.shape[-1]))
-        grads[5 * i + 1] = g * grad_p0_sum
-        grad_s = torch.mm(grad_m.view(-1, width), w).view(s.shape)
-    # first layer: pre = a * g + c with a = z W^T + b; tangents tan1 = W^T * g
-    z, a, tan1, pre, h, slope = saved["first"]
-    w = params[0]
+        grad_p0 = grad_p[0]
+        grad_p0.copy_(_act_grad_pre(acts[i], grad_s[0], slope, p[0], h, (grad_tan * p[1:]).sum(0)))
+        if row_gate is not None:
+            torch.sum(grad_p * m, (0, 1), out=rg[i])
+            torch.sum(grad_p0, 0, out=rf[i])
+        grad_m2 = grad_p.mul_(gates[i]).view(-1, grad_p.shape[-1])
+        if acc is not None:
+            acc.weights[i].addmm_(grad_m2.t(), s.view(-1, s.shape[-1]))
+        grad_s = torch.mm(grad_m2, pk.weights[i]).view(s.shape)
+    # first layer: pre = a * g + v with a = z W^T; tangents tan1 = W^T * g
+    z, a, tan1, pre, h, slope = saved[0]
     g = gates[0]
     grad_tan = grad_s[1:]
-    grad_tan1 = (grad_tan * slope).sum(1)  # (D, n)
     grad_pre = _act_grad_pre(acts[0], grad_s[0], slope, pre, h, (grad_tan * tan1.unsqueeze(1)).sum(0))
     grad_a = grad_pre * g
-    torch.sum(grad_pre, 0, out=grad_bias[0])
-    torch.add((grad_pre * a).sum(0), (grad_tan1 * w.t()).sum(0), out=grad_gate[0])
-    grads[0] = torch.addmm((grad_tan1 * g).t(), grad_a.t(), z)
-    grads[1] = grad_a.sum(0)
-    grad_z = torch.mm(grad_a, w) if need_z else None
-    # the time gate sigmoid(G t + g0) and time bias H t of every layer at once
-    grad_gate_pre = grad_gate_all * torch.addcmul(gate_all, gate_all, gate_all, value=-1)
-    grad_g_w = (grad_gate_pre * t).unsqueeze(1).split(sizes)
-    grad_g_b = grad_gate_pre.split(sizes)
-    grad_c_w = (grad_bias_all * t).unsqueeze(1).split(sizes)
-    for i in range(n_layers):
-        grads[5 * i + 2], grads[5 * i + 3], grads[5 * i + 4] = grad_g_w[i], grad_g_b[i], grad_c_w[i]
-    grad_t = (torch.dot(grad_gate_pre, wg_all) + torch.dot(grad_bias_all, wc_all)) if need_t else None
-    return grad_z, grad_t, grads
+    if row_gate is not None:
+        grad_tan1 = (grad_tan * slope).sum(1)  # (D, n): d/d tan1
+        torch.add(torch.sum(grad_pre * a, 0), (grad_tan1 * pk.weights_t[0]).sum(0), out=rg[0])
+        torch.sum(grad_pre, 0, out=rf[0])
+        if acc is not None:
+            acc.weights[0].addmm_(grad_a.t(), z).add_((grad_tan1 * g).t())
+            acc.add_row(row_gate, row_fold, t, gate_all)
+    grad_z = torch.mm(grad_a, pk.weights[0])
+    grad_t = None
+    if need_t:  # through every layer's gate sigmoid(G t + g0) and time bias H t
+        grad_gate_pre = torch.addcmul(row_gate, row_fold, pk.bias_all) * torch.addcmul(gate_all, gate_all, gate_all,
+                                                                                       value=-1)
+        grad_t = grad_gate_pre @ pk.wg_all + row_fold @ pk.wc_all
+    return grad_z, grad_t
+
+
+class _Accumulator:
+    """The parameter gradient of the evaluations of one backward pass, before it is flattened."""
+
+    def __init__(self, pk: _Packed) -> None:
+        self.weights = [torch.zeros_like(w) for w in pk.weights]
+        self.rows: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+
+    def add_row(self, row_gate: Tensor, row_fold: Tensor, t: Tensor, gate_all: Tensor) -> None:
+        self.rows.append((row_gate, row_fold, t, gate_all))
+
+    def flat_gradient(self, pk: _Packed) -> Tensor:
+        """In the packed layout: weights, biases (v = b g + c: d/db = g dL/dv), gate weights and
+        biases (through sigmoid(G t + g0)), time-bias weights (c = H t)."""
+        row_gate, row_fold, times, gate_all = (torch.stack(x) for x in zip(*self.rows))
+        times = times.reshape(-1).to(gate_all.dtype)
+        grad_gate_pre = torch.addcmul(row_gate, row_fold, pk.bias_all) * torch.addcmul(gate_all, gate_all, gate_all,
+                                                                                       value=-1)
+        return torch.cat([*(w.reshape(-1) for w in self.weights), (row_fold * gate_all).sum(0),
+                          times @ grad_gate_pre, grad_gate_pre.sum(0), times @ row_fold])
+
+
+class _ParameterToken(torch.autograd.Function):
+    """Identity on the flat parameters; its backward, which runs after every evaluation's,
+    adds the parameter gradient of all of them, formed at once."""
+
+    @staticmethod
+    def forward(ctx, flat, packed):  # type: ignore[override]
+        ctx.packed = packed
+        return flat.view_as(flat)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        with torch.no_grad():
+            extra = ctx.packed.take_gradient()
+        if extra is not None:
+            grad = extra if grad is None else grad + extra
+        return grad, None
 
 
 class _ConcatSquashTrace(torch.autograd.Function):
     """``(f, trace)`` of a concat-squash MLP with the backward pass written out.
 
-    Inputs: the activation modules, ``t``, ``z`` and the five parameters of every layer
-    (weight, bias, gate weight, gate bias, time-bias weight). A backward pass that must itself
-    be differentiable (``create_graph=True``, e.g. the Jacobian-Frobenius regulariser's
-    vector-Jacobian product) recomputes through :func:`_trace_reference` instead.
+    Inputs: the activation modules, the packed parameters, ``t``, ``z`` and the packed
+    parameters' token. A backward pass that must itself be differentiable (``create_graph=True``,
+    e.g. the Jacobian-Frobenius regulariser's vector-Jacobian product) recomputes through
+    :func:`_trace_reference` instead.
     """
 
     @staticmethod
-    def forward(ctx, acts, t, z, *params):  # type: ignore[override]
-        # autograd is off inside forward: the kernel records nothing
-        f, trace, saved = _trace_forward_kernel(acts, t, z, params, save=True)
-        ctx.acts = acts
-        ctx.saved = saved
-        ctx.save_for_backward(t, z, *params)
+    def forward(ctx, acts, packed, t, z, token):  # type: ignore[override]
+        f, trace, saved = _trace_forward_kernel(acts, packed, t, z, save=True)
+        ctx.acts, ctx.packed, ctx.saved = acts, packed, saved
+        ctx.index = packed.count
+        packed.count += 1
+        ctx.save_for_backward(t, z, token)
         return f, trace
 
     @staticmethod
     def backward(ctx, grad_f, grad_trace):  # type: ignore[override]
-        t, z, *params = ctx.saved_tensors
-        need_t, need_z = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        need_params = ctx.needs_input_grad[3:]
+        t, z, token = ctx.saved_tensors
+        need_t, need_z, need_p = ctx.needs_input_grad[2:5]
+        pk = ctx.packed
         if grad_f is None:
-            grad_f = torch.zeros_like(ctx.saved["last"][1][0])
+            grad_f = torch.zeros_like(ctx.saved[-2][1])
         if grad_trace is None:
             grad_trace = torch.zeros(grad_f.shape[0], dtype=grad_f.dtype, device=grad_f.device)
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
-            inputs = [x for x, need in zip([t, z, *params], [need_t, need_z, *need_params]) if need]
+            # from fresh aliases of the inputs, so that the inner pass stops at this evaluation
+            # (differentiating w.r.t. the solver state itself walks back through the whole solve)
             with torch.enable_grad():
-                f, trace = _trace_reference(ctx.acts, t, z, params)
-                grads_iter = iter(torch.autograd.grad((f, trace), inputs, (grad_f, grad_trace),
-                                                      create_graph=True, allow_unused=True))
-            out = [next(grads_iter) if need else None for need in [need_t, need_z, *need_params]]
-            return (None, *out)
-        grad_z, grad_t, grads = _trace_backward_kernel(ctx.acts, t, params, ctx.saved, grad_f, grad_trace,
-                                                       need_z=need_z, need_t=need_t)
-        grads = [gr if need else None for gr, need in zip(grads, need_params)]
-        return (None, grad_t.reshape(t.shape) if grad_t is not None else None, grad_z, *grads)
+                t_a, z_a = t.view_as(t), z.view_as(z)
+                flat = token.view_as(token) if token is not None else pk.flat
+                inputs = [x for x, need in zip((t_a, z_a, flat), (need_t, need_z, need_p)) if need]
+                f, trace = _trace_reference(ctx.acts, t_a, z_a, pk.layer_params(flat))
+                grads = iter(torch.autograd.grad((f, trace), inputs, (grad_f, grad_trace), create_graph=True,
+                                                 allow_unused=True))
+            return (None, None, *(next(grads) if need else None for need in (need_t, need_z, need_p)))
+        acc = pk.accumulator(ctx.index) if need_p else None
+        grad_z, grad_t = _trace_backward(ctx.acts, pk, ctx.saved, grad_f, grad_trace, acc, need_t)
+        ctx.saved = None
+        return None, None, None if grad_t is None else grad_t.reshape(t.shape), grad_z if need_z else None, None
 
 
 class ConcatSquashConvNet(nn.Module):

@@ -28,6 +28,11 @@ class LogitTransform(FlowStep):
         self.alpha = alpha
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # outside [0, 1] the logit is NaN: say so instead of returning a NaN log-density
+        lo, hi = (float(x.detach().min()), float(x.detach().max())) if x.numel() else (0.0, 0.0)
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"the logit transform expects dequantised images in [0, 1], got values in "
+                             f"[{lo:.4g}, {hi:.4g}] (scale 8-bit data by 1/256 after dequantising)")
         p = self.alpha + (1 - 2 * self.alpha) * x
         y = torch.log(p) - torch.log1p(-p)
         logdet = (math.log(1 - 2 * self.alpha) - torch.log(p) - torch.log1p(-p)).reshape(x.shape[0], -1).sum(1)

@@ -52,12 +52,13 @@ class FlowModel(nn.Module):
         self.levels = levels
 
     # ---- boundary checks -------------------------------------------------------------------
-    def _device_dtype(self) -> tuple[torch.device, torch.dtype]:
-        """Device and dtype of the model's first floating-point tensor (a flow may have none)."""
+    def _device_dtype(self) -> tuple[torch.device, torch.dtype | None]:
+        """Device and dtype of the model's first floating-point tensor; ``(cpu, None)`` for a flow
+        without any (e.g. a bare logit transform), which accepts every floating dtype."""
         for t in itertools.chain(self.parameters(), self.buffers()):
             if t.is_floating_point():
                 return t.device, t.dtype
-        return torch.device("cpu"), torch.get_default_dtype()
+        return torch.device("cpu"), None
 
     def _check_tensor(self, x: Tensor, what: str, shape: tuple[int, ...]) -> None:
         if not isinstance(x, Tensor):
@@ -69,7 +70,7 @@ class FlowModel(nn.Module):
             raise InputError(f"expected {what} of shape (batch, {', '.join(map(str, shape))}), "
                              f"got {tuple(x.shape)}")
         dtype = self._device_dtype()[1]
-        if x.dtype != dtype:
+        if dtype is not None and x.dtype != dtype:
             raise InputError(f"expected {what} of dtype {dtype} (the model's), got {x.dtype}: "
                              f"convert it with .to({dtype}) or the model with .to({x.dtype})")
         if not torch.isfinite(x).all():
@@ -129,7 +130,7 @@ class FlowModel(nn.Module):
             raise InputError(f"number of samples must be a positive int, got {n!r}")
         device, dtype = self._device_dtype()
         y = self.check_label(y, n)
-        z = self.prior.sample(n, y, generator=generator, device=device, dtype=dtype)
+        z = self.prior.sample(n, y, generator=generator, device=device, dtype=dtype or torch.get_default_dtype())
         return self.decode(z)
 
     # ---- NFE record ------------------------------------------------------------------------

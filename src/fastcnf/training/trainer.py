@@ -429,7 +429,8 @@ class Trainer:
         if main:
             export_safetensors(self.model, self.out_dir / "model.safetensors")
             metrics = self.evaluate_and_write()
-            self.figures()
+            if self.cfg.eval.figures:
+                self.figures()
         ddp.barrier()
         return metrics
 

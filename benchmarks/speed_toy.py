@@ -1,0 +1,367 @@
+"""Speed of fastcnf against FFJORD's toy training, side by side (issue 8).
+
+For each 2-D data set, in one invocation:
+
+1. **the baseline**, ``benchmarks/ffjord_baseline.py`` (FFJORD's ``train_toy.py`` defaults in plain
+   torch + torchdiffeq: concat-squash 64-64-64 tanh, brute-force exact trace, dopri5 atol = rtol
+   = 1e-5, T = 0.5, batch 100, Adam 1e-3, weight decay 1e-5, adjoint), run as its own process:
+   the wall time from launch to exit is its whole run; its JSON gives the per-iteration times,
+   NFE and final test NLL;
+2. **fastcnf in process**: ``Trainer(load_recipe("toy-ffjord", ...), out).fit()``, the product
+   itself; ``log.csv`` gives the per-iteration times and NFE, ``metrics.json`` the test NLL;
+3. **fastcnf's whole run**: ``python -m fastcnf train toy-ffjord --set ... --out DIR --quiet``
+   as its own process, from launch to exit (metrics written);
+4. with ``--to-quality``: fastcnf trains (recipe plus ``--quality-set`` overrides) until its test
+   NLL reaches the baseline's final test NLL; the training time to get there is compared with
+   the baseline's training time.
+
+Both sides use the same seed, iterations and data set, and are evaluated on the same points:
+fastcnf's test split (20,000 draws) is written to a ``.npy`` file that the baseline evaluates
+on. Per-iteration time is the mean over the last 100 iterations of each run's own step timer
+(data, forward, backward, optimiser step), NFE the mean over the same iterations.
+
+Run ``python benchmarks/speed_toy.py --json benchmarks/results/speed_toy.json`` (about half an
+hour on 2 cores), ``--quick`` for a short check. Results and the machine are described in
+``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+TARGETS = {"per_iteration_speedup": 5.0, "nll_gap_nats": 0.05, "whole_run_speedup": 3.0,
+           "time_to_quality_fraction": 0.25}
+
+
+# ---- environment --------------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine() -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import torchdiffeq
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchdiffeq": getattr(torchdiffeq, "__version__", "?"),
+        "torch_default_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_timed(cmd: list[str], log_path: Path) -> tuple[float, int]:
+    """Run ``cmd``; the wall time from launch to exit and the exit status."""
+    with open(log_path, "w") as log:
+        t0 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        return time.perf_counter() - t0, rc
+
+
+def _tail_mean(values: list[float], n: int) -> float:
+    tail = values[-n:]
+    return float(sum(tail) / max(len(tail), 1))
+
+
+# ---- the two sides ------------------------------------------------------------------------------
+def fastcnf_overrides(data: str, iterations: int, seed: int, extra: list[str]) -> list[str]:
+    return [f"data.name={data}", f"train.iterations={iterations}", f"seed={seed}", *extra]
+
+
+def write_test_split(data: str, seed: int, overrides: list[str], path: Path) -> int:
+    """fastcnf's test split of ``data`` (what its trainer evaluates on) as a .npy file."""
+    from fastcnf.config import load_recipe
+    from fastcnf.data.registry import load_data
+
+    cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, 1, seed, overrides))
+    bundle = load_data(cfg.data, cfg.seed)
+    np.save(path, bundle.test.x.numpy().astype("float32"))
+    return len(bundle.test)
+
+
+def run_baseline(data: str, iterations: int, seed: int, tail: int, test_file: Path, work: Path,
+                 threads: int = 0) -> dict:
+    out = work / f"baseline-{data}.json"
+    cmd = [sys.executable, str(HERE / "ffjord_baseline.py"), "--data", data, "--iterations", str(iterations),
+           "--seed", str(seed), "--test-file", str(test_file), "--json", str(out)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    wall, rc = run_timed(cmd, work / f"baseline-{data}.log")
+    if rc != 0:
+        raise RuntimeError(f"baseline failed ({rc}); see {work / f'baseline-{data}.log'}")
+    with open(out) as fh:
+        m = json.load(fh)
+    return {
+        "command": shlex.join(cmd),
+        "whole_run_seconds": wall,
+        "seconds_per_iteration": _tail_mean(m["step_seconds"], tail),
+        "nfe_forward": _tail_mean(m["nfe_forward"], tail),
+        "nfe_backward": _tail_mean(m["nfe_backward"], tail),
+        "nfe_forward_final": m["nfe_forward_final"],
+        "nfe_backward_final": m["nfe_backward_final"],
+        "train_seconds": m["train_seconds"],
+        "test_nll_nats": m["test_nll_nats"],
+        "test_examples": m["test_size"],
+        "threads": m["threads"],
+        "final_loss": m["loss"][-1],
+    }
+
+
+def _read_log(run_dir: Path) -> dict[str, list[float]]:
+    cols: dict[str, list[float]] = {"seconds": [], "nfe_forward": [], "nfe_backward": [], "loss": []}
+    with open(run_dir / "log.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            for k in cols:
+                cols[k].append(float(row[k]))
+    return cols
+
+
+def run_fastcnf_inprocess(data: str, iterations: int, seed: int, tail: int, overrides: list[str], work: Path) -> dict:
+    from fastcnf.config import load_recipe
+    from fastcnf.training.trainer import Trainer
+
+    out = work / f"fastcnf-{data}"
+    cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, iterations, seed, overrides))
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, out, quiet=True, progress=False)
+    metrics = trainer.fit()
+    wall = time.perf_counter() - t0
+    log = _read_log(out)
+    return {
+        "overrides": fastcnf_overrides(data, iterations, seed, overrides),
+        "in_process_seconds": wall,
+        "seconds_per_iteration": _tail_mean(log["seconds"], tail),
+        "nfe_forward": _tail_mean(log["nfe_forward"], tail),
+        "nfe_backward": _tail_mean(log["nfe_backward"], tail),
+        "nfe_forward_final": log["nfe_forward"][-1],
+        "nfe_backward_final": log["nfe_backward"][-1],
+        "train_seconds": metrics["train_seconds"],
+        "test_nll_nats": metrics["test_nll_nats"],
+        "test_examples": metrics.get("test_examples"),
+        "threads": torch.get_num_threads(),
+        "final_loss": log["loss"][-1],
+    }
+
+
+def run_fastcnf_cli(data: str, iterations: int, seed: int, overrides: list[str], work: Path) -> dict:
+    out = work / f"fastcnf-cli-{data}"
+    cmd = [sys.executable, "-m", "fastcnf", "train", "toy-ffjord", "--out", str(out), "--quiet", "--force"]
+    for o in fastcnf_overrides(data, iterations, seed, overrides):
+        cmd += ["--set", o]
+    wall, rc = run_timed(cmd, work / f"fastcnf-cli-{data}.log")
+    if rc != 0:
+        raise RuntimeError(f"fastcnf CLI failed ({rc}); see {work / f'fastcnf-cli-{data}.log'}")
+    with open(out / "metrics.json") as fh:
+        m = json.load(fh)
+    return {"command": shlex.join(cmd), "whole_run_seconds": wall, "test_nll_nats": m["test_nll_nats"],
+            "train_seconds": m["train_seconds"]}
+
+
+def run_to_quality(data: str, seed: int, target_nll: float, overrides: list[str], eval_every: int,
+                   max_iterations: int, work: Path) -> dict:
+    """Train fastcnf until its test NLL is at most ``target_nll``; evaluations are not timed."""
+    from fastcnf.config import load_recipe
+    from fastcnf.training.trainer import Trainer
+
+    out = work / f"fastcnf-quality-{data}"
+    cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, max_iterations, seed, overrides))
+    t_start = time.perf_counter()
+    trainer = Trainer(cfg, out, quiet=True, progress=False)
+    setup = time.perf_counter() - t_start
+    train_seconds = eval_seconds = 0.0
+    curve = []
+    reached = None
+    while trainer.iteration < max_iterations:
+        t0 = time.perf_counter()
+        trainer.train_step()
+        trainer.iteration += 1
+        train_seconds += time.perf_counter() - t0
+        if trainer.iteration % eval_every == 0:
+            t0 = time.perf_counter()
+            nll = trainer.task.evaluate(trainer, trainer.hooks)["test_nll_nats"]
+            eval_seconds += time.perf_counter() - t0
+            curve.append({"iteration": trainer.iteration, "train_seconds": train_seconds, "test_nll": nll})
+            if nll is not None and nll <= target_nll:
+                reached = trainer.iteration
+                break
+    return {"overrides": fastcnf_overrides(data, max_iterations, seed, overrides), "target_nll": target_nll,
+            "reached_at_iteration": reached, "train_seconds": train_seconds if reached else None,
+            "monitoring_eval_seconds": eval_seconds, "setup_seconds": setup,
+            "wall_seconds": time.perf_counter() - t_start, "eval_every": eval_every, "curve": curve}
+
+
+# ---- report -------------------------------------------------------------------------------------
+def ratios(base: dict, fast: dict, cli: dict | None, quality: dict | None) -> dict:
+    r = {
+        "per_iteration_speedup": base["seconds_per_iteration"] / fast["seconds_per_iteration"],
+        "nll_gap_nats": fast["test_nll_nats"] - base["test_nll_nats"],
+        "train_time_speedup": base["train_seconds"] / fast["train_seconds"],
+    }
+    if cli is not None:
+        r["whole_run_speedup"] = base["whole_run_seconds"] / cli["whole_run_seconds"]
+    if quality is not None and quality.get("train_seconds"):
+        r["time_to_quality_fraction"] = quality["train_seconds"] / base["train_seconds"]
+    return r
+
+
+def verdict(r: dict) -> dict:
+    out = {"per_iteration_speedup": r["per_iteration_speedup"] >= TARGETS["per_iteration_speedup"],
+           "nll_gap_nats": abs(r["nll_gap_nats"]) <= TARGETS["nll_gap_nats"]}
+    if "whole_run_speedup" in r:
+        out["whole_run_speedup"] = r["whole_run_speedup"] >= TARGETS["whole_run_speedup"]
+    if "time_to_quality_fraction" in r:
+        out["time_to_quality_fraction"] = r["time_to_quality_fraction"] <= TARGETS["time_to_quality_fraction"]
+    return out
+
+
+def table(results: dict) -> str:
+    head = (f"{'data':13s} {'side':9s} {'s/iter':>8s} {'NFE f/b':>11s} {'test NLL':>9s} {'train s':>8s} "
+            f"{'whole s':>8s}")
+    lines = [head, "-" * len(head)]
+    for data, res in results.items():
+        b, f, c = res["baseline"], res["fastcnf"], res.get("fastcnf_cli")
+        lines.append(f"{data:13s} {'ffjord':9s} {b['seconds_per_iteration']:8.4f} "
+                     f"{b['nfe_forward']:5.1f}/{b['nfe_backward']:<5.1f} {b['test_nll_nats']:9.4f} "
+                     f"{b['train_seconds']:8.1f} {b['whole_run_seconds']:8.1f}")
+        whole = f"{c['whole_run_seconds']:8.1f}" if c else f"{'-':>8s}"
+        lines.append(f"{'':13s} {'fastcnf':9s} {f['seconds_per_iteration']:8.4f} "
+                     f"{f['nfe_forward']:5.1f}/{f['nfe_backward']:<5.1f} {f['test_nll_nats']:9.4f} "
+                     f"{f['train_seconds']:8.1f} {whole}")
+        r = res["ratios"]
+        extra = f"  whole run x{r['whole_run_speedup']:.2f}" if "whole_run_speedup" in r else ""
+        if "time_to_quality_fraction" in r:
+            extra += f"  time to quality {r['time_to_quality_fraction']:.3f} of the baseline's"
+        elif res.get("to_quality"):
+            extra += "  time to quality: not reached"
+        lines.append(f"{'':13s} {'ratio':9s} per iteration x{r['per_iteration_speedup']:.2f}  "
+                     f"NLL gap {r['nll_gap_nats']:+.4f} nats  training time x{r['train_time_speedup']:.2f}{extra}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", nargs="+", default=["8gaussians", "checkerboard"])
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="at most 60 iterations, 8gaussians only, 2,000 test points")
+    p.add_argument("--set", dest="fastcnf_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra fastcnf overrides for every fastcnf run (e.g. threads=1)")
+    p.add_argument("--baseline-threads", type=int, default=0,
+                   help="torch threads of the baseline (0: torch's default, as FFJORD runs)")
+    p.add_argument("--no-whole-run", action="store_true", help="skip the fastcnf CLI process")
+    p.add_argument("--to-quality", action="store_true", help="also measure fastcnf's time to the baseline's NLL")
+    p.add_argument("--quality-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="fastcnf overrides for the time-to-quality run (on top of --set)")
+    p.add_argument("--quality-eval-every", type=int, default=50)
+    p.add_argument("--json", default=None, help="write every figure here")
+    p.add_argument("--work", default=str(HERE / "_work" / "speed_toy"), help="run directories and logs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iterations = min(args.iterations, 60)
+        if args.data == ["8gaussians", "checkerboard"]:
+            args.data = ["8gaussians"]
+        args.fastcnf_set = ["data.n_test=2000", *args.fastcnf_set]
+    tail = min(100, max(args.iterations // 2, 1))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    report: dict = {
+        "benchmark": "speed_toy (issue 8)",
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["speed_toy.py", *argv]),
+        "commit": _git("rev-parse", "HEAD"),
+        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "load_average_start": load_average(),
+        "settings": {"data": args.data, "iterations": args.iterations, "seed": args.seed,
+                     "tail_iterations": tail, "fastcnf_overrides": args.fastcnf_set,
+                     "baseline_threads": args.baseline_threads or "torch default",
+                     "quality_overrides": args.quality_set, "quality_eval_every": args.quality_eval_every},
+        "targets": TARGETS,
+        "results": {},
+    }
+    for data in args.data:
+        print(f"== {data}: test split", flush=True)
+        test_file = work / f"test-{data}.npy"
+        write_test_split(data, args.seed, args.fastcnf_set, test_file)
+        print(f"== {data}: baseline (FFJORD, subprocess)", flush=True)
+        base = run_baseline(data, args.iterations, args.seed, tail, test_file, work, args.baseline_threads)
+        print(f"   {base['seconds_per_iteration']:.4f} s/iter, NLL {base['test_nll_nats']:.4f}, "
+              f"whole run {base['whole_run_seconds']:.1f} s", flush=True)
+        print(f"== {data}: fastcnf (Trainer, in process)", flush=True)
+        fast = run_fastcnf_inprocess(data, args.iterations, args.seed, tail, args.fastcnf_set, work)
+        print(f"   {fast['seconds_per_iteration']:.4f} s/iter, NLL {fast['test_nll_nats']:.4f}", flush=True)
+        cli = None
+        if not args.no_whole_run:
+            print(f"== {data}: fastcnf (CLI, subprocess)", flush=True)
+            cli = run_fastcnf_cli(data, args.iterations, args.seed, args.fastcnf_set, work)
+            print(f"   whole run {cli['whole_run_seconds']:.1f} s", flush=True)
+        quality = None
+        if args.to_quality:
+            print(f"== {data}: fastcnf to the baseline's NLL {base['test_nll_nats']:.4f}", flush=True)
+            quality = run_to_quality(data, args.seed, base["test_nll_nats"], args.fastcnf_set + args.quality_set,
+                                     args.quality_eval_every, 2 * args.iterations, work)
+            print(f"   reached at iteration {quality['reached_at_iteration']} after "
+                  f"{quality['train_seconds']} s of training", flush=True)
+        r = ratios(base, fast, cli, quality)
+        report["results"][data] = {"baseline": base, "fastcnf": fast, "fastcnf_cli": cli, "to_quality": quality,
+                                   "ratios": r, "targets_met": verdict(r)}
+    report["load_average_end"] = load_average()
+    text = table(report["results"])
+    print()
+    print(text)
+    report["table"] = text
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
