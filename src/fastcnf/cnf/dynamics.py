@@ -231,9 +231,13 @@ class _Packed:
     input instead of five per layer) and add their share of its gradient to one accumulator.
     """
 
-    def __init__(self, net: "ConcatSquashMLP", key) -> None:
+    def __init__(self, net: "ConcatSquashMLP", grad: bool, slots: list) -> None:
         layers = list(net.layers)
-        self.key = key
+        self.grad, self.slots = grad, slots
+        self.params = [m._parameters[n] for m, n in slots]
+        self.versions = [p._version for p in self.params]
+        self.requires_grad = [p.requires_grad for p in self.params]
+        self.first_ptr = self.params[0].data_ptr()
         self.acts = tuple(net.acts)
         self.sizes = [layer.layer.out_features for layer in layers]
         order = ([layer.layer.weight for layer in layers] + [layer.layer.bias for layer in layers]
@@ -262,7 +266,6 @@ class _Packed:
         total = sum(self.sizes)
         start = self.n_weights
         self.bias_all = flat[start:start + total]
-        self.biases = self.bias_all.split(self.sizes)
         self.wg_all = flat[start + total:start + 2 * total]
         self.bg_all = flat[start + 2 * total:start + 3 * total]
         self.wc_all = flat[start + 3 * total:start + 4 * total]
@@ -288,20 +291,22 @@ class _Packed:
 
 def _get_packed(net: "ConcatSquashMLP") -> _Packed:
     """The packed parameters of ``net`` for their current values and the current grad mode
-    (rebuilt after an optimiser step, a load, a change of dtype or device)."""
+    (rebuilt after an optimiser step, a load, a change of dtype or device, a new parameter)."""
+    grad = torch.is_grad_enabled()
+    packed = _PACKED.get(net)
+    if packed is not None and packed.grad == grad and packed.first_ptr == packed.params[0].data_ptr():
+        for (m, n), p, version, requires_grad in zip(packed.slots, packed.params, packed.versions,
+                                                     packed.requires_grad):
+            if m._parameters[n] is not p or p._version != version or p.requires_grad != requires_grad:
+                break
+        else:
+            return packed
     slots = _SLOTS.get(net)
     if slots is None:  # (module, name) of every parameter: ``net.parameters()`` walks the module tree
         slots = [(m, n) for m in net.modules() for n, p in m._parameters.items() if p is not None]
         _SLOTS[net] = slots
-    grad = torch.is_grad_enabled()
-    key = [grad]
-    for m, n in slots:
-        p = m._parameters[n]
-        key += (p.data_ptr(), p._version, p.requires_grad)
-    packed = _PACKED.get(net)
-    if packed is None or packed.key != key:
-        packed = _Packed(net, key)
-        _PACKED[net] = packed
+    packed = _Packed(net, grad, slots)
+    _PACKED[net] = packed
     return packed
 
 
@@ -315,8 +320,8 @@ def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
     b, d = z.shape
     gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))
     fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)  # b * g + c
-    gates = gate_all.split(pk.sizes)
-    folds = fold_all.split(pk.sizes)
+    gates = torch.split_with_sizes(gate_all, pk.sizes)
+    folds = torch.split_with_sizes(fold_all, pk.sizes)
     # layer 1: the tangents W^T * g do not depend on the example
     g = gates[0]
     a = torch.mm(z, pk.weights_t[0])
@@ -364,7 +369,7 @@ def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: 
     if acc is not None or need_t:
         row_gate = torch.empty_like(gate_all)  # d/d gate of every layer
         row_fold = torch.empty_like(gate_all)  # d/d (b g + c) of every layer
-        rg, rf = row_gate.split(pk.sizes), row_fold.split(pk.sizes)
+        rg, rf = torch.split_with_sizes(row_gate, pk.sizes), torch.split_with_sizes(row_fold, pk.sizes)
     # last layer: f = m0 * g + v, trace = diag(m[1:]) @ g
     s, m0, diag = saved[-2]
     g = gates[-1]
