@@ -135,18 +135,28 @@ def write_test_split(data: str, seed: int, overrides: list[str], path: Path) -> 
 
 
 def run_baseline(data: str, iterations: int, seed: int, tail: int, test_file: Path, work: Path,
-                 threads: int = 0) -> dict:
+                 threads: int = 0, reuse: bool = False) -> dict:
     out = work / f"baseline-{data}.json"
     cmd = [sys.executable, str(HERE / "ffjord_baseline.py"), "--data", data, "--iterations", str(iterations),
            "--seed", str(seed), "--test-file", str(test_file), "--json", str(out)]
     if threads:
         cmd += ["--threads", str(threads)]
-    wall, ended, rc = run_timed(cmd, work / f"baseline-{data}.log", out)
-    if rc != 0:
-        raise RuntimeError(f"baseline failed ({rc}); see {work / f'baseline-{data}.log'}")
+    previous = work / f"baseline-{data}.timing.json"
+    reused = reuse and previous.exists() and json.loads(previous.read_text())["command"] == shlex.join(cmd)
+    if reused:
+        timing = json.loads(previous.read_text())
+    else:
+        wall, ended, rc = run_timed(cmd, work / f"baseline-{data}.log", out)
+        if rc != 0:
+            raise RuntimeError(f"baseline failed ({rc}); see {work / f'baseline-{data}.log'}")
+        timing = {"command": shlex.join(cmd), "wall": wall, "ended": ended, "load_average": load_average()}
+        previous.write_text(json.dumps(timing))
+    wall, ended = timing["wall"], timing["ended"]
     with open(out) as fh:
         m = json.load(fh)
     return {
+        "reused_from_earlier_run": reused,
+        "load_average_after": timing["load_average"],
         "command": shlex.join(cmd),
         "whole_run_seconds": wall,
         "process_seconds": ended,
@@ -305,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-threads", type=int, default=0,
                    help="torch threads of the baseline (0: torch's default, as FFJORD runs)")
     p.add_argument("--no-whole-run", action="store_true", help="skip the fastcnf CLI process")
+    p.add_argument("--reuse-baseline", action="store_true",
+                   help="reuse the baseline runs of an earlier invocation with the same command (development)")
     p.add_argument("--to-quality", action="store_true", help="also measure fastcnf's time to the baseline's NLL")
     p.add_argument("--quality-set", action="append", default=[], metavar="KEY=VALUE",
                    help="fastcnf overrides for the time-to-quality run (on top of --set)")
@@ -340,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         test_file = work / f"test-{data}.npy"
         write_test_split(data, args.seed, args.fastcnf_set, test_file)
         print(f"== {data}: baseline (FFJORD, subprocess)", flush=True)
-        base = run_baseline(data, args.iterations, args.seed, tail, test_file, work, args.baseline_threads)
+        base = run_baseline(data, args.iterations, args.seed, tail, test_file, work, args.baseline_threads,
+                            args.reuse_baseline)
         print(f"   {base['seconds_per_iteration']:.4f} s/iter, NLL {base['test_nll_nats']:.4f}, "
               f"whole run {base['whole_run_seconds']:.1f} s", flush=True)
         print(f"== {data}: fastcnf (Trainer, in process)", flush=True)

@@ -189,14 +189,20 @@ def _accumulate(model):
     (-model.log_prob(_x(8)).mean()).backward()
 
 
+def _retained_graph_twice(model):
+    loss = -model.log_prob(_x()).mean()
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+
 def _two_solves(model):
     z, logdet = model(_x())
     x_back = model.decode(z * 0.9)
     (z.pow(2).sum() - logdet.sum() + x_back.sum()).backward()
 
 
-@pytest.mark.parametrize("losses", [_train_loss, _partial_then_full, _accumulate, _two_solves],
-                         ids=["one-backward", "partial-then-full", "accumulation", "two-solves"])
+@pytest.mark.parametrize("losses", [_train_loss, _partial_then_full, _accumulate, _retained_graph_twice, _two_solves],
+                         ids=["one-backward", "partial-then-full", "accumulation", "retained-graph", "two-solves"])
 @pytest.mark.parametrize("mode", [dict(), dict(adjoint=True), dict(learnable=True)], ids=["direct", "adjoint", "learned-T"])
 def test_fused_trace_parameter_gradients_equal_the_reference_in_a_cnf(losses, mode):
     if losses is _two_solves and mode.get("adjoint"):

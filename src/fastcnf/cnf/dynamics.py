@@ -6,8 +6,11 @@ A concat-squash layer computes ``(W x + b) * sigmoid(G t + g) + H t`` (FFJORD
 :class:`ConcatSquashMLP` also offers :meth:`ConcatSquashMLP.trace_forward`, the exact trace of
 its Jacobian by forward-mode tangent propagation: the identity's D columns are pushed through
 the layers together with the activations, in one fused pass (D extra rows per example). For the
-small dimensions of tabular/toy data this is much cheaper than D autograd passes and it stays
-differentiable for the parameter gradients.
+small dimensions of tabular/toy data this is much cheaper than D autograd passes. Its backward
+pass is written out (the derivatives autograd would form, checked against it in
+``tests/engine/test_fast_solver.py``), and the parameters' gradient of all evaluations of a
+solve is gathered once: on FFJORD's toy problem the operation count, not the arithmetic, sets
+the time, and this cuts it about in half (``benchmarks/README.md``, speed).
 
 References: Grathwohl et al. 2019 (FFJORD) appendix B; Chen et al. 2018.
 """
@@ -474,32 +477,36 @@ class _ConcatSquashTrace(torch.autograd.Function):
         ctx.acts, ctx.packed, ctx.saved = acts, packed, saved
         ctx.index = packed.count
         packed.count += 1
-        ctx.save_for_backward(t, z, token)
+        # inputs only (no reference cycle); needed by the differentiable (create_graph) backward
+        ctx.inputs = (t, z, token)
         return f, trace
 
     @staticmethod
     def backward(ctx, grad_f, grad_trace):  # type: ignore[override]
-        t, z, token = ctx.saved_tensors
+        t, z, token = ctx.inputs
         need_t, need_z, need_p = ctx.needs_input_grad[2:5]
         pk = ctx.packed
         if grad_f is None:
-            grad_f = torch.zeros_like(ctx.saved[-2][1])
+            grad_f = torch.zeros_like(z)
         if grad_trace is None:
             grad_trace = torch.zeros(grad_f.shape[0], dtype=grad_f.dtype, device=grad_f.device)
-        if torch.is_grad_enabled():  # create_graph: differentiate a differentiable recomputation
-            # from fresh aliases of the inputs, so that the inner pass stops at this evaluation
-            # (differentiating w.r.t. the solver state itself walks back through the whole solve)
+        create_graph = torch.is_grad_enabled()
+        if create_graph or ctx.saved is None:
+            # differentiate a differentiable recomputation (create_graph, or a second backward
+            # pass through a retained graph), from fresh aliases of the inputs so that the inner
+            # pass stops at this evaluation (w.r.t. the solver state itself it would walk back
+            # through the whole solve)
             with torch.enable_grad():
                 t_a, z_a = t.view_as(t), z.view_as(z)
                 flat = token.view_as(token) if token is not None else pk.flat
                 inputs = [x for x, need in zip((t_a, z_a, flat), (need_t, need_z, need_p)) if need]
                 f, trace = _trace_reference(ctx.acts, t_a, z_a, pk.layer_params(flat))
-                grads = iter(torch.autograd.grad((f, trace), inputs, (grad_f, grad_trace), create_graph=True,
-                                                 allow_unused=True))
+                grads = iter(torch.autograd.grad((f, trace), inputs, (grad_f, grad_trace),
+                                                 create_graph=create_graph, allow_unused=True))
             return (None, None, *(next(grads) if need else None for need in (need_t, need_z, need_p)))
         acc = pk.accumulator(ctx.index) if need_p else None
         grad_z, grad_t = _trace_backward(ctx.acts, pk, ctx.saved, grad_f, grad_trace, acc, need_t)
-        ctx.saved = None
+        ctx.saved = None  # freed as autograd frees saved tensors; a retained graph recomputes
         return None, None, None if grad_t is None else grad_t.reshape(t.shape), grad_z if need_z else None, None
 
 

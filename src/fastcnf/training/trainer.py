@@ -293,7 +293,7 @@ class Trainer:
             mctx["terms"] = terms
             if ddp.any_rank(not bool(torch.isfinite(loss))):
                 raise TrainingDiverged(
-                    f"loss became {float(loss)} at iteration {self.iteration + 1}; the last good checkpoint "
+                    f"loss became {float(loss.detach())} at iteration {self.iteration + 1}; the last good checkpoint "
                     f"({self.ckpt_path}) is kept. Lower train.lr, raise the solver tolerances' accuracy, or add "
                     "train.grad_clip")
             if k == 0:
