@@ -206,10 +206,10 @@ def _act_slope(act: nn.Module, pre: Tensor, post: Tensor, one: Tensor) -> Tensor
 
 
 def _act_grad_pre(act: nn.Module, grad_post: Tensor, slope: Tensor, pre: Tensor, post: Tensor,
-                  grad_slope: Tensor) -> Tensor:
-    """Gradient w.r.t. ``pre`` of ``<grad_post, act(pre)> + <grad_slope, act'(pre)>``."""
+                  grad_slope: Tensor, out: Tensor | None = None) -> Tensor:
+    """Gradient w.r.t. ``pre`` of ``<grad_post, act(pre)> + <grad_slope, act'(pre)>`` (into ``out``)."""
     if isinstance(act, nn.Tanh):  # act'' = -2 act act'
-        return slope * torch.addcmul(grad_post, post, grad_slope, value=-2)
+        return torch.mul(slope, torch.addcmul(grad_post, post, grad_slope, value=-2), out=out)
     if isinstance(act, nn.Softplus):
         bp = pre * act.beta
         curv = torch.where(bp > act.threshold, torch.zeros_like(bp), act.beta * slope * (1 - slope))
@@ -222,7 +222,8 @@ def _act_grad_pre(act: nn.Module, grad_post: Tensor, slope: Tensor, pre: Tensor,
         curv = sg * (1 - sg) * (2 + pre * (1 - 2 * sg))
     else:
         raise TypeError(f"no derivative for activation {type(act).__name__}")
-    return grad_post * slope + grad_slope * curv
+    grad = grad_post * slope + grad_slope * curv
+    return grad if out is None else out.copy_(grad)
 
 
 class _Packed:
@@ -265,7 +266,7 @@ class _Packed:
         n = len(self.sizes)
         parts = self.split(flat)
         self.weights = parts[:n]
-        self.weights_t = [w.t() for w in self.weights]
+        self.weights_t = [w.t().contiguous() for w in self.weights]  # contiguous: faster products
         total = sum(self.sizes)
         start = self.n_weights
         self.bias_all = flat[start:start + total]
@@ -384,7 +385,7 @@ def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: 
         torch.addmv(torch.sum(grad_f * m0, 0), diag.t(), grad_trace, out=rg[-1])
         torch.sum(grad_f, 0, out=rf[-1])
     if acc is not None:
-        acc.weights[-1].addmm_(grad_m2.t(), s.view(-1, s.shape[-1]))
+        acc.weights_t[-1].addmm_(s.view(-1, s.shape[-1]).t(), grad_m2)
     grad_s = torch.mm(grad_m2, pk.weights[-1]).view(s.shape)
     # hidden layers, last to first: s_next = [act(p[0]); p[1:] * act'(p[0])],  p = m * g + [v; 0]
     for i in range(n_layers - 2, 0, -1):
@@ -392,14 +393,13 @@ def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: 
         grad_tan = grad_s[1:]
         grad_p = torch.empty_like(p)
         torch.mul(grad_tan, slope, out=grad_p[1:])
-        grad_p0 = grad_p[0]
-        grad_p0.copy_(_act_grad_pre(acts[i], grad_s[0], slope, p[0], h, (grad_tan * p[1:]).sum(0)))
+        grad_p0 = _act_grad_pre(acts[i], grad_s[0], slope, p[0], h, (grad_tan * p[1:]).sum(0), out=grad_p[0])
         if row_gate is not None:
             torch.sum(grad_p * m, (0, 1), out=rg[i])
             torch.sum(grad_p0, 0, out=rf[i])
         grad_m2 = grad_p.mul_(gates[i]).view(-1, grad_p.shape[-1])
         if acc is not None:
-            acc.weights[i].addmm_(grad_m2.t(), s.view(-1, s.shape[-1]))
+            acc.weights_t[i].addmm_(s.view(-1, s.shape[-1]).t(), grad_m2)
         grad_s = torch.mm(grad_m2, pk.weights[i]).view(s.shape)
     # first layer: pre = a * g + v with a = z W^T; tangents tan1 = W^T * g
     z, a, tan1, pre, h, slope = saved[0]
@@ -412,7 +412,7 @@ def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: 
         torch.add(torch.sum(grad_pre * a, 0), (grad_tan1 * pk.weights_t[0]).sum(0), out=rg[0])
         torch.sum(grad_pre, 0, out=rf[0])
         if acc is not None:
-            acc.weights[0].addmm_(grad_a.t(), z).add_((grad_tan1 * g).t())
+            acc.weights_t[0].addmm_(z.t(), grad_a).add_(grad_tan1 * g)
             acc.add_row(row_gate, row_fold, t, gate_all)
     grad_z = torch.mm(grad_a, pk.weights[0])
     grad_t = None
@@ -427,7 +427,7 @@ class _Accumulator:
     """The parameter gradient of the evaluations of one backward pass, before it is flattened."""
 
     def __init__(self, pk: _Packed) -> None:
-        self.weights = [torch.zeros_like(w) for w in pk.weights]
+        self.weights_t = [torch.zeros_like(w) for w in pk.weights_t]  # transposed weight gradients
         self.rows: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
 
     def add_row(self, row_gate: Tensor, row_fold: Tensor, t: Tensor, gate_all: Tensor) -> None:
@@ -440,7 +440,7 @@ class _Accumulator:
         times = times.reshape(-1).to(gate_all.dtype)
         grad_gate_pre = torch.addcmul(row_gate, row_fold, pk.bias_all) * torch.addcmul(gate_all, gate_all, gate_all,
                                                                                        value=-1)
-        return torch.cat([*(w.reshape(-1) for w in self.weights), (row_fold * gate_all).sum(0),
+        return torch.cat([*(w.t().reshape(-1) for w in self.weights_t), (row_fold * gate_all).sum(0),
                           times @ grad_gate_pre, grad_gate_pre.sum(0), times @ row_fold])
 
 

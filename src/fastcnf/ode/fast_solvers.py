@@ -102,7 +102,7 @@ def _combine(base: State, terms: Sequence[tuple[float, State]]) -> State:
         acc = base[c]
         for coef, k in terms:
             if coef != 0.0:
-                acc = torch.add(acc, k[c], alpha=coef)
+                acc = acc.add(k[c], alpha=coef)
         out.append(acc)
     return tuple(out)
 
@@ -173,7 +173,7 @@ class _Step:
         x = (tau - self.tau0) / (self.tau1 - self.tau0)
         out = []
         for e, d, c, b, a in self.coeffs:
-            x_t = torch.tensor(x, dtype=e.dtype, device=e.device)
+            x_t = torch.scalar_tensor(x, dtype=e.dtype, device=e.device)
             total = e + x_t * d
             power = x_t
             for coef in (c, b, a):
@@ -222,7 +222,7 @@ def solve_adaptive(
         time = direction * tau
         if before_eval is not None:
             before_eval(time, direction * dt)
-        return tuple(func(torch.tensor(time, dtype=real_dtype, device=device), y))
+        return tuple(func(torch.scalar_tensor(time, dtype=real_dtype, device=device), y))
 
     solution: list[list[Tensor]] = [[y] for y in y0]
     if len(taus) == 1:
@@ -258,7 +258,7 @@ def solve_adaptive(
                     err = ks[0][c] * (h * tableau.c_error[0])
                     for coef, k in zip(tableau.c_error[1:], ks[1:]):
                         if coef != 0.0:
-                            err = torch.add(err, k[c], alpha=h * coef)
+                            err = err.add(k[c], alpha=h * coef)
                     tol = torch.maximum(y[c].abs(), y1[c].abs()).mul_(rtol).add_(atol)
                     ratios.append(err.div_(tol))
                 ratio = float(_mixed_rms(ratios))
