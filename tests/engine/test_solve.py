@@ -219,17 +219,10 @@ def test_nfe_cap_raises_naming_the_block_and_the_time_reached(adjoint):
     assert math.isfinite(float(m["dt"])) and float(m["dt"]) != 0
 
 
-_TORCHDIFFEQ_STEP_BUG = pytest.mark.xfail(strict=True, reason=(
-    "solve.py _CountedFunc.forward (the torchdiffeq path: backend='torchdiffeq', the adjoint, fixed-step "
-    "methods) reports as 'last step size' the gap between the last two distinct evaluation times (a dopri5 "
-    "stage spacing, h/5 here, negative after a rejected step), not the solver's step; fix: record "
-    "(t0, dt) in torchdiffeq's callback_step / callback_step_adjoint hooks on _CountedFunc"))
-
-
 @pytest.mark.parametrize("adjoint,backend", [
     (False, "fastcnf"),
-    pytest.param(False, "torchdiffeq", marks=_TORCHDIFFEQ_STEP_BUG),
-    pytest.param(True, "fastcnf", marks=_TORCHDIFFEQ_STEP_BUG),  # the adjoint always solves with torchdiffeq
+    (False, "torchdiffeq"),
+    (True, "fastcnf"),  # the adjoint always solves with torchdiffeq
 ], ids=["lean", "torchdiffeq", "adjoint"])
 def test_nfe_cap_reports_the_solvers_step_size(adjoint, backend):
     message, _, steps = _capped_solve(adjoint, backend)

@@ -66,6 +66,16 @@ def _activation_derivative(act: nn.Module, pre: Tensor, post: Tensor) -> Tensor:
     raise TypeError(f"no derivative for activation {type(act).__name__}")
 
 
+def _stack_forward(layers: nn.ModuleList, acts: nn.ModuleList, t: Tensor, z: Tensor) -> Tensor:
+    """Concat-squash layers with an activation after every layer but the last."""
+    h = z
+    for i, layer in enumerate(layers):
+        h = layer(t, h)
+        if i < len(acts):
+            h = acts[i](h)
+    return h
+
+
 class ConcatSquashLinear(nn.Module):
     """``(W x + b) * sigmoid(G t + g) + H t`` (FFJORD ConcatSquashLinear)."""
 
@@ -112,12 +122,7 @@ class ConcatSquashMLP(nn.Module):
         self.dim = dim
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
+        return _stack_forward(self.layers, self.acts, t, z)
 
     def trace_forward(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
         """``(f(t, z), tr(df/dz))`` in one pass, pushing the D identity columns forward.
@@ -521,9 +526,4 @@ class ConcatSquashConvNet(nn.Module):
         self.acts = nn.ModuleList(_activation(activation) for _ in hidden_dims)
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        h = z
-        for i, layer in enumerate(self.layers):
-            h = layer(t, h)
-            if i < len(self.acts):
-                h = self.acts[i](h)
-        return h
+        return _stack_forward(self.layers, self.acts, t, z)

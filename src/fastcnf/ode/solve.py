@@ -205,13 +205,16 @@ class _CountedFunc(nn.Module):
         self.direct = direct
         self.in_forward = False
 
+    def callback_step(self, t0: Tensor, y0, dt: Tensor) -> None:
+        """torchdiffeq calls this at the start of every step: remember where the solver is, so
+        the NFE-cap error can name the time reached and the step size."""
+        self.counter.last_t = float(t0.detach())
+        self.counter.last_dt = float(dt.detach())
+
+    callback_step_adjoint = callback_step
+
     def forward(self, t: Tensor, state):
         c = self.counter
-        tf = float(t.detach())
-        if tf != c.last_t:
-            if not math.isnan(c.last_t):
-                c.last_dt = tf - c.last_t
-            c.last_t = tf
         if self.in_forward:
             c.forward += 1
             n, phase = c.forward, "forward"
@@ -219,7 +222,7 @@ class _CountedFunc(nn.Module):
             c.backward += 1
             n, phase = c.backward, "backward"
         if self.max_nfe and n > self.max_nfe:
-            raise _budget_error(self.name, phase, self.max_nfe, tf, c.last_dt)
+            raise _budget_error(self.name, phase, self.max_nfe, c.last_t, c.last_dt)
         out = self.func(t, state)
         if self.direct and self.in_forward and torch.is_grad_enabled():
             first = out[0] if isinstance(out, tuple) else out
