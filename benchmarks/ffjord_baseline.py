@@ -265,11 +265,12 @@ def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     if test_x is None:
         test_x = torch.from_numpy(inf_train_gen(data, test_rng, batch_size=test_size))
-    step_seconds, losses, nfe_f, nfe_b, curve, val = [], [], [], [], [], []
+    step_seconds, cpu_seconds, losses, nfe_f, nfe_b, curve, val = [], [], [], [], [], [], []
     train_seconds = 0.0
     model.train()
     for itr in range(1, iterations + 1):
         t0 = time.perf_counter()
+        c0 = time.process_time()
         optimizer.zero_grad()
         x = torch.from_numpy(inf_train_gen(data, rng, batch_size=batch_size)).type(torch.float32)
         loss = compute_loss(model, x)
@@ -279,6 +280,7 @@ def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch
         nfe_total = model.num_evals()
         loss_value = loss.item()
         dt = time.perf_counter() - t0
+        cpu_seconds.append(time.process_time() - c0)
         train_seconds += dt
         step_seconds.append(dt)
         losses.append(loss_value)
@@ -304,6 +306,7 @@ def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch
         "seed": seed,
         "threads": torch.get_num_threads(),
         "seconds_per_iteration_last100": sum(last) / len(last),
+        "cpu_seconds_per_iteration_last100": sum(cpu_seconds[-100:]) / len(cpu_seconds[-100:]),
         "nfe_forward_last100": float(np.mean(nfe_f[-100:])),
         "nfe_backward_last100": float(np.mean(nfe_b[-100:])),
         "nfe_forward_final": nfe_f[-1],
@@ -316,6 +319,7 @@ def train(data: str = "8gaussians", iterations: int = 1000, seed: int = 0, batch
         "validation": val,
         "curve": curve,
         "step_seconds": step_seconds,
+        "step_cpu_seconds": cpu_seconds,
         "loss": losses,
         "nfe_forward": nfe_f,
         "nfe_backward": nfe_b,
