@@ -42,8 +42,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT / "src") not in sys.path:
-    sys.path.insert(0, str(ROOT / "src"))
+for _path in (ROOT / "src", HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -269,6 +270,103 @@ def run_to_quality(data: str, seed: int, target_nll: float, overrides: list[str]
             "wall_seconds": time.perf_counter() - t_start, "eval_every": eval_every, "curve": curve}
 
 
+# ---- engine ablation ----------------------------------------------------------------------------
+def _ffjord_from_fastcnf(model) -> "torch.nn.Module":
+    """The baseline's model carrying the weights of fastcnf's (same architecture, other names)."""
+    import ffjord_baseline as fb
+
+    ffjord = fb.build_model()
+    state = {}
+    for key, value in model.state_dict().items():
+        if ".net.layers." in key:
+            index, name = key.split(".net.layers.")[1].split(".", 1)
+            name = name.replace("layer.", "_layer.").replace("hyper_gate", "_hyper_gate").replace("hyper_bias",
+                                                                                                  "_hyper_bias")
+            state[f"odefunc.diffeq.layers.{index}.{name}"] = value
+    missing = ffjord.load_state_dict(state, strict=False)
+    assert not missing.unexpected_keys and all("_num_evals" in k or "sqrt_end_time" in k for k in missing.missing_keys)
+    return ffjord
+
+
+def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats: int) -> dict:
+    """Per-iteration time of engine variants at the weights of the in-process fastcnf run.
+
+    Every variant trains from the same weights on the same batches, one step each in turn (so a
+    change of load on the machine hits all of them alike); the median over ``repeats`` steps.
+    """
+    import copy
+
+    import ffjord_baseline as fb
+    from fastcnf.config import load_recipe
+    from fastcnf.ode.solve import SolverConfig
+    from fastcnf.training.checkpoint import load_checkpoint
+    from fastcnf.training.trainer import Trainer
+
+    cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, 1, seed, overrides))
+    trainer = Trainer(cfg, work / f"ablation-{data}", quiet=True, progress=False)
+    trainer.model.load_state_dict(load_checkpoint(work / f"fastcnf-{data}" / "checkpoints" / "last.pt")["model"])
+    variants = {
+        "torchdiffeq, autograd trace (fastcnf before issue 8)": dict(backend="torchdiffeq", trace=False),
+        "torchdiffeq + forward-mode trace, hand-written VJP": dict(backend="torchdiffeq", trace=True),
+        "lean dopri5 + autograd trace": dict(backend="fastcnf", trace=False),
+        "lean dopri5 + forward-mode trace, node per evaluation": dict(backend="fastcnf", trace=True, fused=False),
+        "fastcnf now: fused solve (one node, discrete adjoint)": dict(backend="fastcnf", trace=True),
+        "fastcnf now, adjoint instead of direct": dict(backend="fastcnf", trace=True, adjoint=True),
+    }
+    models = {}
+    for name, v in variants.items():
+        model = copy.deepcopy(trainer.model)
+        for block in model.cnf_blocks():
+            block.solver = SolverConfig(**{**vars(block.solver), "backend": v["backend"],
+                                           "adjoint": v.get("adjoint", False), "fused": v.get("fused", True)})
+            if not v["trace"]:
+                block.net.trace_forward = block.net._trace_forward_autograd
+        models[name] = (model, torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
+    ffjord = _ffjord_from_fastcnf(trainer.model)
+    models["FFJORD baseline"] = (ffjord, torch.optim.Adam(ffjord.parameters(), lr=cfg.train.lr,
+                                                           weight_decay=cfg.train.weight_decay))
+    rng = np.random.default_rng(seed + 17)
+    sampler = trainer.bundle.sampler
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in models}
+    nfe: dict[str, tuple] = {}
+    for _ in range(repeats):
+        x = sampler(cfg.train.batch_size, rng)[0]
+        for name, (model, opt) in models.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            opt.zero_grad(set_to_none=True)
+            if name == "FFJORD baseline":
+                loss = fb.compute_loss(model, x)
+                n_forward = model.num_evals()
+                loss.backward()
+                nfe[name] = (n_forward, model.num_evals() - n_forward)
+            else:
+                loss = -model.log_prob(x).mean()
+                loss.backward()
+                nfe[name] = model.nfe_last()
+            opt.step()
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+    out = {}
+    for name, ts in times.items():
+        ts = ts[2:]  # warm-up
+        out[name] = {"seconds_per_iteration": float(np.median([a for a, _ in ts])),
+                     "cpu_seconds_per_iteration": float(np.median([b for _, b in ts])),
+                     "nfe_forward_backward_last": list(nfe[name])}
+    ref = out["FFJORD baseline"]["cpu_seconds_per_iteration"]
+    for v in out.values():
+        v["cpu_speedup_vs_baseline"] = ref / v["cpu_seconds_per_iteration"]
+    return {"data": data, "repeats": repeats, "threads": torch.get_num_threads(), "variants": out}
+
+
+def ablation_table(ab: dict) -> str:
+    lines = [f"engine ablation on {ab['data']} ({ab['repeats']} steps each, interleaved, "
+             f"{ab['threads']} thread(s)): median s/iter, CPU s/iter, NFE of the last step, CPU speed-up"]
+    for name, v in ab["variants"].items():
+        lines.append(f"  {name:55s} {v['seconds_per_iteration']:.4f} {v['cpu_seconds_per_iteration']:.4f} "
+                     f"{v['nfe_forward_backward_last'][0]:3d}/{v['nfe_forward_backward_last'][1]:<3d} "
+                     f"x{v['cpu_speedup_vs_baseline']:.2f}")
+    return "\n".join(lines)
+
+
 # ---- report -------------------------------------------------------------------------------------
 def ratios(base: dict, fast: dict, cli: dict | None, quality: dict | None) -> dict:
     r = {
@@ -336,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-set", action="append", default=[], metavar="KEY=VALUE",
                    help="fastcnf overrides for the time-to-quality run (on top of --set)")
     p.add_argument("--quality-eval-every", type=int, default=50)
+    p.add_argument("--ablation", type=int, default=0, metavar="STEPS",
+                   help="also time engine variants at the trained weights of the first data set")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--work", default=str(HERE / "_work" / "speed_toy"), help="run directories and logs")
     args = p.parse_args(argv)
@@ -389,8 +489,13 @@ def main(argv: list[str] | None = None) -> int:
         r = ratios(base, fast, cli, quality)
         report["results"][data] = {"baseline": base, "fastcnf": fast, "fastcnf_cli": cli, "to_quality": quality,
                                    "ratios": r, "targets_met": verdict(r)}
+    if args.ablation:
+        print(f"== {args.data[0]}: engine ablation", flush=True)
+        report["ablation"] = run_ablation(args.data[0], args.seed, args.fastcnf_set, work, args.ablation)
     report["load_average_end"] = load_average()
     text = table(report["results"])
+    if args.ablation:
+        text += "\n\n" + ablation_table(report["ablation"])
     print()
     print(text)
     report["table"] = text

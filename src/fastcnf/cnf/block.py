@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fastcnf.cnf.divergence import DivergenceEstimator, DivergenceResult, ExactTrace
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
+from fastcnf.cnf.fused import fused_applicable, fused_solve
 from fastcnf.cnf.regularizers import Regularizer
 from fastcnf.ode.solve import NFECounter, SolverConfig, solve
 
@@ -132,9 +133,12 @@ class CNFBlock(nn.Module):
             func.noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])
         else:
             func.noise = None
+        solver = self.current_solver()
+        if fused_applicable(self, solver, state, with_logdet):
+            return fused_solve(self, state, s0, s1, solver, func.end_time)
         t = torch.tensor([s0, s1], dtype=state[0].dtype, device=state[0].device)
         params = tuple(self.net.parameters()) + tuple(p for p in self.end_time_policy.parameters() if p.requires_grad)
-        out = solve(func, state, t, self.current_solver(), self.nfe, name=self.name, adjoint_params=params)
+        out = solve(func, state, t, solver, self.nfe, name=self.name, adjoint_params=params)
         return tuple(o[-1] for o in out)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -150,11 +150,31 @@ def _optimal_step(dt: float, ratio: float, order: int) -> float:
 class _Step:
     """An accepted step: enough to interpolate inside it."""
 
-    __slots__ = ("tau0", "tau1", "dt", "y0", "y1", "ks", "coeffs")
+    __slots__ = ("tau0", "tau1", "dt", "y0", "y1", "ks", "coeffs", "evals")
 
-    def __init__(self, tau0: float, tau1: float, dt: float, y0: State, y1: State, ks: list[State]) -> None:
+    def __init__(self, tau0: float, tau1: float, dt: float, y0: State, y1: State, ks: list[State],
+                 evals: list[int] | None = None) -> None:
         self.tau0, self.tau1, self.dt, self.y0, self.y1, self.ks = tau0, tau1, dt, y0, y1, ks
         self.coeffs: list[list[Tensor]] | None = None
+        self.evals = evals
+
+    def output_weights(self, tau: float, tableau: ButcherTableau) -> list[float]:
+        """``w`` such that the interpolant at ``tau`` is ``y0 + dt * sum_i w[i] * ks[i]``.
+
+        :meth:`interpolate` written out: with ``y1 = y0 + dt S1`` and ``y_mid = y0 + dt Sm``
+        (``S1``, ``Sm`` the ``c_sol`` / ``c_mid`` combinations of the stages) the polynomial's
+        ``y0`` terms cancel to ``y0``, leaving a fixed combination of the stages.
+        """
+        x = (tau - self.tau0) / (self.tau1 - self.tau0)
+        last = len(self.ks) - 1
+        w = []
+        for i in range(len(self.ks)):
+            first, end = float(i == 0), float(i == last)
+            cs, cm = tableau.c_sol[i], tableau.c_mid[i]
+            w.append(x * first + x ** 2 * (end - 4 * first - 5 * cs + 16 * cm)
+                     + x ** 3 * (5 * first - 3 * end + 14 * cs - 32 * cm)
+                     + x ** 4 * (2 * end - 2 * first - 8 * cs + 16 * cm))
+        return w
 
     def interpolate(self, tau: float, tableau: ButcherTableau) -> State:
         """torchdiffeq's 4th-order interpolant (``_interp_fit`` / ``_interp_evaluate``)."""
@@ -191,6 +211,7 @@ def solve_adaptive(
     rtol: float,
     atol: float,
     before_eval: Callable[[float, float], None] | None = None,
+    record: list | None = None,
 ) -> tuple[State, int]:
     """Integrate ``dy/dt = func(t, y)`` from ``t[0]`` through the times ``t`` (monotone).
 
@@ -202,6 +223,10 @@ def solve_adaptive(
         rtol, atol: tolerances of the error test.
         before_eval: called as ``before_eval(time, step)`` before every evaluation (NFE
             accounting; it may raise to stop the solve).
+        record: if a list, every accepted step is appended to it (a :class:`_Step` whose
+            ``evals`` holds the call index of each stage, ``ks[i]`` being the ``evals[i]``-th
+            call to ``func`` counting from 0), for a hand-written backward pass
+            (:mod:`fastcnf.cnf.fused`).
 
     Returns:
         ``(solution, graph_evals)``: per component, the values at every time of ``t`` stacked
@@ -217,11 +242,13 @@ def solve_adaptive(
     real_dtype = y0[0].real.dtype if y0[0].is_complex() else y0[0].dtype
     device = y0[0].device
     current_dt = [math.nan]
+    calls = [0]
 
     def call(tau: float, y: State, dt: float) -> State:
         time = direction * tau
         if before_eval is not None:
             before_eval(time, direction * dt)
+        calls[0] += 1
         return tuple(func(torch.scalar_tensor(time, dtype=real_dtype, device=device), y))
 
     solution: list[list[Tensor]] = [[y] for y in y0]
@@ -231,6 +258,7 @@ def solve_adaptive(
         if not b > a:
             raise ValueError("t must be strictly increasing or strictly decreasing")
     tau = taus[0]
+    f_index = calls[0]
     f0 = call(tau, y0, math.nan)
     dt = _select_initial_step(call, tau, y0, f0, tableau.order - 1, rtol, atol, direction)
     y, f = y0, f0
@@ -246,10 +274,12 @@ def solve_adaptive(
             tau1 = tau + dt
             h = direction * dt
             ks = [f]
+            evals = [f_index]
             y_stage = y
             for i in range(stages):
                 y_stage = _combine(y, [(h * bij, k) for bij, k in zip(tableau.beta[i], ks)])
                 alpha = tableau.alpha[i]
+                evals.append(calls[0])
                 ks.append(call(tau1 if alpha == 1.0 else tau + alpha * dt, y_stage, dt))
             y1 = y_stage  # first same as last: the last stage input is the solution
             with torch.no_grad():
@@ -267,10 +297,12 @@ def solve_adaptive(
                     f"non-finite values in the ODE state or its derivative at t={direction * tau:.6g} "
                     f"(step {h:.3g})")
             if ratio <= 1:
-                last = _Step(tau, tau1, h, y, y1, ks)
+                last = _Step(tau, tau1, h, y, y1, ks, evals)
+                if record is not None:
+                    record.append(last)
                 interpolated_last = False
                 accepted += 1
-                tau, y, f = tau1, y1, ks[-1]
+                tau, y, f, f_index = tau1, y1, ks[-1], evals[-1]
             dt = _optimal_step(dt, ratio, tableau.order)
         assert last is not None
         value = last.interpolate(target, tableau)
