@@ -44,7 +44,7 @@ def test_temporal_step_changes_T_and_only_T(tmp_path):
             continue
         assert torch.equal(v, after[k]), f"{k} moved in the temporal step"
     # Adam's first step has magnitude lr (1e-2) against the gradient's sign
-    assert float(T) == pytest.approx(T_before - 1e-2 * (1 if grad > 0 else -1), abs=1e-6)
+    assert float(T.detach()) == pytest.approx(T_before - 1e-2 * (1 if grad > 0 else -1), abs=1e-6)
 
 
 def test_network_step_does_not_move_T(tmp_path):

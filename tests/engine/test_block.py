@@ -310,6 +310,13 @@ class _CountingMLP(ConcatSquashMLP):
             f.register_hook(self._count)
         return f, trace
 
+    def _trace_forward_autograd(self, t, z):  # what the block calls under the Jacobian regulariser
+        self.calls += 1
+        f, trace = super()._trace_forward_autograd(t, z)
+        if f.requires_grad:
+            f.register_hook(self._count)
+        return f, trace
+
 
 def _jacobian_frobenius_block(mode: str, net: nn.Module) -> CNFBlock:
     # euler with 6 steps: the cost of each evaluation's vector-Jacobian product stays small even

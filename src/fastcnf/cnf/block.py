@@ -58,12 +58,17 @@ class _BlockODE(nn.Module):
                 z = z.detach().requires_grad_(True)
             est = block.divergence
             if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
-                f, div = self.net.trace_forward(t, z)
+                if create_graph and any(r.needs_noise for r in block.active_regularizers):
+                    # the Jacobian-Frobenius rate differentiates f once more (create_graph): the
+                    # same tangents in plain differentiable operations
+                    f, div = self.net._trace_forward_autograd(t, z)
+                else:
+                    f, div = self.net.trace_forward(t, z)
                 result = DivergenceResult(div)
             else:
                 f = self.net(t, z)
                 result = est(f, z, self.noise, self.net, t, create_graph=create_graph)
-            rates = [r.rate(f, z, result, self.noise, create_graph) for r in block.regularizers]
+            rates = [r.rate(f, z, result, self.noise, create_graph) for r in block.active_regularizers]
         return (f * T, result.div * T, *(r * T for r in rates))
 
 
@@ -75,7 +80,8 @@ class CNFBlock(nn.Module):
         divergence: a divergence estimator (exact trace or Hutchinson).
         solver: solver configuration used in training mode.
         end_time: an :class:`EndTimePolicy` or a positive float T0 (fixed T).
-        regularizers: integrated as extra states; values of the last forward are in
+        regularizers: integrated as extra states in training mode (evaluation skips them: they
+            only enter the training loss); values of the last forward are in
             :attr:`reg_states` (name -> per-example integral).
         eval_solver: solver configuration in eval mode (default: ``solver``).
         name: names the block in NFE records and errors.
@@ -110,6 +116,11 @@ class CNFBlock(nn.Module):
         self.odefunc = _BlockODE(self)
 
     @property
+    def active_regularizers(self) -> list[Regularizer]:
+        """The regularisers integrated now: all of them in training mode, none in evaluation."""
+        return self.regularizers if self.training else []
+
+    @property
     def end_time(self) -> Tensor:
         return self.end_time_policy.end_time
 
@@ -126,7 +137,7 @@ class CNFBlock(nn.Module):
         func.__dict__["end_time"] = self.end_time_policy()  # not registered as a parameter
         func.with_logdet = with_logdet
         needs_noise = with_logdet and (
-            not isinstance(self.divergence, ExactTrace) or any(r.needs_noise for r in self.regularizers)
+            not isinstance(self.divergence, ExactTrace) or any(r.needs_noise for r in self.active_regularizers)
         )
         if needs_noise:
             est = self.divergence if not isinstance(self.divergence, ExactTrace) else None
@@ -145,9 +156,9 @@ class CNFBlock(nn.Module):
         """Data -> latent. Returns ``(z, logdet)`` with ``log p(x) = log p(z) + logdet``."""
         b = x.shape[0]
         zeros = torch.zeros(b, dtype=x.dtype, device=x.device)
-        state = (x, zeros, *(zeros for _ in self.regularizers))
+        state = (x, zeros, *(zeros for _ in self.active_regularizers))
         out = self._integrate(state, 0.0, 1.0, with_logdet=True)
-        self.reg_states = {r.name: v for r, v in zip(self.regularizers, out[2:])}
+        self.reg_states = {r.name: v for r, v in zip(self.active_regularizers, out[2:])}
         return out[0], out[1]
 
     def inverse(self, z: Tensor, with_logdet: bool = False):
@@ -157,7 +168,7 @@ class CNFBlock(nn.Module):
             return self._integrate((z,), 1.0, 0.0, with_logdet=False)[0]
         b = z.shape[0]
         zeros = torch.zeros(b, dtype=z.dtype, device=z.device)
-        state = (z, zeros, *(zeros for _ in self.regularizers))
+        state = (z, zeros, *(zeros for _ in self.active_regularizers))
         out = self._integrate(state, 1.0, 0.0, with_logdet=True)
         return out[0], -out[1]
 

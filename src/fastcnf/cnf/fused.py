@@ -48,8 +48,7 @@ def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], wit
         and solver.backend == "fastcnf"
         and solver.method in LEAN_METHODS
         and not (solver.adjoint and torch.is_grad_enabled())
-        and len(state) == 2
-        and not block.regularizers
+        and len(state) == 2  # no regulariser states
         and type(net) is ConcatSquashMLP
         and "trace_forward" not in net.__dict__  # not patched (e.g. the speed benchmark's ablation)
         and len(net.layers) >= 2
