@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mnist-iterations", type=int, default=0,
                    help="mnist-test-split (../shared/data/mnist) iterations; 0 skips it")
     p.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    p.add_argument("--image-variants", nargs="*", default=None,
+                   help="variants on digits/MNIST (default: --variants)")
+    p.add_argument("--image-seeds", type=int, default=None, help="seeds on digits (default: --seeds)")
+    p.add_argument("--mnist-seeds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core machine)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,12 +168,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.study and args.toy:
         for v, o in STUDY.items():
             plan.append((args.toy[0], v, "toy-ffjord", [f"data.name={args.toy[0]}", *toy_common, *o]))
+    image_variants = args.image_variants if args.image_variants is not None else args.variants
+    seeds = {}
     if args.digits_iterations > 0:
-        for v in args.variants:
+        for v in image_variants:
             plan.append(("digits", v, "digits-cnf", [f"train.iterations={args.digits_iterations}", *VARIANTS[v]]))
+        seeds["digits"] = args.image_seeds if args.image_seeds is not None else args.seeds
     mnist_root = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
     if args.mnist_iterations > 0 and mnist_root.exists():
-        for v in args.variants:
+        seeds["mnist-test-split"] = args.mnist_seeds
+        for v in image_variants:
             plan.append(("mnist-test-split", v, "mnist-ffjord", [
                 "data.name=mnist-test-split", f"data.root={mnist_root}", f"train.iterations={args.mnist_iterations}",
                 "model.hidden_dims=[32,32]", "model.num_blocks=1", "solver.adjoint=false", "train.batch_size=100",
@@ -185,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     for d, v, recipe, overrides in plan:
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(seeds.get(d, args.seeds)):
             r = run_one(recipe, overrides, seed)
             runs.append(r)
             T = ", ".join(f"{k}={t:.3f}" for k, t in r["end_times"].items())

@@ -8,17 +8,22 @@ trainer. Reports mean forward/backward NFE per training iteration, test NLL (bit
 evaluation tolerance 1e-5), test error (InfoCNF), training and wall time. Then trains
 ``mix1d-infocnf`` briefly and integrates its density at tolerances 1e-8..1e-1.
 
-Writes ``benchmarks/results/tolerances.json`` (command, commit, machine, every run, means) and
-prints a Markdown table.
+Writes ``benchmarks/results/tolerances.json`` (command, commit, machine, every run with its
+per-iteration NFE and sampled tolerances, means, learned-vs-fixed ratios), the figure
+``tolerances_training.png`` (NFE per iteration, fixed vs learned, and the learned tolerance of
+each block, means over seeds), ``tolerances_integrate.png`` (002 Fig. 2a) and prints Markdown tables.
 
-Example::
+Example (the run recorded in benchmarks/README.md)::
 
-    PYTHONPATH=src python benchmarks/tolerances.py --iterations 60 --seeds 0 --threads 1
+    PYTHONPATH=src python benchmarks/tolerances.py --iterations 80 --seeds 0 1 2 --threads 1 \
+        --set train.batch_size=100 --set eval.max_examples=360
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -55,10 +60,58 @@ def _mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _curves(log_path: Path) -> dict:
+    """Per-iteration NFE (forward + backward) and sampled log10 tolerance per block, from log.csv."""
+    with open(log_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    nfe = [float(r["nfe_forward"]) + float(r["nfe_backward"]) for r in rows]
+    tols = {c[4:]: [math.log10(float(r[c])) if r[c] not in ("", None) else None for r in rows]
+            for c in (rows[0] if rows else {}) if c.startswith("tol.")}
+    return {"nfe_total_second_half": statistics.fmean(nfe[len(nfe) // 2:]) if nfe else None,
+            "curve": {"nfe_total": nfe, "log10_tol": tols}}
+
+
+def _figure(runs: list, models: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 6.5), squeeze=False)
+    for m, model in enumerate(models):
+        ax = axes[0, m]
+        for policy, colour in (("fixed", "tab:blue"), ("learned", "tab:orange")):
+            curves = [r["curve"]["nfe_total"] for r in runs if r["model"] == model and r["policy"] == policy]
+            if curves:
+                n = min(len(c) for c in curves)
+                a = np.array([c[:n] for c in curves])
+                it = np.arange(1, n + 1)
+                ax.plot(it, a.mean(0), color=colour, label=f"{policy} (mean of {len(curves)} seeds)")
+                ax.fill_between(it, a.min(0), a.max(0), color=colour, alpha=0.2)
+        ax.set_title(f"{model}: NFE (fwd + bwd, all blocks) per iteration")
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+        ax = axes[1, m]
+        learned = [r for r in runs if r["model"] == model and r["policy"] == "learned"]
+        for block in (learned[0]["curve"]["log10_tol"] if learned else {}):
+            curves = [r["curve"]["log10_tol"][block] for r in learned]
+            n = min(len(c) for c in curves)
+            a = np.array([[np.nan if v is None else v for v in c[:n]] for c in curves])
+            ax.plot(np.arange(1, n + 1), np.nanmean(a, 0), lw=1, label=block)
+        ax.axhline(-5, color="k", ls=":", lw=0.8, label="fixed 1e-5")
+        ax.set_title(f"{model}: sampled log10 tolerance (learned, mean over seeds)")
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="infocnf,cnf")
-    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--iterations", type=int, default=80)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mix1d-iterations", type=int, default=150)
@@ -81,9 +134,9 @@ def main(argv=None) -> int:
                 wall = time.perf_counter() - t0
                 row = {"model": model, "policy": policy, "seed": seed, "wall_seconds": wall,
                        **{k: metrics.get(k) for k in COLUMNS if k != "wall_seconds"},
-                       "tolerances": metrics.get("tolerances")}
+                       "tolerances": metrics.get("tolerances"), **_curves(out / "log.csv")}
                 runs.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "tolerances"}), flush=True)
+                print(json.dumps({k: v for k, v in row.items() if k not in ("tolerances", "curve")}), flush=True)
     summary = {}
     for model in args.models.split(","):
         for policy in POLICIES:
@@ -92,10 +145,15 @@ def main(argv=None) -> int:
         fixed, learned = summary[f"{model}/fixed"], summary[f"{model}/learned"]
         nfe_f = fixed["nfe_forward_mean"][0] + fixed["nfe_backward_mean"][0]
         nfe_l = learned["nfe_forward_mean"][0] + learned["nfe_backward_mean"][0]
+        half = {p: statistics.fmean(r["nfe_total_second_half"] for r in runs
+                                    if r["model"] == model and r["policy"] == p) for p in POLICIES}
         summary[f"{model}/learned_vs_fixed"] = {
             "nfe_reduction": 1 - nfe_l / nfe_f,
+            "nfe_reduction_second_half": 1 - half["learned"] / half["fixed"],
             "nll_change_relative": learned["test_bits_per_dim"][0] / fixed["test_bits_per_dim"][0] - 1,
         }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    _figure(runs, args.models.split(","), Path(args.out).with_name("tolerances_training.png"))
     # integrate-to-one (002 Fig. 2a)
     cfg = load_recipe("mix1d-infocnf", [f"train.iterations={args.mix1d_iterations}", f"threads={args.threads}",
                                         "train.checkpoint_every=0"])
@@ -124,7 +182,8 @@ def main(argv=None) -> int:
         print(f"| {key.split('/')[0]} | {key.split('/')[1]} | " + " | ".join(cells) + " |")
     for key, s in summary.items():
         if key.endswith("learned_vs_fixed"):
-            print(f"{key}: NFE reduction {100 * s['nfe_reduction']:.1f}%, "
+            print(f"{key}: NFE reduction {100 * s['nfe_reduction']:.1f}% "
+                  f"(second half of training {100 * s['nfe_reduction_second_half']:.1f}%), "
                   f"NLL change {100 * s['nll_change_relative']:+.2f}%")
     print("\n| tolerance | integral | abs error | NFE |\n|---|---|---|---|")
     for k, r in integral["results"].items():

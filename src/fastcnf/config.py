@@ -215,6 +215,11 @@ class TolerancesConfig:
         gate_lr: learned: Adam learning rate of the gates (their own optimiser).
         alpha: learned: weight of the reward -NFE against the loss (002 eq. 6).
         baseline_momentum: learned: momentum of the moving-average baseline of the returns.
+        loss_baseline_momentum: learned: momentum of the baseline of the returns' loss part
+            ``-L`` (null: ``baseline_momentum``, i.e. one moving average of the whole return).
+            The loss falls fast early in training, so a slow average of it lags and adds a large
+            action-independent term to every advantage; 0 uses the previous step's loss. Any
+            value is an unbiased baseline (computed from past steps only).
         include_loss: learned: the return r_i includes -L (002 eq. 7); false: reward -NFE only.
         eval_tolerance: learned: at evaluation solve at eval.atol/rtol (fixed; 002 §4.2) or at
             each gate's mean tolerance (mean; 002 appendix D).
@@ -234,6 +239,7 @@ class TolerancesConfig:
     gate_lr: float = 1e-2
     alpha: float = 0.01
     baseline_momentum: float = 0.9
+    loss_baseline_momentum: float | None = None
     include_loss: bool = True
     eval_tolerance: str = "fixed"
 
@@ -258,6 +264,10 @@ class TolerancesConfig:
             raise ValueError(f"tolerances.init_std ({self.init_std}) must exceed tolerances.min_std ({self.min_std}) > 0")
         if self.eval_tolerance not in ("fixed", "mean"):
             raise ValueError(f"tolerances.eval_tolerance={self.eval_tolerance!r} is not valid; accepted: fixed, mean")
+        for key in ("baseline_momentum", "loss_baseline_momentum"):
+            m = getattr(self, key)
+            if m is not None and not 0.0 <= m < 1.0:
+                raise ValueError(f"tolerances.{key}={m} must be in [0, 1)")
         if self.alpha < 0 or self.gate_lr <= 0 or self.gate_hidden <= 0:
             raise ValueError("tolerances.alpha must be >= 0, tolerances.gate_lr and gate_hidden positive")
 

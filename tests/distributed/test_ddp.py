@@ -2,9 +2,6 @@
 reproduce one process on the whole batch; a resumed 2-process run equals an uninterrupted one."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import det_cfg, params, run_steps  # noqa: E402
+from common import det_cfg, launch_two_ranks, params, run_steps  # noqa: E402
 
 from fastcnf.training.trainer import Batcher, Trainer  # noqa: E402
 
@@ -20,37 +17,11 @@ STEPS = 4
 WORKER = Path(__file__).parent / "ddp_worker.py"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory) -> list[dict]:
     """Launch the worker as 2 ranks with torchrun's environment (gloo, 127.0.0.1, free port)."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
     out = tmp_path_factory.mktemp("ddp")
-    port = _free_port()
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(out), str(STEPS)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("2-process run timed out")
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    launch_two_ranks(WORKER, [str(out), str(STEPS)])
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

@@ -8,8 +8,8 @@ import torch
 
 from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace
 from fastcnf.ode import SolverConfig
-from fastcnf.ode.tolerances import (LearnedTolerance, MovingAverageBaseline, cumulative_returns,
-                                    reinforce_loss)
+from fastcnf.ode.tolerances import (LearnedTolerance, MovingAverageBaseline, ReturnBaseline,
+                                    cumulative_returns, reinforce_loss)
 
 
 def test_cumulative_returns_follow_eq7():
@@ -73,3 +73,51 @@ def test_gate_rewarded_by_minus_nfe_learns_to_raise_tolerance():
     mu_final = float(policy.gates[0](x)[0].detach())
     assert mu_final > -6.0 + 1.0, mu_final
     assert sum(nfes[-5:]) < sum(nfes[:5])
+
+
+def test_return_baseline_splits_loss_and_nfe_parts():
+    """Equal momenta: the split baseline is the moving average of the whole return r_i; loss
+    momentum 0: its loss part is minus the previous step's loss."""
+    gen = torch.Generator().manual_seed(1)
+    single, split, prev = MovingAverageBaseline(0.8), ReturnBaseline(0.8), ReturnBaseline(0.8, loss_momentum=0.0)
+    nfe_only = MovingAverageBaseline(0.8)
+    last_loss = None
+    for t in range(20):
+        loss = 10.0 - 0.3 * t + float(torch.randn((), generator=gen))
+        nfe = (torch.randint(10, 60, (3,), generator=gen)).tolist()
+        nfe_part = cumulative_returns(0.0, nfe, alpha=0.5)
+        returns = cumulative_returns(loss, nfe, alpha=0.5)
+        torch.testing.assert_close(returns, nfe_part - loss)
+        torch.testing.assert_close(split(loss, nfe_part), single(returns))
+        b_prev, b_nfe = prev(loss, nfe_part), nfe_only(nfe_part)
+        expected_loss_part = -(loss if last_loss is None else last_loss)
+        torch.testing.assert_close(b_prev - b_nfe, torch.full((3,), expected_loss_part, dtype=torch.float64))
+        last_loss = loss
+    state = prev.state_dict()
+    fresh = ReturnBaseline(0.8, loss_momentum=0.0)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(1.0, nfe_part), prev(1.0, nfe_part))
+
+
+def test_reinforce_with_trending_loss_and_split_baseline_is_unbiased():
+    """A loss that falls over training (action-independent) plus a quadratic "NFE": with the
+    split baseline (loss part from the previous step) the mean REINFORCE gradient still matches
+    the analytic gradient of the expected NFE reward."""
+    gen = torch.Generator().manual_seed(2)
+    mu = torch.tensor([0.2], dtype=torch.float64, requires_grad=True)
+    s = torch.tensor([0.7], dtype=torch.float64)
+    c = 1.0
+    baseline = ReturnBaseline(0.8, loss_momentum=0.0)
+    grads = []
+    for t in range(1500):
+        g = (mu + s * torch.randn(1, generator=gen, dtype=torch.float64)).detach()
+        lp = torch.distributions.Normal(mu, s).log_prob(g)[0]
+        loss = 8.0 * math.exp(-t / 300) + 0.1 * float(torch.randn((), generator=gen, dtype=torch.float64))
+        nfe_part = cumulative_returns(0.0, ((g - c) ** 2).tolist(), alpha=1.0)
+        (grad,) = torch.autograd.grad(reinforce_loss([lp], nfe_part - loss, baseline(loss, nfe_part)), (mu,))
+        grads.append(grad)
+    grads = torch.cat(grads)
+    mean, se = grads.mean(), grads.std() / math.sqrt(len(grads))
+    analytic = 2 * (mu.detach() - c)
+    assert abs(float(mean - analytic)) < 5 * float(se), (mean, analytic, se)
+    assert float(se) < 0.2

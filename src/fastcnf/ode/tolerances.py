@@ -40,6 +40,7 @@ __all__ = [
     "cumulative_returns",
     "reinforce_loss",
     "MovingAverageBaseline",
+    "ReturnBaseline",
     "LearnedTolerance",
     "TOLERANCE_POLICIES",
     "pinned_tolerance",
@@ -281,6 +282,44 @@ class MovingAverageBaseline:
     def load_state_dict(self, s: dict) -> None:
         self.momentum = float(s.get("momentum", self.momentum))
         self.value = s.get("value")
+
+
+class ReturnBaseline:
+    """Baseline of the returns ``r_i = -L + alpha/N sum_{j>=i} R_j`` (002 eq. 7) as the sum of two
+    moving averages: a per-block one of the NFE part (momentum ``momentum``) and one of the loss
+    part ``-L`` (momentum ``loss_momentum``; None: ``momentum``).
+
+    With equal momenta this is exactly :class:`MovingAverageBaseline` of ``r_i`` (the moving
+    average is linear). A smaller ``loss_momentum`` follows the training loss more closely: early
+    in training ``L`` falls fast, a slow average of it lags, and the lag adds a large
+    action-independent term to every advantage (variance, not signal). Both parts use past steps
+    only, so the baseline stays unbiased.
+
+    Example:
+        >>> b = ReturnBaseline(0.8, loss_momentum=0.0)
+        >>> nfe_part = cumulative_returns(0.0, [40, 30], alpha=1.0)
+        >>> baseline = b(3.5, nfe_part)  # first call: the returns themselves (advantage 0)
+    """
+
+    def __init__(self, momentum: float = 0.9, loss_momentum: float | None = None) -> None:
+        self.nfe = MovingAverageBaseline(momentum)
+        self.loss = MovingAverageBaseline(momentum if loss_momentum is None else loss_momentum)
+
+    def __call__(self, loss: float, nfe_part: Tensor) -> Tensor:
+        """The baseline for the returns ``nfe_part - loss`` (before this update), then update."""
+        lb = self.loss(torch.tensor([-float(loss)], dtype=torch.float64))
+        return self.nfe(nfe_part) + lb
+
+    def state_dict(self) -> dict:
+        return {"nfe": self.nfe.state_dict(), "loss": self.loss.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        if "nfe" in s:
+            self.nfe.load_state_dict(s["nfe"])
+            self.loss.load_state_dict(s["loss"])
+        else:  # a checkpoint from before the split: one moving average of the whole return
+            self.nfe.load_state_dict(s)
+            self.loss.value = None
 
 
 # ---------------------------------------------------------------------------------------------

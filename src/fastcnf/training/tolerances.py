@@ -9,8 +9,12 @@
   (a forward pre-hook samples the block's tolerance from its input, once per batch). After
   ``loss.backward()`` both NFE counts of every block are known; :meth:`LearnedToleranceHook.after_backward`
   then forms the returns of 002 eq. 7, ``r_i = -[L - alpha/N sum_{j>=i} R_j]`` with
-  ``R_j = -(NFE_forward_j + NFE_backward_j)``, subtracts a per-block moving-average baseline and
-  takes one step of the gates' **own Adam optimiser** on the REINFORCE surrogate. The gates are
+  ``R_j = -(NFE_forward_j + NFE_backward_j)``, subtracts a moving-average baseline (per block for
+  the NFE part ``alpha/N sum R_j``; one for the loss part ``-L``, with its own momentum
+  ``tolerances.loss_baseline_momentum``) and
+  takes one step of the gates' **own Adam optimiser** on the REINFORCE surrogate (under
+  torchrun: gates broadcast from rank 0 at setup, gate gradients averaged over the ranks before
+  each step, so every rank keeps the same gates). The gates are
   not in the model's optimiser (no weight decay, no gradient clipping mixed with the model's);
   the model itself trains on the task's loss (NLL, + beta * cross-entropy when conditional) only.
 
@@ -30,12 +34,13 @@ import torch
 
 from fastcnf.ode.tolerances import (
     LearnedTolerance,
-    MovingAverageBaseline,
     PerBlockTolerance,
+    ReturnBaseline,
     ToleranceError,
     cumulative_returns,
     reinforce_loss,
 )
+from fastcnf.training import distributed as ddp
 from fastcnf.training.hooks import HOOK_BUILDERS, Hook, StepContext
 
 __all__ = ["StaticToleranceHook", "LearnedToleranceHook", "build_tolerance_hook"]
@@ -80,7 +85,7 @@ class LearnedToleranceHook(Hook):
         t = cfg.tolerances
         self.alpha = float(t.alpha)
         self.include_loss = bool(t.include_loss)
-        self.baseline = MovingAverageBaseline(t.baseline_momentum)
+        self.baseline = ReturnBaseline(t.baseline_momentum, t.loss_baseline_momentum)
         self.policy: LearnedTolerance | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.last: dict[str, Any] = {}
@@ -98,6 +103,8 @@ class LearnedToleranceHook(Hook):
                                        t.min_tol, t.max_tol, t.eval_tolerance)
         self.policy.to(trainer.device, trainer.dtype)
         self.policy.attach(blocks)
+        # [distributed] every rank starts from rank 0's gates (after_backward keeps them equal)
+        ddp.broadcast_tensors(list(self.policy.parameters()))
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=t.gate_lr)
         self.names = [b.name for b in blocks]
 
@@ -115,13 +122,21 @@ class LearnedToleranceHook(Hook):
         blocks = trainer.model.cnf_blocks()
         nfe = [blocks[i].nfe.forward + blocks[i].nfe.backward for i, *_ in records]
         loss = float(ctx["loss"].detach()) if self.include_loss else 0.0
-        returns = cumulative_returns(loss, nfe, self.alpha)
-        baseline = self.baseline(returns) if len(records) == len(blocks) else None
-        if baseline is None:  # a partial pass (e.g. training by parts): no per-block baseline
+        # r_i = -L + alpha/N sum_{j>=i} R_j, split in its loss part and its NFE part, each with its
+        # own moving-average baseline (the sum of two baselines from past steps is a baseline)
+        nfe_part = cumulative_returns(0.0, nfe, self.alpha)
+        returns = nfe_part - loss
+        if len(records) == len(blocks):
+            baseline = self.baseline(loss, nfe_part)
+        else:  # a partial pass (e.g. training by parts): no per-block baseline
             baseline = returns.mean().expand_as(returns)
         surrogate = reinforce_loss([r[1] for r in records], returns, baseline)
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.backward()
+        # [distributed] each rank's REINFORCE estimate comes from its own shard (its own NFE and
+        # loss); averaging them over the ranks gives every rank the same Adam step, so the gates
+        # stay identical (no-op in one process)
+        ddp.sync_gradients(list(self.policy.parameters()))
         self.optimizer.step()
         self.last = {f"tol.{self.names[i]}": tol for i, _, tol, _, _ in records}
 
@@ -143,7 +158,10 @@ class LearnedToleranceHook(Hook):
             sig = [s for j, _, s in self.policy.eval_records if j == i]
             if mus:
                 out[name] = {"test_log10_tol_mean": float(np.mean(mus)), "test_log10_tol_sigma": float(np.mean(sig)),
-                             "test_mean_tol": float(10 ** np.mean(mus)), "batches": len(mus)}
+                             # the tolerance actually used: 10**mu clamped to [min_tol, max_tol]
+                             # (mu itself may drift past the clamp, where the reward is flat)
+                             "test_mean_tol": self.policy.clamp(10 ** min(float(np.mean(mus)), 0.0)),
+                             "batches": len(mus)}
         return {"tolerances": out, "tolerance_eval": self.policy.eval_mode}
 
     def _train_log10_tols(self, trainer) -> dict[str, np.ndarray]:
