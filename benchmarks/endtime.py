@@ -155,8 +155,22 @@ def main(argv: list[str] | None = None) -> dict:
                    help="variants on digits/MNIST (default: --variants)")
     p.add_argument("--image-seeds", type=int, default=None, help="seeds on digits (default: --seeds)")
     p.add_argument("--mnist-seeds", type=int, default=1)
+    p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
+    p.add_argument("--out", default=str(RESULTS / "endtime.json"), help="JSON to write")
+    p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
+                   help="draw endtime_densities.png / endtime_T.png beside --out's default")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge the runs of earlier result files (e.g. more seeds of one data set) into "
+                        "--out, recompute the summaries and figures, and exit")
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core machine)")
     args = p.parse_args(argv)
+    if args.merge:
+        results = merge(args.merge)
+        _write(results, Path(args.out))
+        if args.figures:
+            figures(results)
+        print(table(results))
+        return results
     torch.set_num_threads(args.threads)
     toy_common = [f"train.iterations={args.toy_iterations}", f"model.hidden_dims={args.toy_hidden}",
                   "data.n_test=2000", "eval.batch_size=2000"]
@@ -193,8 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
     RESULTS.mkdir(exist_ok=True)
     for d, v, recipe, overrides in plan:
         runs = []
-        for seed in range(seeds.get(d, args.seeds)):
+        for seed in range(args.first_seed, args.first_seed + seeds.get(d, args.seeds)):
             r = run_one(recipe, overrides, seed)
+            r["seed"] = seed
             runs.append(r)
             T = ", ".join(f"{k}={t:.3f}" for k, t in r["end_times"].items())
             score = r["test_bits_per_dim"] if r["test_bits_per_dim"] is not None else r["test_nll_nats"]
@@ -202,18 +217,54 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['nfe_backward_mean']:.1f}  train {r['train_seconds']:.1f}s  T {T}", flush=True)
         results["data"].setdefault(d, {})[v] = {"recipe": recipe, "overrides": overrides, **summarise(runs),
                                                "runs": runs}
-        with open(RESULTS / "endtime.json", "w") as fh:
-            json.dump(results, fh)
-    figures(results)
-    print("\n| data | variant | test NLL (nats) / bits/dim | NFE fwd | NFE bwd | train s | final T |")
-    print("|---|---|---|---|---|---|---|")
+        _write(results, Path(args.out))
+    if args.figures:
+        figures(results)
+    print("\n" + table(results))
+    return results
+
+
+def _write(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(results, fh)
+
+
+def merge(paths: list[str]) -> dict:
+    """One result from several files: their runs per (data set, variant) concatenated (seeds in
+    file order), summaries recomputed, every file's command kept."""
+    merged: dict = {"commands": [], "commits": [], "data": {}}
+    for path in paths:
+        with open(path) as fh:
+            part = json.load(fh)
+        merged["commands"].append(part["command"])
+        merged["commits"].append(part["commit"])
+        merged.setdefault("machine", part["machine"])
+        merged.setdefault("settings", part["settings"])
+        for d, per in part["data"].items():
+            for v, entry in per.items():
+                into = merged["data"].setdefault(d, {}).setdefault(v, {"recipe": entry["recipe"],
+                                                                        "overrides": entry["overrides"], "runs": []})
+                into["runs"].extend(entry["runs"])
+    for per in merged["data"].values():
+        for entry in per.values():
+            entry.update(summarise(entry["runs"]))
+    merged["command"] = " + ".join(merged["commands"]) + f" ; merged by --merge {' '.join(paths)}"
+    merged["commit"] = merged["commits"][-1]
+    return merged
+
+
+def table(results: dict) -> str:
+    lines = ["| data | variant | seeds | test NLL (nats) / bits/dim | NFE fwd | NFE bwd | train s | final T (per seed) |",
+             "|---|---|---|---|---|---|---|---|"]
     for d, per in results["data"].items():
         for v, e in per.items():
             score = e.get("test_bits_per_dim", e.get("test_nll_nats"))
             T = "; ".join(", ".join(f"{t:.3f}" for t in et.values()) for et in e["end_times"])
-            print(f"| {d} | {v} | {score['mean']:.4f} ± {score['std']:.4f} | {e['nfe_forward_mean']['mean']:.1f} | "
-                  f"{e['nfe_backward_mean']['mean']:.1f} | {e['train_seconds']['mean']:.1f} | {T} |")
-    return results
+            lines.append(f"| {d} | {v} | {len(e['runs'])} | {score['mean']:.4f} ± {score['std']:.4f} | "
+                         f"{e['nfe_forward_mean']['mean']:.1f} ± {e['nfe_forward_mean']['std']:.1f} | "
+                         f"{e['nfe_backward_mean']['mean']:.1f} | {e['train_seconds']['mean']:.1f} | {T} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

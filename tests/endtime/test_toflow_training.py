@@ -51,10 +51,10 @@ def test_network_step_does_not_move_T(tmp_path):
     tr = _trainer(tmp_path)
     hook = _hook(tr)
     hook.step_end_time = lambda: None  # only Algorithm 1's network step
-    T_before = float(tr.model.cnf_blocks()[0].end_time)
+    T_before = float(tr.model.cnf_blocks()[0].end_time.detach())
     net_before = [p.detach().clone() for p in tr.model.cnf_blocks()[0].net.parameters()]
     tr.train_step()
-    assert float(tr.model.cnf_blocks()[0].end_time) == T_before
+    assert float(tr.model.cnf_blocks()[0].end_time.detach()) == T_before
     assert any(not torch.equal(a, b) for a, b in zip(net_before, tr.model.cnf_blocks()[0].net.parameters()))
 
 
