@@ -74,7 +74,7 @@ def test_clipping_holds_at_every_step(tmp_path):
     for sign in (1, 1, 1, -1, -1, -1, -1, -1, -1):
         policy.end_time.grad = torch.tensor(float(sign))
         hook.step_end_time()
-        assert 0.1 - 1e-7 <= float(policy.end_time) <= 0.9 + 1e-7
+        assert 0.1 - 1e-7 <= float(policy.end_time.detach()) <= 0.9 + 1e-7
 
 
 def test_resume_restores_the_temporal_optimiser(tmp_path):
