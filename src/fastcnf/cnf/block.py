@@ -37,6 +37,8 @@ class _BlockODE(nn.Module):
         self.__dict__["end_time"] = None
         self.noise: Tensor | None = None
         self.with_logdet = True
+        self.regularizers: list[Regularizer] = []  # the block's active ones, set per solve
+        self.regs_differentiate_f = False  # a regulariser takes a VJP of f (Jacobian-Frobenius)
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]):
         block = self._block[0]
@@ -58,7 +60,7 @@ class _BlockODE(nn.Module):
                 z = z.detach().requires_grad_(True)
             est = block.divergence
             if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
-                if create_graph and any(r.needs_noise for r in block.active_regularizers):
+                if create_graph and self.regs_differentiate_f:
                     # the Jacobian-Frobenius rate differentiates f once more (create_graph): the
                     # same tangents in plain differentiable operations
                     f, div = self.net._trace_forward_autograd(t, z)
@@ -68,7 +70,7 @@ class _BlockODE(nn.Module):
             else:
                 f = self.net(t, z)
                 result = est(f, z, self.noise, self.net, t, create_graph=create_graph)
-            rates = [r.rate(f, z, result, self.noise, create_graph) for r in block.active_regularizers]
+            rates = [r.rate(f, z, result, self.noise, create_graph) for r in self.regularizers]
         return (f * T, result.div * T, *(r * T for r in rates))
 
 
@@ -136,9 +138,9 @@ class CNFBlock(nn.Module):
         func = self.odefunc
         func.__dict__["end_time"] = self.end_time_policy()  # not registered as a parameter
         func.with_logdet = with_logdet
-        needs_noise = with_logdet and (
-            not isinstance(self.divergence, ExactTrace) or any(r.needs_noise for r in self.active_regularizers)
-        )
+        func.regularizers = self.active_regularizers
+        func.regs_differentiate_f = any(r.needs_noise for r in func.regularizers)
+        needs_noise = with_logdet and (not isinstance(self.divergence, ExactTrace) or func.regs_differentiate_f)
         if needs_noise:
             est = self.divergence if not isinstance(self.divergence, ExactTrace) else None
             func.noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastcnf.cnf.divergence import ExactTrace
 from fastcnf.cnf.dynamics import ConcatSquashMLP, _Accumulator, _get_packed, _trace_backward, _trace_forward_kernel
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
 from fastcnf.ode.solve import NFECounter, SolverConfig, forward_counter
@@ -39,8 +40,6 @@ __all__ = ["fused_applicable", "fused_solve"]
 
 def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], with_logdet: bool) -> bool:
     """Whether ``block`` can solve ``state`` through :func:`fused_solve` under ``solver``."""
-    from fastcnf.cnf.divergence import ExactTrace
-
     net = block.net
     return (
         with_logdet
@@ -62,14 +61,14 @@ def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], wit
 class _Run:
     """One fused solve: the evaluations it saved and the steps it accepted."""
 
-    def __init__(self, net: ConcatSquashMLP, solver: SolverConfig, counter: NFECounter, name: str,
-                 s0: float, s1: float) -> None:
-        self.net, self.solver, self.counter, self.name = net, solver, counter, name
+    def __init__(self, pk, solver: SolverConfig, counter: NFECounter, name: str, s0: float, s1: float) -> None:
+        self.pk, self.solver, self.counter, self.name = pk, solver, counter, name
         self.s0, self.s1 = s0, s1
         self.tableau = LEAN_METHODS[solver.method]
+        self.target = (-1.0 if s1 < s0 else 1.0) * s1  # the output time in the solver's ascending time
 
-    def forward(self, z0: Tensor, l0: Tensor, T: Tensor, pk, save: bool) -> tuple[Tensor, Tensor]:
-        acts = pk.acts
+    def forward(self, z0: Tensor, l0: Tensor, T: Tensor, save: bool) -> tuple[Tensor, Tensor]:
+        pk, acts = self.pk, self.pk.acts
         T = T.detach().to(z0.dtype)
         evals: list = []
 
@@ -83,19 +82,17 @@ class _Run:
         solution, graph_evals = solve_adaptive(
             rhs, (z0, l0), [self.s0, self.s1], self.tableau, float(self.solver.rtol), float(self.solver.atol),
             forward_counter(self.counter, self.solver.max_nfe, self.name), record=steps)
-        self.pk, self.T, self.evals, self.steps, self.graph_evals = pk, T, evals, steps, graph_evals
-        direction = -1.0 if self.s1 < self.s0 else 1.0
-        self.target = direction * self.s1
+        self.T, self.evals, self.steps, self.graph_evals = T, evals, steps, graph_evals
         return solution[0][-1], solution[1][-1]
 
     def backward(self, gz: Tensor | None, gl: Tensor | None, need_z: bool, need_l: bool, need_T: bool,
                  need_params: bool):
         """Cotangents of ``(z0, l0, T, parameters)`` given those of the outputs (module docstring)."""
         self.counter.backward += self.graph_evals
-        z_like = self.steps[0].y0[0] if self.steps else None
         if not self.steps:  # no step taken (s0 == s1): the output is the input
             return gz if need_z else None, gl if need_l else None, None, None
         pk, T, evals, tab = self.pk, self.T, self.evals, self.tableau
+        z_like = self.steps[0].y0[0]
         if gz is None:
             gz = torch.zeros_like(z_like)
         if gl is None:
@@ -163,7 +160,7 @@ class _FusedSolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, run: _Run, z0, l0, T, token):  # type: ignore[override]
         ctx.run = run
-        return run.forward(z0, l0, T, run.pk, save=True)
+        return run.forward(z0, l0, T, save=True)
 
     @staticmethod
     def backward(ctx, gz, gl):  # type: ignore[override]
@@ -184,14 +181,13 @@ def fused_solve(block, state: tuple[Tensor, Tensor], s0: float, s1: float, solve
     docstring); ``block.nfe`` receives the forward and backward evaluation counts."""
     counter = block.nfe
     counter.begin()
-    run = _Run(block.net, solver, counter, block.name, s0, s1)
-    z0, l0 = state
     pk = _get_packed(block.net)
-    run.pk = pk
+    run = _Run(pk, solver, counter, block.name, s0, s1)
+    z0, l0 = state
     grad = torch.is_grad_enabled() and (z0.requires_grad or l0.requires_grad or T.requires_grad
                                         or pk.token is not None)
     if not grad:
         with torch.no_grad():
-            return run.forward(z0, l0, T, pk, save=False)
+            return run.forward(z0, l0, T, save=False)
     token = pk.token if pk.token is not None else pk.flat
     return _FusedSolve.apply(run, z0, l0, T, token)
