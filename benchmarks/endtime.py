@@ -39,8 +39,8 @@ VARIANTS: dict[str, list[str]] = {
     "rnode": ["model.kinetic_weight=0.01", "model.jacobian_weight=0.01"],
     "toflow+rnode": ["endtime.policy=toflow", "model.kinetic_weight=0.01", "model.jacobian_weight=0.01"],
 }
-#: the Jacobian-Frobenius vector-Jacobian product through the network's fused exact trace
-#: (model.exact_mode=auto) does not finish (docs/endtime.md, open points): toy RNODE runs use vmap
+#: toy RNODE runs use the vmap exact trace (the rows in benchmarks/README.md were measured so; the
+#: recipe's ``auto`` computes the same loss, docs/endtime.md note 1)
 RNODE_TOY = ["model.exact_mode=vmap"]
 #: TO-FLOW settings study (toy): why does T grow, and what setting shortens it?
 STUDY: dict[str, list[str]] = {

@@ -57,6 +57,9 @@ class ModelConfig:
         logit_alpha: alpha of the logit transform at the input of image models.
         kinetic_weight: weight of the RNODE kinetic-energy regulariser (0: off).
         jacobian_weight: weight of the RNODE Jacobian-Frobenius regulariser (0: off).
+        regularizer_reduction: unit of the regulariser rates: ``sum`` over dimensions (RNODE eq. 3-4),
+            ``mean`` over them (RNODE's code; matches a bits/dim loss) or ``auto`` (mean on image data,
+            whose loss is bits/dim, sum otherwise), so one weight means the same on toys and images.
         glow_levels: ``glow``: levels L (squeeze, K steps, split; Glow: 3 for 32x32 images).
         glow_steps: ``glow``: flow steps K per level (actnorm, 1x1 conv, coupling; Glow: 32).
         glow_hidden: ``glow``: hidden channels of the coupling networks (Glow: 512).
@@ -77,6 +80,7 @@ class ModelConfig:
     logit_alpha: float = 1e-6
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
+    regularizer_reduction: str = "auto"
     glow_levels: int = 3
     glow_steps: int = 32
     glow_hidden: int = 512
@@ -557,6 +561,7 @@ def validate(cfg: Config) -> None:
         "model.divergence": (cfg.model.divergence, ("exact", "hutchinson")),
         "model.noise": (cfg.model.noise, ("gaussian", "rademacher")),
         "model.exact_mode": (cfg.model.exact_mode, ("auto", "loop", "vmap")),
+        "model.regularizer_reduction": (cfg.model.regularizer_reduction, ("auto", "sum", "mean")),
         "train.optimizer": (cfg.train.optimizer, ("adam", "adamw")),
         "train.schedule": (cfg.train.schedule, ("constant", "step", "cosine")),
         "train.decay_unit": (cfg.train.decay_unit, ("iterations", "epochs")),

@@ -90,3 +90,46 @@ def test_jacobian_regularizer_with_network_trace_trains_as_vmap():
         grads.append(torch.autograd.grad(loss, list(block.parameters())))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+
+
+def test_mean_reduction_is_the_sum_divided_by_the_dimension():
+    """``reduction="mean"`` (RNODE's code, bits/dim unit) integrates ||f||^2 / D and ||e^T J||^2 / D."""
+    torch.manual_seed(2)
+    D = 5
+    net = ConcatSquashMLP(D, [8], "tanh").double()
+    x = torch.randn(4, D, dtype=torch.float64)
+    states = {}
+    for reduction in ("sum", "mean"):
+        torch.manual_seed(3)  # same Hutchinson noise for both
+        block = CNFBlock(net, Hutchinson("gaussian"), SolverConfig(atol=1e-10, rtol=1e-10), LearnedEndTime(0.6),
+                         [KineticEnergy(1.0, reduction), JacobianFrobenius(1.0, reduction)]).double()
+        block(x)
+        states[reduction] = block.reg_states
+    for k in ("kinetic", "jacobian_frobenius"):
+        assert torch.allclose(states["mean"][k] * D, states["sum"][k], rtol=1e-8)
+    with pytest.raises(ValueError, match="reduction must be one of sum, mean"):
+        KineticEnergy(1.0, "average")
+
+
+@pytest.mark.parametrize("recipe,reduction", [("toy-rnode", "sum"), ("digits-cnf", "mean")])
+def test_auto_reduction_follows_the_loss_unit(recipe, reduction):
+    """model.regularizer_reduction=auto: per-dimension on images (loss in bits/dim), summed on
+    vector data (loss in nats per example), so one weight means the same on both."""
+    from fastcnf.config import load_recipe
+    from fastcnf.data import load_data
+    from fastcnf.models.builder import build_model
+
+    cfg = load_recipe(recipe, ["model.kinetic_weight=0.01", "model.jacobian_weight=0.01"])
+    model = build_model(cfg, load_data(cfg.data))
+    regs = [r for b in model.cnf_blocks() for r in b.regularizers]
+    assert regs and {r.reduction for r in regs} == {reduction}
+    forced = load_recipe(recipe, ["model.kinetic_weight=0.01", "model.regularizer_reduction=sum"])
+    assert {r.reduction for b in build_model(forced, load_data(forced.data)).cnf_blocks() for r in b.regularizers} \
+        == {"sum"}
+
+
+def test_unknown_reduction_is_a_config_error():
+    from fastcnf.config import ConfigError, load_recipe
+
+    with pytest.raises(ConfigError, match="model.regularizer_reduction='avg' is not valid"):
+        load_recipe("toy-rnode", ["model.regularizer_reduction=avg"])

@@ -32,8 +32,13 @@ def _end_time(cfg, name: str) -> EndTimePolicy:
     return FixedEndTime(cfg.model.end_time, learnable=cfg.model.train_end_time)
 
 
-def make_block_factory(cfg, image: bool) -> Callable[[int, str], CNFBlock]:
+def make_block_factory(cfg, image: bool, per_dim_loss: bool | None = None) -> Callable[[int, str], CNFBlock]:
+    """CNF blocks for ``cfg``; ``per_dim_loss`` (the loss is bits/dim) resolves
+    ``model.regularizer_reduction=auto`` to ``mean`` (default: ``image``)."""
     m = cfg.model
+    reduction = m.regularizer_reduction
+    if reduction == "auto":
+        reduction = "mean" if (image if per_dim_loss is None else per_dim_loss) else "sum"
     eval_solver = cfg.solver.with_tolerance(cfg.eval.atol, cfg.eval.rtol)
 
     def make(channels: int, name: str) -> CNFBlock:
@@ -44,9 +49,9 @@ def make_block_factory(cfg, image: bool) -> Callable[[int, str], CNFBlock]:
         div = ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise)
         regs = []
         if m.kinetic_weight > 0:
-            regs.append(KineticEnergy(m.kinetic_weight))
+            regs.append(KineticEnergy(m.kinetic_weight, reduction))
         if m.jacobian_weight > 0:
-            regs.append(JacobianFrobenius(m.jacobian_weight))
+            regs.append(JacobianFrobenius(m.jacobian_weight, reduction))
         return CNFBlock(net, div, cfg.solver, _end_time(cfg, name), regs, eval_solver=eval_solver, name=name)
 
     return make
@@ -55,7 +60,7 @@ def make_block_factory(cfg, image: bool) -> Callable[[int, str], CNFBlock]:
 def _mlp(cfg, bundle) -> SequentialFlow:
     if len(bundle.shape) != 1:
         raise ValueError(f"model.arch=mlp needs vector data, got shape {bundle.shape}; use multiscale or glow")
-    make = make_block_factory(cfg, image=False)
+    make = make_block_factory(cfg, image=False, per_dim_loss=bundle.is_image)
     blocks = [make(bundle.shape[0], f"cnf{i}") for i in range(cfg.model.num_blocks)]
     return SequentialFlow(blocks, bundle.shape)
 
@@ -63,7 +68,7 @@ def _mlp(cfg, bundle) -> SequentialFlow:
 def _multiscale(cfg, bundle) -> SequentialFlow:
     if len(bundle.shape) != 3:
         raise ValueError(f"model.arch=multiscale needs images (C, H, W), got shape {bundle.shape}")
-    return build_multiscale(bundle.shape, make_block_factory(cfg, image=True), cfg.model.n_scales,
+    return build_multiscale(bundle.shape, make_block_factory(cfg, image=True, per_dim_loss=bundle.is_image), cfg.model.n_scales,
                             cfg.model.num_blocks, cfg.model.logit_alpha)
 
 
