@@ -42,11 +42,16 @@ VARIANTS: dict[str, list[str]] = {
 #: toy RNODE runs use the vmap exact trace (the rows in benchmarks/README.md were measured so; the
 #: recipe's ``auto`` computes the same loss, docs/endtime.md note 1)
 RNODE_TOY = ["model.exact_mode=vmap"]
-#: TO-FLOW settings study (toy): why does T grow, and what setting shortens it?
+#: TO-FLOW settings study (toy): why does T grow, and what setting (alpha, T0, variant) shortens
+#: it and cuts NFE? Fixed-T runs at the other T0 are the references for the T0 rows.
 STUDY: dict[str, list[str]] = {
     "toflow-alpha1": ["endtime.policy=toflow", "endtime.alpha=1.0"],
     "toflow-alpha5": ["endtime.policy=toflow", "endtime.alpha=5.0"],
     "joint": ["endtime.policy=joint"],
+    "ffjord-T0.25": ["model.end_time=0.25"],
+    "toflow-T0.25": ["endtime.policy=toflow", "model.end_time=0.25"],
+    "ffjord-T1": ["model.end_time=1.0"],
+    "toflow-T1": ["endtime.policy=toflow", "model.end_time=1.0"],
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,6 +91,10 @@ def summarise(runs: list[dict]) -> dict:
         vals = [r[key] for r in runs if r.get(key) is not None]
         if vals:
             out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+    # forward NFE late in training (mean of the last 10% of iterations): where T has moved
+    late = [float(np.mean(c[-max(1, len(c) // 10):])) for c in (r["curves"]["nfe_forward"] for r in runs) if c]
+    if late:
+        out["nfe_forward_last10pct"] = {"mean": float(np.mean(late)), "std": float(np.std(late))}
     out["end_times"] = [r["end_times"] for r in runs]
     return out
 
@@ -96,7 +105,9 @@ def figures(results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    toy = {d: v for d, v in results["data"].items() if any(r["runs"][0]["density"] for r in v.values())}
+    # densities: the equal-iteration comparison only (keys with a --data-suffix are extra studies)
+    toy = {d: v for d, v in results["data"].items()
+           if "@" not in d and any(r["runs"][0]["density"] for r in v.values())}
     if toy:
         variants = list(dict.fromkeys(v for per in toy.values() for v in per))
         fig, axes = plt.subplots(len(toy), len(variants), figsize=(2.2 * len(variants), 2.2 * len(toy)),
@@ -118,21 +129,26 @@ def figures(results: dict) -> None:
         fig.savefig(RESULTS / "endtime_densities.png", dpi=110)
         plt.close(fig)
     datasets = list(results["data"])
-    fig, axes = plt.subplots(2, len(datasets), figsize=(3.6 * len(datasets), 5.4), squeeze=False)
+    ncol = min(5, len(datasets))
+    nrow = -(-len(datasets) // ncol)
+    fig, axes = plt.subplots(2 * nrow, ncol, figsize=(3.6 * ncol, 2.7 * 2 * nrow), squeeze=False)
     for j, d in enumerate(datasets):
+        top, bottom = axes[2 * (j // ncol), j % ncol], axes[2 * (j // ncol) + 1, j % ncol]
         for v, entry in results["data"][d].items():
             curves = entry["runs"][0]["curves"]
             for k, c in curves.items():
                 if k.startswith("T."):
-                    axes[0, j].plot(c, lw=0.9, label=f"{v} {k[2:]}" if len(curves) > 2 else v)
+                    top.plot(c, lw=0.9, label=f"{v} {k[2:]}" if len(curves) > 2 else v)
             nfe = np.array(curves["nfe_forward"])
             w = max(1, len(nfe) // 20)
-            axes[1, j].plot(np.convolve(nfe, np.ones(w) / w, mode="valid"), lw=0.9, label=v)
-        axes[0, j].set_title(d, fontsize=9)
-        axes[0, j].set_ylabel("end time T")
-        axes[1, j].set_ylabel("forward NFE (moving avg)")
-        axes[1, j].set_xlabel("iteration")
-        axes[0, j].legend(fontsize=6)
+            bottom.plot(np.convolve(nfe, np.ones(w) / w, mode="valid"), lw=0.9, label=v)
+        top.set_title(d, fontsize=9)
+        top.set_ylabel("end time T")
+        bottom.set_ylabel("forward NFE (moving avg)")
+        bottom.set_xlabel("iteration")
+        top.legend(fontsize=5)
+    for j in range(len(datasets), nrow * ncol):
+        axes[2 * (j // ncol), j % ncol].axis("off"), axes[2 * (j // ncol) + 1, j % ncol].axis("off")
     fig.tight_layout()
     fig.savefig(RESULTS / "endtime_T.png", dpi=110)
     plt.close(fig)
@@ -146,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--toy-hidden", default="[32,32,32]", help="dynamics widths on toy data (FFJORD: [64,64,64])")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--study", action=argparse.BooleanOptionalAction, default=True,
-                   help="the TO-FLOW settings study on the first toy set")
+                   help="the TO-FLOW settings study (STUDY) on every --toy set, beside --variants")
     p.add_argument("--digits-iterations", type=int, default=20, help="0 skips digits")
     p.add_argument("--mnist-iterations", type=int, default=0,
                    help="mnist-test-split (../shared/data/mnist) iterations; 0 skips it")
@@ -157,15 +173,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--mnist-seeds", type=int, default=1)
     p.add_argument("--first-seed", type=int, default=0, help="seeds first-seed, first-seed + 1, ...")
     p.add_argument("--out", default=str(RESULTS / "endtime.json"), help="JSON to write")
+    p.add_argument("--data-suffix", default="",
+                   help="appended to every data-set key of the JSON (e.g. '@400it' for a longer run kept "
+                        "beside the equal-iteration rows)")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
                    help="draw endtime_densities.png / endtime_T.png beside --out's default")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge the runs of earlier result files (e.g. more seeds of one data set) into "
                         "--out, recompute the summaries and figures, and exit")
+    p.add_argument("--drop", nargs="+", default=[], metavar="DATA:VARIANT",
+                   help="with --merge: leave out these entries of the files being merged (e.g. runs "
+                        "superseded by a later setting); what was dropped is kept in the JSON's 'dropped'")
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core machine)")
     args = p.parse_args(argv)
     if args.merge:
-        results = merge(args.merge)
+        results = merge(args.merge, drop=args.drop)
         _write(results, Path(args.out))
         if args.figures:
             figures(results)
@@ -179,9 +201,10 @@ def main(argv: list[str] | None = None) -> dict:
         for v in args.variants:
             fix = RNODE_TOY if "rnode" in v else []
             plan.append((d, v, "toy-ffjord", [f"data.name={d}", *toy_common, *VARIANTS[v], *fix]))
-    if args.study and args.toy:
-        for v, o in STUDY.items():
-            plan.append((args.toy[0], v, "toy-ffjord", [f"data.name={args.toy[0]}", *toy_common, *o]))
+    if args.study:
+        for d in args.toy:
+            for v, o in STUDY.items():
+                plan.append((d, v, "toy-ffjord", [f"data.name={d}", *toy_common, *o]))
     image_variants = args.image_variants if args.image_variants is not None else args.variants
     seeds = {}
     if args.digits_iterations > 0:
@@ -215,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
             score = r["test_bits_per_dim"] if r["test_bits_per_dim"] is not None else r["test_nll_nats"]
             print(f"{d:14s} {v:14s} seed {seed}: test {score:.4f}  NFE f/b {r['nfe_forward_mean']:.1f}/"
                   f"{r['nfe_backward_mean']:.1f}  train {r['train_seconds']:.1f}s  T {T}", flush=True)
-        results["data"].setdefault(d, {})[v] = {"recipe": recipe, "overrides": overrides, **summarise(runs),
+        results["data"].setdefault(d + args.data_suffix, {})[v] = {"recipe": recipe, "overrides": overrides, **summarise(runs),
                                                "runs": runs}
         _write(results, Path(args.out))
     if args.figures:
@@ -230,39 +253,54 @@ def _write(results: dict, path: Path) -> None:
         json.dump(results, fh)
 
 
-def merge(paths: list[str]) -> dict:
+def merge(paths: list[str], drop: list[str] = ()) -> dict:
     """One result from several files: their runs per (data set, variant) concatenated (seeds in
-    file order), summaries recomputed, every file's command kept."""
-    merged: dict = {"commands": [], "commits": [], "data": {}}
-    for path in paths:
+    file order), summaries recomputed, every file's command kept. ``drop`` ("data:variant")
+    leaves those entries out of the FIRST file (superseded runs; the later files' runs of the
+    same entry are kept); the dropped summaries are recorded under "dropped"."""
+    merged: dict = {"commands": [], "commits": [], "data": {}, "dropped": {}}
+    drop_set = set(drop)
+    for item in drop_set:
+        if ":" not in item:
+            raise SystemExit(f"--drop takes DATA:VARIANT, got {item!r}")
+    for i, path in enumerate(paths):
         with open(path) as fh:
             part = json.load(fh)
         merged["commands"].append(part["command"])
         merged["commits"].append(part["commit"])
         merged.setdefault("machine", part["machine"])
         merged.setdefault("settings", part["settings"])
+        merged["dropped"].update(part.get("dropped", {}))
         for d, per in part["data"].items():
             for v, entry in per.items():
+                if i == 0 and f"{d}:{v}" in drop_set:
+                    merged["dropped"][f"{d}:{v}"] = {k: entry[k] for k in entry if k != "runs"} | {
+                        "seeds": [r.get("seed") for r in entry["runs"]], "from": part["command"]}
+                    continue
                 into = merged["data"].setdefault(d, {}).setdefault(v, {"recipe": entry["recipe"],
                                                                         "overrides": entry["overrides"], "runs": []})
-                into["runs"].extend(entry["runs"])
+                first = part["settings"].get("first_seed", 0)
+                # files from before runs recorded their seed: seeds ran first_seed, first_seed + 1, ...
+                into["runs"].extend({"seed": first + k, **r} for k, r in enumerate(entry["runs"]))
     for per in merged["data"].values():
         for entry in per.values():
             entry.update(summarise(entry["runs"]))
-    merged["command"] = " + ".join(merged["commands"]) + f" ; merged by --merge {' '.join(paths)}"
+    merged["command"] = (" + ".join(merged["commands"]) + f" ; merged by --merge {' '.join(paths)}"
+                         + (f" --drop {' '.join(drop)}" if drop else ""))
     merged["commit"] = merged["commits"][-1]
     return merged
 
 
 def table(results: dict) -> str:
-    lines = ["| data | variant | seeds | test NLL (nats) / bits/dim | NFE fwd | NFE bwd | train s | final T (per seed) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | variant | seeds | test NLL (nats) / bits/dim | NFE fwd | NFE fwd, last 10% | NFE bwd | train s "
+             "| final T (per seed) |", "|---|---|---|---|---|---|---|---|---|"]
     for d, per in results["data"].items():
         for v, e in per.items():
             score = e.get("test_bits_per_dim", e.get("test_nll_nats"))
             T = "; ".join(", ".join(f"{t:.3f}" for t in et.values()) for et in e["end_times"])
             lines.append(f"| {d} | {v} | {len(e['runs'])} | {score['mean']:.4f} ± {score['std']:.4f} | "
                          f"{e['nfe_forward_mean']['mean']:.1f} ± {e['nfe_forward_mean']['std']:.1f} | "
+                         f"{e.get('nfe_forward_last10pct', {}).get('mean', float('nan')):.1f} | "
                          f"{e['nfe_backward_mean']['mean']:.1f} | {e['train_seconds']['mean']:.1f} | {T} |")
     return "\n".join(lines)
 
