@@ -1,4 +1,4 @@
-"""CCNF vs InfoCNF (002 Tables 1-2, at CPU scale): test error, conditional NLL, NFE, wall time.
+"""CCNF vs InfoCNF (InfoCNF, Nguyen et al. 2019, Tables 1-2, at CPU scale): test error, conditional NLL, NFE, wall time.
 
 Trains the ``digits-ccnf`` and ``digits-infocnf`` recipes (and, with ``--datasets digits,mnist``,
 the same models on ``mnist-test-split`` from ``--mnist-root``) for the same number of iterations
@@ -15,19 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+from common import RESULTS, Timer, load_average, mean_std, pyplot, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe  # noqa: E402
-from fastcnf.training.trainer import Trainer  # noqa: E402
+from fastcnf.config import load_recipe
+from fastcnf.training.trainer import Trainer
 
 KINDS = ("ccnf", "infocnf")
 #: metrics reported per run (metrics.json key -> table header)
@@ -46,13 +39,6 @@ DATA_OVERRIDES = {
 }
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:  # pragma: no cover - outside a checkout
-        return "unknown"
-
-
 def run_one(dataset: str, kind: str, seed: int, args) -> dict:
     overrides = list(DATA_OVERRIDES[dataset]) + [f"train.iterations={args.iterations}", f"seed={seed}",
                                                  "train.checkpoint_every=0"] + list(args.set)
@@ -60,9 +46,9 @@ def run_one(dataset: str, kind: str, seed: int, args) -> dict:
         overrides.append(f"data.root={args.mnist_root}")
     cfg = load_recipe(f"digits-{kind}", overrides)
     out = Path(args.runs) / f"{dataset}-{kind}-seed{seed}"
-    t0 = time.perf_counter()
-    metrics = Trainer(cfg, out, progress=False, quiet=True).fit()
-    metrics["wall_seconds"] = time.perf_counter() - t0
+    with Timer() as timer:
+        metrics = Trainer(cfg, out, progress=False, quiet=True).fit()
+    metrics["wall_seconds"] = timer.wall
     row = {k: metrics.get(k) for k in COLUMNS}
     row.update(dataset=dataset, kind=kind, seed=seed, run_dir=str(out))
     print(json.dumps(row), flush=True)
@@ -78,11 +64,10 @@ def summarise(rows: list[dict]) -> dict:
         for kind, rs in kinds.items():
             entry = {}
             for k in COLUMNS:
-                vals = [float(r[k]) for r in rs if r.get(k) is not None]
-                if k == "test_error":
-                    vals = [100 * v for v in vals]
-                if vals:
-                    entry[k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
+                scale = 100 if k == "test_error" else 1  # test error in per cent
+                stats = mean_std(scale * float(r[k]) for r in rs if r.get(k) is not None)
+                if stats:
+                    entry[k] = stats
             summary.setdefault(ds, {})[kind] = entry
     return summary
 
@@ -99,11 +84,7 @@ def table(summary: dict, n_seeds: int) -> str:
 
 
 def figure(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     keys = ["test_error", "test_bits_per_dim_conditional", "nfe_forward_mean", "nfe_backward_mean"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.2))
     for ax, k in zip(axes, keys):
@@ -118,9 +99,7 @@ def figure(summary: dict, path: Path) -> None:
         ax.set_xticks(range(len(means)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_title(COLUMNS[k], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mnist-root", default="/work/shared/data/mnist")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE overrides for every run")
     p.add_argument("--runs", default="runs/bench-conditioning")
-    p.add_argument("--out", default=str(HERE / "results" / "conditioning.json"))
+    p.add_argument("--out", default=str(RESULTS / "conditioning.json"))
     p.add_argument("--from-log", default=None,
                    help="summarise the run lines printed by an earlier (interrupted) run instead of training; "
                         "seeds missing a model are dropped")
     p.add_argument("--log-command", default=None, help="with --from-log: the command that produced the log")
     args = p.parse_args(argv)
+    started = run_metadata(__file__, argv)
     datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     for d in datasets:
         if d not in DATA_OVERRIDES:
@@ -156,14 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         rows = [run_one(ds, kind, seed, args) for ds in datasets for seed in args.seeds for kind in KINDS]
     summary = summarise(rows)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig_path = out.with_suffix(".png")
     figure(summary, fig_path)
     result = {
-        "command": "PYTHONPATH=src python " + " ".join([os.path.relpath(__file__, HERE.parent)] + sys.argv[1:]),
-        "commit": _commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg()},
+        **started,
+        "load_average_end": load_average(),
         "training_command": args.log_command if args.from_log else None,
         "iterations": args.iterations, "seeds": args.seeds, "overrides": args.set,
         "runs": rows, "summary": summary, "figure": str(fig_path),
@@ -174,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "infocnf": {"test_error": 0.60, "bits_per_dim": 1.030, "nfe": 589}},
         },
     }
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(out, result)
     print(table(summary, len(args.seeds)))
     print(f"wrote {out} and {fig_path}")
     return 0

@@ -1,12 +1,12 @@
 """End-time policies compared at equal iterations: FFJORD (fixed T) vs TO-FLOW vs STEER vs RNODE vs
-TO-FLOW + RNODE (issue 11; TO-FLOW 004 Table 1 and Figure 1), plus a TO-FLOW settings study.
+TO-FLOW + RNODE (issue 11; TO-FLOW, Du et al. 2022, Table 1 and Figure 1), plus a TO-FLOW settings study.
 
 For every (data set, variant, seed) it trains with the one fastcnf trainer and records the test
 NLL (toy) or bits/dim (images), mean forward/backward NFE per training iteration, training wall
 time and the final T per block; the T and NFE curves come from each run's log.csv.
 
 Outputs: ``benchmarks/results/endtime.json`` (with the command, commit and machine), the figures
-``benchmarks/results/endtime_densities.png`` (learned 2-D densities side by side, 004 Figure 1
+``benchmarks/results/endtime_densities.png`` (learned 2-D densities side by side, TO-FLOW (Du et al. 2022) Figure 1
 style) and ``benchmarks/results/endtime_T.png`` (T and NFE over training).
 
 Run ``PYTHONPATH=src python benchmarks/endtime.py`` (defaults sized for ~15 minutes on 2 CPU
@@ -15,18 +15,14 @@ cores; ``--help`` for the sizes: toy sets, iterations, seeds, the study, digits,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from common import RESULTS, Timer, mean_std, pyplot, read_log, run_metadata, save_figure, write_json
 
 from fastcnf.config import load_recipe
 from fastcnf.training.trainer import Trainer
@@ -53,7 +49,6 @@ STUDY: dict[str, list[str]] = {
     "ffjord-T1": ["model.end_time=1.0"],
     "toflow-T1": ["endtime.policy=toflow", "model.end_time=1.0"],
 }
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run_one(recipe: str, overrides: list[str], seed: int) -> dict:
@@ -61,11 +56,9 @@ def run_one(recipe: str, overrides: list[str], seed: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, progress=False)
         tr.figures = lambda: None  # figures are drawn here, not per run
-        t0 = time.perf_counter()
-        m = tr.fit()
-        wall = time.perf_counter() - t0
-        with open(Path(tmp) / "log.csv") as fh:
-            rows = list(csv.DictReader(fh))
+        with Timer() as timer:
+            m = tr.fit()
+        rows = read_log(Path(tmp) / "log.csv")
         density = None
         if tr.bundle.dim == 2:
             from fastcnf.evaluation.plots import density_2d
@@ -77,7 +70,7 @@ def run_one(recipe: str, overrides: list[str], seed: int) -> dict:
     return {
         "test_nll_nats": m["test_nll_nats"], "test_bits_per_dim": m.get("test_bits_per_dim"),
         "nfe_forward_mean": m["nfe_forward_mean"], "nfe_backward_mean": m["nfe_backward_mean"],
-        "eval_nfe_forward": m.get("eval_nfe_forward"), "train_seconds": m["train_seconds"], "wall_seconds": wall,
+        "eval_nfe_forward": m.get("eval_nfe_forward"), "train_seconds": m["train_seconds"], "wall_seconds": timer.wall,
         "end_times": m["end_times"],
         "curves": {"nfe_forward": [float(r["nfe_forward"]) for r in rows],
                    **{k: [float(r[k]) for r in rows] for k in t_cols}},
@@ -88,23 +81,19 @@ def run_one(recipe: str, overrides: list[str], seed: int) -> dict:
 def summarise(runs: list[dict]) -> dict:
     out = {}
     for key in ("test_nll_nats", "test_bits_per_dim", "nfe_forward_mean", "nfe_backward_mean", "train_seconds"):
-        vals = [r[key] for r in runs if r.get(key) is not None]
-        if vals:
-            out[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+        stats = mean_std(r.get(key) for r in runs)
+        if stats:
+            out[key] = stats
     # forward NFE late in training (mean of the last 10% of iterations): where T has moved
-    late = [float(np.mean(c[-max(1, len(c) // 10):])) for c in (r["curves"]["nfe_forward"] for r in runs) if c]
+    late = mean_std(float(np.mean(c[-max(1, len(c) // 10):])) for c in (r["curves"]["nfe_forward"] for r in runs) if c)
     if late:
-        out["nfe_forward_last10pct"] = {"mean": float(np.mean(late)), "std": float(np.std(late))}
+        out["nfe_forward_last10pct"] = late
     out["end_times"] = [r["end_times"] for r in runs]
     return out
 
 
 def figures(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     # densities: the equal-iteration comparison only (keys with a --data-suffix are extra studies)
     toy = {d: v for d, v in results["data"].items()
            if "@" not in d and any(r["runs"][0]["density"] for r in v.values())}
@@ -125,9 +114,7 @@ def figures(results: dict) -> None:
                     ax.set_title(v, fontsize=8)
                 if j == 0:
                     ax.set_ylabel(d, fontsize=8)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "endtime_densities.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, RESULTS / "endtime_densities.png")
     datasets = list(results["data"])
     ncol = min(5, len(datasets))
     nrow = -(-len(datasets) // ncol)
@@ -149,9 +136,7 @@ def figures(results: dict) -> None:
         top.legend(fontsize=5)
     for j in range(len(datasets), nrow * ncol):
         axes[2 * (j // ncol), j % ncol].axis("off"), axes[2 * (j // ncol) + 1, j % ncol].axis("off")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "endtime_T.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, RESULTS / "endtime_T.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -187,8 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch threads (2 oversubscribes a shared 2-core machine)")
     args = p.parse_args(argv)
     if args.merge:
-        results = merge(args.merge, drop=args.drop)
-        _write(results, Path(args.out))
+        # the merged files' commands, commits and machine stand; the date and tree state are the merge's
+        results = {**run_metadata(__file__, argv), **merge(args.merge, drop=args.drop)}
+        write_json(args.out, results, indent=None)
         if args.figures:
             figures(results)
         print(table(results))
@@ -219,15 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "data.name=mnist-test-split", f"data.root={mnist_root}", f"train.iterations={args.mnist_iterations}",
                 "model.hidden_dims=[32,32]", "model.num_blocks=1", "solver.adjoint=false", "train.batch_size=100",
                 "eval.max_examples=500", *VARIANTS[v]]))
-    results: dict = {
-        "command": "PYTHONPATH=src python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"{args.threads} threads",
-        "settings": vars(args),
-        "data": {},
-    }
-    RESULTS.mkdir(exist_ok=True)
+    results: dict = {**run_metadata(__file__, argv), "settings": vars(args), "data": {}}
     for d, v, recipe, overrides in plan:
         runs = []
         for seed in range(args.first_seed, args.first_seed + seeds.get(d, args.seeds)):
@@ -240,17 +218,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['nfe_backward_mean']:.1f}  train {r['train_seconds']:.1f}s  T {T}", flush=True)
         results["data"].setdefault(d + args.data_suffix, {})[v] = {"recipe": recipe, "overrides": overrides, **summarise(runs),
                                                "runs": runs}
-        _write(results, Path(args.out))
+        write_json(args.out, results, indent=None)
     if args.figures:
         figures(results)
     print("\n" + table(results))
     return results
-
-
-def _write(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        json.dump(results, fh)
 
 
 def merge(paths: list[str], drop: list[str] = ()) -> dict:

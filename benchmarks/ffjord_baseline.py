@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 
@@ -48,6 +47,8 @@ import numpy as np
 import torch
 from torch import nn
 from torchdiffeq import odeint_adjoint
+
+from common import write_json
 
 __all__ = ["TOY_DATA", "inf_train_gen", "ODEnet", "ODEfunc", "CNF", "build_model", "compute_loss",
            "train", "evaluate_nll"]
@@ -348,9 +349,7 @@ def main(argv=None) -> int:
     summary = {k: v for k, v in metrics.items() if not isinstance(v, list)}
     print(json.dumps(summary, indent=1))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(metrics, f)
+        write_json(args.json, metrics, indent=None)
     return 0
 
 

@@ -1,9 +1,9 @@
-"""LatentODE vs partitioned LatentODE on the bi-directional spirals (InfoCNF 002 §4.6, Figure 6).
+"""LatentODE vs partitioned LatentODE on the bi-directional spirals (InfoCNF, Nguyen et al. 2019, §4.6, Figure 6).
 
 Trains the recipes ``spirals-latentode`` and ``spirals-latentode-partitioned`` through the one
 trainer for several seeds and reports, per model, the mean and standard deviation over seeds of
 the test reconstruction MSE, extrapolation MSE (both against the noise-free spirals), direction
-accuracy, negative ELBO, the training NFE (forward/backward per step) and the wall time. 002
+accuracy, negative ELBO, the training NFE (forward/backward per step) and the wall time. InfoCNF
 claims the partitioned latent fits and extrapolates better.
 
 Usage (from the repository root; ~10-15 min on 2 shared CPU cores with the defaults)::
@@ -17,17 +17,9 @@ row, the same test spirals; solid = reconstruction of the observed window, dashe
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shlex
-import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import torch
+from common import Timer, mean_std, pyplot, run_metadata, save_figure, write_json
 
 from fastcnf.config import load_recipe
 from fastcnf.training.trainer import Trainer
@@ -46,6 +38,7 @@ def main() -> None:
     p.add_argument("--work", default="benchmarks/_work/latent_ode")
     p.add_argument("--out", default="benchmarks/results/latent_ode.json")
     args = p.parse_args()
+    started = run_metadata(__file__)
 
     runs: list[dict] = []
     trainers: dict[str, Trainer] = {}
@@ -54,10 +47,10 @@ def main() -> None:
             cfg = load_recipe(recipe, [f"seed={seed}", f"train.iterations={args.iterations}",
                                        f"data.n_train={args.n_train}", f"data.n_test={args.n_test}",
                                        "train.checkpoint_every=0"])
-            t0 = time.perf_counter()
-            trainer = Trainer(cfg, Path(args.work) / f"{variant}-seed{seed}", quiet=True, progress=False)
-            m = trainer.fit()
-            m["wall_seconds"] = time.perf_counter() - t0
+            with Timer() as timer:
+                trainer = Trainer(cfg, Path(args.work) / f"{variant}-seed{seed}", quiet=True, progress=False)
+                m = trainer.fit()
+            m["wall_seconds"] = timer.wall
             runs.append({"variant": variant, "recipe": recipe, "seed": seed,
                          **{k: m.get(k) for k in METRICS}})
             print(f"{variant:12s} seed {seed}: " + ", ".join(
@@ -70,10 +63,9 @@ def main() -> None:
         rows = [r for r in runs if r["variant"] == variant]
         summary[variant] = {}
         for k in METRICS:
-            vals = [r[k] for r in rows if isinstance(r[k], (int, float))]
-            if vals:
-                summary[variant][k] = {"mean": statistics.fmean(vals),
-                                       "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
+            stats = mean_std((r[k] for r in rows if isinstance(r[k], (int, float))), ddof=1)
+            if stats:
+                summary[variant][k] = stats
     print("\n| model | recon MSE | extrap MSE | direction acc | -ELBO (nats) | NFE fwd/bwd | wall s |")
     print("|---|---|---|---|---|---|---|")
     for variant, s in summary.items():
@@ -87,47 +79,35 @@ def main() -> None:
     print(f"\npartitioned extrapolation MSE lower than the baseline's in {better}/{len(paired)} seeds")
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     fig_path = out.with_name("latent_ode_trajectories.png")
     _figure(trainers, fig_path)
     result = {
-        "command": "PYTHONPATH=src python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
-        "machine": f"{platform.machine()} {platform.processor()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                   f"threads 1 (recipe), shared machine",
+        **started,
         "iterations": args.iterations, "seeds": args.seeds, "n_train": args.n_train, "n_test": args.n_test,
         "summary": summary, "runs": runs,
         "partitioned_better_extrapolation_seeds": f"{better}/{len(paired)}",
         "figure": str(fig_path),
     }
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(out, result)
     print(f"wrote {out} and {fig_path}")
 
 
 def _figure(trainers: dict[str, Trainer], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from fastcnf.training.latent_ode_task import plot_trajectories
+    from fastcnf.evaluation.plots import plot_trajectories
 
     if len(trainers) < 2:
         return
     k = min(t.cfg.latent_ode.n_figure for t in trainers.values())
-    fig, axes = plt.subplots(2, k, figsize=(2.4 * k, 5.0), squeeze=False)
+    fig, axes = pyplot().subplots(2, k, figsize=(2.4 * k, 5.0), squeeze=False)
     for row, (variant, trainer) in enumerate(trainers.items()):
         task = trainer.task
-        x_pred, _ = task.figure_trajectories(trainer)
+        x_pred, _ = task.figure_trajectories(trainer.model, trainer.device, trainer.dtype)
         test = task.bundle.test
         plot_trajectories(test.x[:k][:, task.steps], test.y[:k], x_pred[:k], task.n_observed, axes=axes[row])
         axes[row][0].set_ylabel("(a) LatentODE" if variant == "latentode" else "(b) partitioned", fontsize=8)
-    fig.suptitle("Trajectories learned without (top) and with (bottom) the partitioned latent (002 Fig. 6)",
+    fig.suptitle("Trajectories learned without (top) and with (bottom) the partitioned latent (InfoCNF, Nguyen et al. 2019, Fig. 6)",
                  fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

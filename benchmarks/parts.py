@@ -1,8 +1,8 @@
-"""Benchmark: end-to-end Glow vs Glow trained by parts (003: alternate, then end-to-end fine-tuning).
+"""Benchmark: end-to-end Glow vs Glow trained by parts (Flows by Parts, Bhatt & Inouye 2021: alternate, then end-to-end fine-tuning).
 
 For each data set and seed, trains ``digits-glow`` (end to end) and ``digits-glow-parts`` (2 parts
 across blocks, 1_1/2 -> 1_1/2, 2; alternate for the first 2/3 of the iterations, end to end for
-the last 1/3, as 003's 60 + 30 epochs) with the same iterations, evaluating the test bits/dim
+the last 1/3, as Flows by Parts' (Bhatt & Inouye 2021) 60 + 30 epochs) with the same iterations, evaluating the test bits/dim
 every ``--eval-every`` iterations (evaluation time is not counted). Reports, per seed:
 
 * final test bits/dim of both runs and their difference (target: within 0.01);
@@ -22,29 +22,15 @@ Writes ``benchmarks/results/parts.json`` (command, commit, machine, every figure
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
+from common import RESULTS, Timer, load_average, run_metadata, time_to_target, write_json
+
 from fastcnf.config import load_recipe
 from fastcnf.training.trainer import Trainer
-
-RESULTS = Path(__file__).resolve().parent / "results" / "parts.json"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return ""
 
 
 def run_one(recipe: str, overrides: list[str], eval_every: int, out_dir: Path) -> dict:
@@ -52,28 +38,20 @@ def run_one(recipe: str, overrides: list[str], eval_every: int, out_dir: Path) -
     cfg = load_recipe(recipe, overrides)
     trainer = Trainer(cfg, out_dir, progress=False)
     curve = []
-    wall = cpu = 0.0
+    timer = Timer()
     while trainer.iteration < cfg.train.iterations:
-        w0, c0 = time.perf_counter(), time.process_time()
-        ctx = trainer.train_step()
-        wall += time.perf_counter() - w0
-        cpu += time.process_time() - c0
+        with timer:
+            ctx = trainer.train_step()
         trainer.iteration += 1
         if not torch.isfinite(ctx["loss"]):
             raise RuntimeError(f"{recipe}: loss diverged at iteration {trainer.iteration}")
         if trainer.iteration % eval_every == 0 or trainer.iteration == cfg.train.iterations:
-            m = trainer.task.evaluate(trainer, trainer.hooks)
-            curve.append({"iteration": trainer.iteration, "wall_s": wall, "cpu_s": cpu,
+            m = trainer.evaluate()
+            curve.append({"iteration": trainer.iteration, "wall_s": timer.wall, "cpu_s": timer.cpu,
                           "test_bits_per_dim": m["test_bits_per_dim"]})
-    return {"recipe": recipe, "overrides": overrides, "curve": curve, "train_wall_s": wall, "train_cpu_s": cpu,
+    return {"recipe": recipe, "overrides": overrides, "curve": curve, "train_wall_s": timer.wall,
+            "train_cpu_s": timer.cpu,
             "final_test_bits_per_dim": curve[-1]["test_bits_per_dim"]}
-
-
-def time_to(curve: list[dict], target: float, key: str) -> float | None:
-    for point in curve:
-        if point["test_bits_per_dim"] <= target:
-            return point[key]
-    return None
 
 
 def main() -> None:
@@ -86,9 +64,10 @@ def main() -> None:
     ap.add_argument("--tolerance", type=float, default=0.01, help="bits/dim: 'equal' means within this")
     ap.add_argument("--mnist-root", default="/work/shared/data/mnist")
     ap.add_argument("--mnist-seeds", default="0")
-    ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--out", default=str(RESULTS / "parts.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
+    started = run_metadata(__file__)
 
     setups = []
     for name in args.datasets.split(","):
@@ -122,7 +101,8 @@ def main() -> None:
                    "e2e_train_cpu_s": e2e["train_cpu_s"], "parts_train_cpu_s": parts["train_cpu_s"],
                    "target_bits_per_dim": target}
             for key in ("wall_s", "cpu_s"):
-                t_e2e, t_parts = time_to(e2e["curve"], target, key), time_to(parts["curve"], target, key)
+                t_e2e, t_parts = (time_to_target(run["curve"], "test_bits_per_dim", target, key)
+                                  for run in (e2e, parts))
                 row[f"e2e_time_to_target_{key}"] = t_e2e
                 row[f"parts_time_to_target_{key}"] = t_parts
                 row[f"time_saving_to_target_{key}"] = (None if t_parts is None or not t_e2e
@@ -143,19 +123,8 @@ def main() -> None:
         print(f"{r['data']:<18}{r['seed']:>5}{r['e2e_bits_per_dim']:>9.4f}{r['parts_bits_per_dim']:>10.4f}"
               f"{r['bits_per_dim_difference']:>8.4f}{r['e2e_train_cpu_s']:>9.1f}{r['parts_train_cpu_s']:>10.1f}"
               f"{r['total_time_saving_cpu_s']:>8.1%}{'never' if to_target is None else f'{to_target:.1%}':>10}")
-    result = {
-        "benchmark": "parts",
-        "command": " ".join([sys.executable, *sys.argv]),
-        "commit": _commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "load_average_at_end": os.getloadavg()},
-        "settings": vars(args),
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json(args.out, {"benchmark": "parts", **started, "load_average_end": load_average(),
+                                "settings": vars(args), "rows": rows})
     print(f"wrote {out}")
 
 

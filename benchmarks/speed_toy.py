@@ -29,75 +29,25 @@ hour on 2 cores), ``--quick`` for a short check. Results and the machine are des
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as _dt
 import json
-import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _path in (ROOT / "src", HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from common import ROOT, Timer, load_average, read_log, run_metadata, source_env, write_json
+
+HERE = Path(__file__).resolve().parent
 
 TARGETS = {"per_iteration_speedup": 5.0, "nll_gap_nats": 0.05, "whole_run_speedup": 3.0,
            "time_to_quality_fraction": 0.25}
 
 
-# ---- environment --------------------------------------------------------------------------------
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torchdiffeq
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchdiffeq": getattr(torchdiffeq, "__version__", "?"),
-        "torch_default_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-    }
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
-
-
+# ---- processes ----------------------------------------------------------------------------------
 def run_timed(cmd: list[str], log_path: Path, metrics_path: Path) -> tuple[float, float, int]:
     """Run ``cmd``: the wall time from launch until ``metrics_path`` exists, until exit, and the
     exit status."""
@@ -106,7 +56,7 @@ def run_timed(cmd: list[str], log_path: Path, metrics_path: Path) -> tuple[float
     written = None
     with open(log_path, "w") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=source_env(), stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             if written is None and metrics_path.exists():
                 written = time.perf_counter() - t0
@@ -177,12 +127,8 @@ def run_baseline(data: str, iterations: int, seed: int, tail: int, test_file: Pa
 
 
 def _read_log(run_dir: Path) -> dict[str, list[float]]:
-    cols: dict[str, list[float]] = {"seconds": [], "nfe_forward": [], "nfe_backward": [], "loss": []}
-    with open(run_dir / "log.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            for k in cols:
-                cols[k].append(float(row[k]))
-    return cols
+    rows = read_log(run_dir / "log.csv")
+    return {k: [float(row[k]) for row in rows] for k in ("seconds", "nfe_forward", "nfe_backward", "loss")}
 
 
 def run_fastcnf_inprocess(data: str, iterations: int, seed: int, tail: int, overrides: list[str], work: Path) -> dict:
@@ -191,24 +137,23 @@ def run_fastcnf_inprocess(data: str, iterations: int, seed: int, tail: int, over
 
     out = work / f"fastcnf-{data}"
     cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, iterations, seed, overrides))
-    t0 = time.perf_counter()
-    trainer = Trainer(cfg, out, quiet=True, progress=False)
-    cpu_seconds: list[float] = []
-    step = trainer.train_step
+    with Timer() as whole:
+        trainer = Trainer(cfg, out, quiet=True, progress=False)
+        cpu_seconds: list[float] = []
+        step = trainer.train_step
 
-    def timed_step():  # the process CPU time of each step, next to the trainer's own wall clock
-        c0 = time.process_time()
-        ctx = step()
-        cpu_seconds.append(time.process_time() - c0)
-        return ctx
+        def timed_step():  # the process CPU time of each step, next to the trainer's own wall clock
+            with Timer() as step_timer:
+                ctx = step()
+            cpu_seconds.append(step_timer.cpu)
+            return ctx
 
-    trainer.train_step = timed_step
-    metrics = trainer.fit()
-    wall = time.perf_counter() - t0
+        trainer.train_step = timed_step
+        metrics = trainer.fit()
     log = _read_log(out)
     return {
         "overrides": fastcnf_overrides(data, iterations, seed, overrides),
-        "in_process_seconds": wall,
+        "in_process_seconds": whole.wall,
         "seconds_per_iteration": _tail_mean(log["seconds"], tail),
         "cpu_seconds_per_iteration": _tail_mean(cpu_seconds, tail),
         "nfe_forward": _tail_mean(log["nfe_forward"], tail),
@@ -246,27 +191,25 @@ def run_to_quality(data: str, seed: int, target_nll: float, overrides: list[str]
     out = work / f"fastcnf-quality-{data}"
     cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, max_iterations, seed, overrides))
     t_start = time.perf_counter()
-    trainer = Trainer(cfg, out, quiet=True, progress=False)
-    setup = time.perf_counter() - t_start
-    train_seconds = eval_seconds = 0.0
+    with Timer() as setup:
+        trainer = Trainer(cfg, out, quiet=True, progress=False)
+    training, evaluation = Timer(), Timer()
     curve = []
     reached = None
     while trainer.iteration < max_iterations:
-        t0 = time.perf_counter()
-        trainer.train_step()
-        trainer.iteration += 1
-        train_seconds += time.perf_counter() - t0
+        with training:
+            trainer.train_step()
+            trainer.iteration += 1
         if trainer.iteration % eval_every == 0:
-            t0 = time.perf_counter()
-            nll = trainer.task.evaluate(trainer, trainer.hooks)["test_nll_nats"]
-            eval_seconds += time.perf_counter() - t0
-            curve.append({"iteration": trainer.iteration, "train_seconds": train_seconds, "test_nll": nll})
+            with evaluation:
+                nll = trainer.evaluate()["test_nll_nats"]
+            curve.append({"iteration": trainer.iteration, "train_seconds": training.wall, "test_nll": nll})
             if nll is not None and nll <= target_nll:
                 reached = trainer.iteration
                 break
     return {"overrides": fastcnf_overrides(data, max_iterations, seed, overrides), "target_nll": target_nll,
-            "reached_at_iteration": reached, "train_seconds": train_seconds if reached else None,
-            "monitoring_eval_seconds": eval_seconds, "setup_seconds": setup,
+            "reached_at_iteration": reached, "train_seconds": training.wall if reached else None,
+            "monitoring_eval_seconds": evaluation.wall, "setup_seconds": setup.wall,
             "wall_seconds": time.perf_counter() - t_start, "eval_every": eval_every, "curve": curve}
 
 
@@ -318,7 +261,9 @@ def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats
         model = copy.deepcopy(trainer.model)
         for block in model.cnf_blocks():
             block.solver = SolverConfig(**{**vars(block.solver), "backend": v["backend"],
-                                           "adjoint": v.get("adjoint", False), "fused": v.get("fused", True)})
+                                           "adjoint": v.get("adjoint", False),
+                                           # a patched trace kernel is not the fused solve's kernel
+                                           "fused": v.get("fused", True) and v["trace"]})
             if not v["trace"]:
                 block.net.trace_forward = block.net._trace_forward_autograd
         models[name] = (model, torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
@@ -332,19 +277,19 @@ def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats
     for _ in range(repeats):
         x = sampler(cfg.train.batch_size, rng)[0]
         for name, (model, opt) in models.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            opt.zero_grad(set_to_none=True)
-            if name == "FFJORD baseline":
-                loss = fb.compute_loss(model, x)
-                n_forward = model.num_evals()
-                loss.backward()
-                nfe[name] = (n_forward, model.num_evals() - n_forward)
-            else:
-                loss = -model.log_prob(x).mean()
-                loss.backward()
-                nfe[name] = model.nfe_last()
-            opt.step()
-            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
+            with Timer() as step_timer:
+                opt.zero_grad(set_to_none=True)
+                if name == "FFJORD baseline":
+                    loss = fb.compute_loss(model, x)
+                    n_forward = model.num_evals()
+                    loss.backward()
+                    nfe[name] = (n_forward, model.num_evals() - n_forward)
+                else:
+                    loss = -model.log_prob(x).mean()
+                    loss.backward()
+                    nfe[name] = model.nfe_last()
+                opt.step()
+            times[name].append((step_timer.wall, step_timer.cpu))
     out = {}
     for name, ts in times.items():
         ts = ts[2:]  # warm-up
@@ -449,11 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {
         "benchmark": "speed_toy (issue 8)",
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["speed_toy.py", *argv]),
-        "commit": _git("rev-parse", "HEAD"),
-        "working_tree_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        **run_metadata(__file__, argv),
         "load_average_start": load_average(),
         "settings": {"data": args.data, "iterations": args.iterations, "seed": args.seed,
                      "tail_iterations": tail, "fastcnf_overrides": args.fastcnf_set,
@@ -500,9 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     report["table"] = text
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_json(args.json, report, indent=1)
         print(f"\nwrote {args.json}")
     return 0
 

@@ -1,5 +1,5 @@
-"""Fixed vs learned solver tolerances (002 §4.4, Tables 1-2, at CPU scale) + the integrate-to-one
-curve (002 §4.2, Figure 2a).
+"""Fixed vs learned solver tolerances (InfoCNF, Nguyen et al. 2019, §4.4, Tables 1-2, at CPU scale) + the integrate-to-one
+curve (InfoCNF §4.2, Figure 2a).
 
 For InfoCNF and the unconditional CNF on scikit-learn's digits, trains with the tolerance fixed
 at 1e-5 (``tolerances.policy=fixed``) and learned by gates + REINFORCE (the
@@ -11,7 +11,7 @@ evaluation tolerance 1e-5), test error (InfoCNF), training and wall time. Then t
 Writes ``benchmarks/results/tolerances.json`` (command, commit, machine, every run with its
 per-iteration NFE and sampled tolerances, means, learned-vs-fixed ratios), the figure
 ``tolerances_training.png`` (NFE per iteration, fixed vs learned, and the learned tolerance of
-each block, means over seeds), ``tolerances_integrate.png`` (002 Fig. 2a) and prints Markdown tables.
+each block, means over seeds), ``tolerances_integrate.png`` (InfoCNF, Nguyen et al. 2019, Fig. 2a) and prints Markdown tables.
 
 Example (the run recorded in benchmarks/README.md)::
 
@@ -21,24 +21,17 @@ Example (the run recorded in benchmarks/README.md)::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
-import platform
 import shutil
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "src"))
+from common import RESULTS, ROOT, Timer, mean_std, pyplot, read_log, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe  # noqa: E402
-from fastcnf.evaluation.integrate import integrate_run  # noqa: E402
-from fastcnf.training.trainer import Trainer  # noqa: E402
+from fastcnf.config import load_recipe
+from fastcnf.evaluation.integrate import integrate_run
+from fastcnf.training.trainer import Trainer
 
 MODELS = {"infocnf": "digits-infocnf-learned-tol", "cnf": "digits-cnf-learned-tol"}
 POLICIES = {"fixed": ["tolerances.policy=fixed"], "learned": []}
@@ -46,24 +39,15 @@ COLUMNS = ["nfe_forward_mean", "nfe_backward_mean", "test_bits_per_dim", "test_e
            "wall_seconds"]
 
 
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=HERE, text=True).strip()
-    except Exception:  # pragma: no cover
-        return "unknown"
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _mean_std(values) -> tuple[float | None, float | None]:
+    """(mean, sample std), the pair this result file stores; (None, None) without values."""
+    stats = mean_std(values, ddof=1)
+    return (stats["mean"], stats["std"]) if stats else (None, None)
 
 
 def _curves(log_path: Path) -> dict:
     """Per-iteration NFE (forward + backward) and sampled log10 tolerance per block, from log.csv."""
-    with open(log_path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
+    rows = read_log(log_path)
     nfe = [float(r["nfe_forward"]) + float(r["nfe_backward"]) for r in rows]
     tols = {c[4:]: [math.log10(float(r[c])) if r[c] not in ("", None) else None for r in rows]
             for c in (rows[0] if rows else {}) if c.startswith("tol.")}
@@ -72,13 +56,9 @@ def _curves(log_path: Path) -> dict:
 
 
 def _figure(runs: list, models: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, len(models), figsize=(5 * len(models), 6.5), squeeze=False)
+    fig, axes = pyplot().subplots(2, len(models), figsize=(5 * len(models), 6.5), squeeze=False)
     for m, model in enumerate(models):
         ax = axes[0, m]
         for policy, colour in (("fixed", "tab:blue"), ("learned", "tab:orange")):
@@ -103,9 +83,7 @@ def _figure(runs: list, models: list, path: Path) -> None:
         ax.set_title(f"{model}: sampled log10 tolerance (learned, mean over seeds)")
         ax.set_xlabel("iteration")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -116,9 +94,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mix1d-iterations", type=int, default=150)
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE overrides for every run")
-    p.add_argument("--work", default=str(HERE / "_work" / "tolerances"))
-    p.add_argument("--out", default=str(HERE / "results" / "tolerances.json"))
+    p.add_argument("--work", default=str(ROOT / "benchmarks" / "_work" / "tolerances"))
+    p.add_argument("--out", default=str(RESULTS / "tolerances.json"))
     args = p.parse_args(argv)
+    started = run_metadata(__file__, argv)
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     runs = []
@@ -129,10 +108,9 @@ def main(argv=None) -> int:
             for seed in args.seeds:
                 cfg = load_recipe(MODELS[model], common + extra + [f"seed={seed}"])
                 out = work / f"{model}-{policy}-{seed}"
-                t0 = time.perf_counter()
-                metrics = Trainer(cfg, out, quiet=True, progress=False).fit()
-                wall = time.perf_counter() - t0
-                row = {"model": model, "policy": policy, "seed": seed, "wall_seconds": wall,
+                with Timer() as timer:
+                    metrics = Trainer(cfg, out, quiet=True, progress=False).fit()
+                row = {"model": model, "policy": policy, "seed": seed, "wall_seconds": timer.wall,
                        **{k: metrics.get(k) for k in COLUMNS if k != "wall_seconds"},
                        "tolerances": metrics.get("tolerances"), **_curves(out / "log.csv")}
                 runs.append(row)
@@ -152,27 +130,22 @@ def main(argv=None) -> int:
             "nfe_reduction_second_half": 1 - half["learned"] / half["fixed"],
             "nll_change_relative": learned["test_bits_per_dim"][0] / fixed["test_bits_per_dim"][0] - 1,
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     _figure(runs, args.models.split(","), Path(args.out).with_name("tolerances_training.png"))
-    # integrate-to-one (002 Fig. 2a)
+    # integrate-to-one (InfoCNF, Nguyen et al. 2019, Fig. 2a)
     cfg = load_recipe("mix1d-infocnf", [f"train.iterations={args.mix1d_iterations}", f"threads={args.threads}",
                                         "train.checkpoint_every=0"])
     trainer = Trainer(cfg, work / "mix1d-infocnf", quiet=True, progress=False)
     mix_metrics = trainer.fit()
-    integral = integrate_run(trainer)
+    integral = integrate_run(trainer.model, trainer.bundle, trainer.out_dir)
     shutil.copy(work / "mix1d-infocnf" / "figures" / "integrate.png", Path(args.out).with_name("tolerances_integrate.png"))
     result = {
-        "command": " ".join([sys.executable, *sys.argv]),
-        "commit": _commit(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        **started,
         "runs": runs,
         "summary": summary,
         "integrate": {"recipe": "mix1d-infocnf", "iterations": args.mix1d_iterations,
                       "test_nll_nats": mix_metrics.get("test_nll_nats"), **integral},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(args.out, result)
     print("\n| model | tolerance | NFE fwd | NFE bwd | test bits/dim | test error | train s | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for key, s in summary.items():

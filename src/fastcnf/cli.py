@@ -27,6 +27,30 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             FileNotFoundError, ValueError)
 
 
+def _load_run(run_dir: str, overrides: list[str]):
+    """``(cfg, bundle, task, model)`` of a finished or interrupted run: its configuration, data
+    and the weights of its checkpoint (no trainer, optimiser or process group)."""
+    import torch
+
+    from fastcnf.config import load_run_config
+    from fastcnf.data import load_data
+    from fastcnf.training.checkpoint import load_checkpoint
+    from fastcnf.training.features import TASKS
+
+    cfg = load_run_config(run_dir, overrides)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    bundle = load_data(cfg.data, cfg.seed)
+    task = TASKS[cfg.task](cfg, bundle)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    model = task.build_model().to(cfg.device, dtype)
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", map_location=cfg.device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return cfg, bundle, task, model
+
+
 def cmd_recipes(args) -> int:
     from fastcnf.config import list_recipes
 
@@ -56,6 +80,10 @@ def cmd_train(args) -> int:
     from fastcnf.config import config_to_dict, load_recipe
     from fastcnf.training.trainer import Trainer
 
+    bare = [item for item in args.set if "=" not in item]
+    if not args.recipe and not args.resume and len(bare) == 1:  # `train --set k=v RECIPE`
+        args.recipe = bare[0]
+        args.set.remove(bare[0])
     if args.resume:
         if args.recipe:
             raise ValueError("give either a RECIPE or --resume DIR, not both")
@@ -90,59 +118,50 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fastcnf.training.trainer import Trainer
+    from fastcnf.training.runlog import write_metrics
 
-    trainer = Trainer.from_run_dir(args.run_dir, args.set, resume=True, quiet=True, progress=False)
-    extra = {}
+    cfg, bundle, task, model = _load_run(args.run_dir, args.set)
+    dtype = next(model.parameters()).dtype
+    metrics = task.evaluate(model, cfg.device, dtype)
     if args.integrate:
         from fastcnf.evaluation.integrate import integrate_run
 
-        extra["integrate"] = integrate_run(trainer)
-    metrics = trainer.evaluate_and_write(extra or None)
+        metrics["integrate"] = integrate_run(model, bundle, args.run_dir)
+    metrics = write_metrics(args.run_dir, metrics, merge=True)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     return 0
 
 
 def cmd_sample(args) -> int:
+    import numpy as np
     import torch
 
-    from fastcnf.evaluation.plots import save_image_grid
-    from fastcnf.training.trainer import Trainer
+    from fastcnf.evaluation.plots import plot_samples
 
-    trainer = Trainer.from_run_dir(args.run_dir, args.set, resume=True, quiet=True, progress=False)
-    model = trainer.model
-    if not hasattr(model, "prior") or not hasattr(model, "sample"):
-        raise ValueError(f"`fastcnf sample` draws from density models; {args.run_dir} holds a "
-                         f"{trainer.cfg.task!r} run (see its figures/ for trajectories)")
-    model.eval()
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npy"):
+        raise ValueError(f"--out must end in .png (a picture) or .npy (the raw samples), got {out.name!r}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
+    cfg, bundle, task, model = _load_run(args.run_dir, args.set)
+    if not hasattr(model, "prior") or not hasattr(model, "sample"):
+        raise ValueError(f"`fastcnf sample` draws from density models; {args.run_dir} holds a "
+                         f"{cfg.task!r} run (see its figures/ for trajectories)")
     y = None
     if args.label is not None:
         if not getattr(model.prior, "conditional", False):
-            raise ValueError("--label needs a class-conditional model (CCNF / InfoCNF recipe)")
+            raise ValueError("--label needs a class-conditional model (a CCNF / InfoCNF recipe)")
+        if not 0 <= args.label < model.prior.num_classes:
+            raise ValueError(f"--label must be in 0..{model.prior.num_classes - 1}, got {args.label}")
         y = torch.full((args.n,), args.label, dtype=torch.long)
     torch.manual_seed(args.seed)
-    x = model.sample(args.n, y)
-    out = Path(args.out)
+    x = model.sample(args.n, y).float().cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
-    if trainer.bundle.is_image:
-        save_image_grid(x.float().cpu(), out, nrow=min(args.n, 10),
-                        title=None if y is None else f"label {args.label}")
+    if out.suffix == ".npy":
+        np.save(out, x.numpy())  # (N, *data shape), in the data's own scale ([0, 1) pixels for images)
     else:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        pts = x.cpu().numpy()
-        fig, ax = plt.subplots(figsize=(4, 4))
-        if pts.shape[1] >= 2:
-            ax.scatter(pts[:, 0], pts[:, 1], s=2)
-        else:
-            ax.hist(pts[:, 0], bins=60)
-        fig.savefig(out, dpi=110)
-        plt.close(fig)
+        plot_samples(x, out, bundle.is_image, nrow=min(args.n, 10),
+                     title=None if y is None else f"label {args.label}")
     print(f"wrote {args.n} samples to {out}")
     return 0
 
@@ -157,8 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="list recipe names")
     t = sub.add_parser("train", help="train a recipe (or resume a run)")
     t.add_argument("recipe", nargs="?", help="recipe name (see `fastcnf recipes`)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a configuration value (dotted key, e.g. train.lr=1e-3); repeatable")
+    t.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override configuration values (dotted keys, e.g. --set train.lr=1e-3 "
+                        "train.iterations=200); repeatable")
     t.add_argument("--out", help="run directory (default runs/RECIPE-TIMESTAMP)")
     t.add_argument("--show", action="store_true", help="print the resolved configuration and exit")
     t.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR")
@@ -167,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e = sub.add_parser("eval", help="re-evaluate a run (e.g. at another tolerance)")
     e.add_argument("run_dir")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     e.add_argument("--integrate", action="store_true",
                    help="1-D/2-D models: integrate the density over a grid at tolerances 1e-8..1e-1")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -175,14 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--label", type=int, default=None, help="class label (conditional models)")
-    s.add_argument("--out", required=True, help="output image, e.g. samples.png")
+    s.add_argument("--out", required=True, help="samples.png (a picture) or samples.npy (raw samples, shape "
+                                               "(N, *data shape), in the data's scale)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"fastcnf: {category.__name__}: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.formatwarning = _one_line_warning
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

@@ -1,17 +1,36 @@
-"""Priors over the flow's latent: the interface conditional priors plug into.
+"""Priors over the flow's latent: the standard normal and the class-conditional Gaussians of
+CCNF and InfoCNF (Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous Normalizing
+Flow Using Adaptive Solvers", §2.2 eq. 3-5; Nguyen et al., "On Mixed Conditional FFJORD with
+Large-Batch Training", §2).
 
 A prior maps the flat latent ``z`` (B, D) — the concatenation described in
-:mod:`fastcnf.flows.sequential` — and an optional label ``y`` to ``log p(z | y)``, and samples.
-Conditional priors (CCNF, InfoCNF) implement the same interface and add ``logits(z)``.
+:mod:`fastcnf.flows.sequential`, factored pieces first, final output last — and an optional label
+``y`` to ``log p(z | y)``, and samples. The class-conditional prior puts ``N(mu(y), sigma^2(y))``
+on a slice ``z_c`` of the latent and ``N(0, I)`` on the rest, and reads the label back with a
+linear classifier on ``z_c``:
+
+* **CCNF** (eq. 3): ``z_c`` is the whole latent ``z``.
+* **InfoCNF** (§2.2): ``z = [z_y, z_u]``; ``z_y`` (the supervised code) is the first
+  ``supervised_fraction`` (half by default) of the *final* latent piece; ``z_u`` is ``N(0, I)``.
+
+``mu(y)`` and ``log sigma(y)`` come from one linear layer ``q_phi`` of the one-hot label; the
+classifier ``q_theta`` is one linear layer with dropout on its input (§4.1: rate 0.5). Both are
+initialised to zero, so at initialisation ``p(z | y) = N(0, I)`` exactly and the logits are 0.
+The marginal ``log p(z) = logsumexp_y [log p(z | y) + log p(y)]`` uses the label prior ``p(y)``.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Prior", "StandardNormal", "standard_normal_logprob"]
+from fastcnf.config import ConfigError
+
+__all__ = ["Prior", "StandardNormal", "standard_normal_logprob", "ClassConditionalGaussian", "LabelError",
+           "CONDITIONED_SLICES", "LABEL_PRIORS"]
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
@@ -49,3 +68,201 @@ class StandardNormal(Prior):
 
     def sample(self, n, y=None, generator=None, device=None, dtype=None):
         return torch.randn(n, self.dim, generator=generator, device=device, dtype=dtype or torch.get_default_dtype())
+
+
+class LabelError(ValueError):
+    """A label the conditional prior cannot use (wrong type, shape or out of range)."""
+
+
+class ClassConditionalGaussian(Prior):
+    """``p(z | y) = N(z_c; mu(y), sigma^2(y)) * N(z_rest; 0, I)`` with a linear classifier on ``z_c``.
+
+    Args:
+        dim: size of the flat latent.
+        num_classes: number of labels K (labels are 0..K-1).
+        cond_start, cond_size: the conditioned slice ``z[:, cond_start:cond_start + cond_size]``.
+        latent_sizes: sizes of the latent pieces (kept for reference).
+        dropout: dropout rate on the classifier's input during training (InfoCNF §4.1: 0.5).
+        label_log_prior: log p(y) (K,); uniform when None.
+        learn_scale: learn ``log sigma(y)``; False fixes sigma = 1 (means only).
+
+    Example:
+        >>> prior = ClassConditionalGaussian(dim=4, num_classes=3, cond_start=0, cond_size=2)
+        >>> z = torch.randn(5, 4)
+        >>> bool(torch.allclose(prior.log_prob(z, torch.zeros(5, dtype=torch.long)),
+        ...                     standard_normal_logprob(z)))
+        True
+
+    References: Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous Normalizing Flow
+    Using Adaptive Solvers", eq. 3-5 and §4.1.
+    """
+
+    conditional = True
+
+    def __init__(self, dim: int, num_classes: int, cond_start: int, cond_size: int,
+                 latent_sizes: list[int] | None = None, dropout: float = 0.5,
+                 label_log_prior: Tensor | None = None, learn_scale: bool = True) -> None:
+        super().__init__(dim, latent_sizes)
+        if num_classes < 2:
+            raise ValueError(f"a class-conditional prior needs at least 2 classes, got {num_classes}")
+        if not (0 <= cond_start and cond_size >= 1 and cond_start + cond_size <= dim):
+            raise ValueError(f"conditioned slice [{cond_start}, {cond_start + cond_size}) is not inside "
+                             f"the latent of size {dim}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.num_classes = int(num_classes)
+        self.cond_start = int(cond_start)
+        self.cond_size = int(cond_size)
+        self.learn_scale = bool(learn_scale)
+        # q_phi: one-hot label -> (mu, log sigma); q_theta: z_c -> logits (InfoCNF §4.1: zero init)
+        self.encoder = nn.Linear(self.num_classes, 2 * self.cond_size)
+        self.classifier = nn.Linear(self.cond_size, self.num_classes)
+        self.dropout = nn.Dropout(dropout)
+        for layer in (self.encoder, self.classifier):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        if label_log_prior is None:
+            label_log_prior = torch.full((self.num_classes,), -math.log(self.num_classes))
+        label_log_prior = torch.as_tensor(label_log_prior, dtype=torch.get_default_dtype())
+        if label_log_prior.shape != (self.num_classes,):
+            raise ValueError(f"label_log_prior must have shape ({self.num_classes},), "
+                             f"got {tuple(label_log_prior.shape)}")
+        self.register_buffer("label_log_prior", label_log_prior)
+
+    # ---- pieces ----------------------------------------------------------------------------
+    def split(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """``(z_c, z_rest)``: the conditioned slice and everything else (flattened)."""
+        s, e = self.cond_start, self.cond_start + self.cond_size
+        return z[:, s:e], torch.cat([z[:, :s], z[:, e:]], dim=1)
+
+    def check_labels(self, y: Tensor, batch: int) -> Tensor:
+        y = torch.as_tensor(y)
+        if y.dim() == 0:
+            y = y.expand(batch)
+        if y.dtype.is_floating_point or y.dtype == torch.bool or tuple(y.shape) != (batch,):
+            raise LabelError(f"labels must be integers of shape ({batch},), got {tuple(y.shape)} {y.dtype}")
+        bad = (y < 0) | (y >= self.num_classes)
+        if bad.any():
+            raise LabelError(f"unknown label {int(y[bad][0])}: labels must be in 0..{self.num_classes - 1}")
+        return y.long()
+
+    def class_params(self, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(mu, log_sigma)`` of the labels ``y`` (B, cond_size), or of every class (K, cond_size)."""
+        eye = torch.eye(self.num_classes, dtype=self.encoder.weight.dtype, device=self.encoder.weight.device)
+        onehot = eye if y is None else eye[y]
+        mu, log_sigma = self.encoder(onehot).chunk(2, dim=1)
+        if not self.learn_scale:
+            log_sigma = torch.zeros_like(log_sigma)
+        return mu, log_sigma
+
+    @staticmethod
+    def _gaussian_logprob(z: Tensor, mu: Tensor, log_sigma: Tensor) -> Tensor:
+        return (-0.5 * ((z - mu) * torch.exp(-log_sigma)).pow(2) - log_sigma
+                - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    # ---- the Prior interface -------------------------------------------------------------
+    def log_prob(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        """``log p(z | y)`` (InfoCNF eq. 5, the prior terms); the marginal ``log p(z)`` when ``y`` is None."""
+        if y is None:
+            return self.marginal_log_prob(z)
+        y = self.check_labels(y, z.shape[0]).to(z.device)
+        mu, log_sigma = self.class_params(y)
+        # pad (mu, log sigma) with (0, 0) outside the slice and sum once over all of z, so that the
+        # zero-initialised prior reproduces N(0, I)'s log-density bit for bit
+        pad = (self.cond_start, self.dim - self.cond_start - self.cond_size)
+        return self._gaussian_logprob(z, F.pad(mu, pad).to(z.dtype), F.pad(log_sigma, pad).to(z.dtype))
+
+    def class_log_probs(self, z: Tensor) -> Tensor:
+        """``log p(z | y=k)`` for every class k: (B, K)."""
+        z_c, z_rest = self.split(z)
+        mu, log_sigma = self.class_params()
+        lp = self._gaussian_logprob(z_c[:, None, :], mu[None], log_sigma[None])
+        return lp + standard_normal_logprob(z_rest)[:, None]
+
+    def marginal_log_prob(self, z: Tensor) -> Tensor:
+        """``log p(z) = logsumexp_k [log p(z | k) + log p(k)]`` (B,)."""
+        return torch.logsumexp(self.class_log_probs(z) + self.label_log_prior.to(z.dtype), dim=1)
+
+    def fix_class_means(self, norm: float, generator: torch.Generator | None = None) -> None:
+        """Freeze ``mu(y)`` to ``norm`` times a random unit direction per class and sigma to 1 (the
+        source of class-conditional flow matching, which does not train the prior); labels are then
+        read back by Bayes' rule (:meth:`classify`)."""
+        directions = torch.randn(self.num_classes, self.cond_size, generator=generator)
+        directions = directions / directions.norm(dim=1, keepdim=True)
+        with torch.no_grad():
+            self.encoder.weight.zero_()
+            self.encoder.bias.zero_()
+            self.encoder.weight[:self.cond_size] = (norm * directions).T.to(self.encoder.weight)
+        self.encoder.requires_grad_(False)
+        self.classifier.requires_grad_(False)
+        self.learn_scale = False
+        self.bayes_classifier = True
+
+    def classify(self, z: Tensor) -> Tensor:
+        """Class scores (B, K): the linear classifier ``q_theta`` (CCNF / InfoCNF), or the Bayes
+        posterior ``log p(z | k) + log p(k)`` for a prior with fixed means."""
+        if getattr(self, "bayes_classifier", False):
+            return self.class_log_probs(z) + self.label_log_prior.to(z.dtype)
+        return self.logits(z)
+
+    def logits(self, z: Tensor) -> Tensor:
+        """Classifier ``q_theta(z_c)`` (B, K); dropout on its input in training mode (InfoCNF §4.1)."""
+        z_c, _ = self.split(z)
+        return self.classifier(self.dropout(z_c))
+
+    def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None,
+               device=None, dtype=None) -> Tensor:
+        """``z ~ p(z | y)``; with ``y`` None the labels are drawn from ``p(y)`` first."""
+        dtype = dtype or torch.get_default_dtype()
+        if y is None:
+            probs = self.label_log_prior.exp().cpu()
+            y = torch.multinomial(probs, n, replacement=True, generator=generator)
+        y = self.check_labels(y, n)
+        z = torch.randn(n, self.dim, generator=generator, dtype=dtype,
+                        device=device if generator is None else generator.device)
+        z = z.to(device)
+        mu, log_sigma = self.class_params(y.to(self.encoder.weight.device))
+        s, e = self.cond_start, self.cond_start + self.cond_size
+        z_c = mu.to(z) + torch.exp(log_sigma).to(z) * z[:, s:e]
+        return torch.cat([z[:, :s], z_c, z[:, e:]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# which slice each kind conditions, and the label prior
+# ---------------------------------------------------------------------------------------------
+
+def _ccnf_slice(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+    return 0, sum(latent_sizes)
+
+
+def _infocnf_slice(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+    final = latent_sizes[-1]
+    size = int(round(final * fraction))
+    if size < 1 or size > final:
+        raise ConfigError(f"conditioning.supervised_fraction={fraction} leaves no supervised code in the "
+                         f"final latent piece of size {final}")
+    return sum(latent_sizes[:-1]), size
+
+
+#: kind -> ``(latent_sizes, supervised_fraction) -> (start, size)`` of the conditioned slice
+CONDITIONED_SLICES: dict[str, Callable[[list[int], float], tuple[int, int]]] = {
+    "ccnf": _ccnf_slice,
+    "infocnf": _infocnf_slice,
+}
+
+
+def _uniform(num_classes: int, labels: Tensor | None) -> Tensor:
+    return torch.full((num_classes,), -math.log(num_classes))
+
+
+def _empirical(num_classes: int, labels: Tensor | None) -> Tensor:
+    if labels is None:
+        raise ConfigError("conditioning.label_prior=empirical needs training labels")
+    counts = torch.bincount(labels.long().reshape(-1), minlength=num_classes).double()
+    if (counts == 0).any():
+        raise ConfigError("conditioning.label_prior=empirical: some classes never occur in the training split")
+    return (counts / counts.sum()).log().float()
+
+
+#: ``conditioning.label_prior`` -> ``(num_classes, train labels) -> log p(y)``
+LABEL_PRIORS: dict[str, Callable[[int, Tensor | None], Tensor]] = {"uniform": _uniform, "empirical": _empirical}

@@ -3,10 +3,10 @@ from fastcnf.cnf.block import CNFBlock
 from fastcnf.cnf.divergence import DivergenceEstimator, ExactTrace, Hutchinson, make_divergence
 from fastcnf.cnf.dynamics import ConcatSquashConvNet, ConcatSquashMLP
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
-from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy, make_regularizer
+from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy
 
 __all__ = [
     "CNFBlock", "DivergenceEstimator", "ExactTrace", "Hutchinson", "make_divergence",
     "ConcatSquashMLP", "ConcatSquashConvNet", "EndTimePolicy", "FixedEndTime",
-    "KineticEnergy", "JacobianFrobenius", "make_regularizer",
+    "KineticEnergy", "JacobianFrobenius",
 ]

@@ -1,6 +1,7 @@
 """One CNF block: integrates (z, log-determinant, regulariser states) from 0 to an end time T.
 
-Instantaneous change of variables (FFJORD eq. 2-4; TO-FLOW 004 eq. 4-5)::
+Instantaneous change of variables (Grathwohl et al. 2019, "FFJORD", eq. 2-4;
+Du et al. 2022, "TO-FLOW", eq. 4-5)::
 
     dz/dt = f(t, z),   d log p(z(t))/dt = -tr(df/dz)
     log p(x) = log p(z(T)) + int_0^T tr(df/dz(t)) dt
@@ -12,7 +13,7 @@ solver. ``forward`` maps data to latent and returns the log-determinant; ``inver
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,25 +24,33 @@ from fastcnf.cnf.fused import fused_applicable, fused_solve
 from fastcnf.cnf.regularizers import Regularizer
 from fastcnf.ode.solve import NFECounter, SolverConfig, solve
 
-__all__ = ["CNFBlock"]
+__all__ = ["CNFBlock", "ToleranceChoice"]
+
+#: a per-solve solver choice: ``(block, block input) -> SolverConfig`` or None (the default solver)
+ToleranceChoice = Callable[["CNFBlock", Tensor], "SolverConfig | None"]
 
 
-class _BlockODE(nn.Module):
-    """Right-hand side in rescaled time: state (z, logdet, *regs) -> T * (f, div, *rates)."""
+class _SolveODE(nn.Module):
+    """Right-hand side of one solve in rescaled time: (z, logdet, *regs) -> T * (f, div, *rates).
 
-    def __init__(self, block: "CNFBlock") -> None:
+    Built afresh for every solve with that solve's end time, noise and regularisers, so that two
+    solves of one block (e.g. a second forward before the first one's adjoint ``backward()``)
+    never share state.
+    """
+
+    def __init__(self, net: nn.Module, divergence: DivergenceEstimator, end_time: Tensor,
+                 noise: Tensor | None, with_logdet: bool, regularizers: Sequence[Regularizer]) -> None:
         super().__init__()
-        self.net = block.net
-        self._block = [block]  # not a submodule (avoid a cycle)
-        # plain attributes set per solve (kept out of the module's parameters/buffers)
-        self.__dict__["end_time"] = None
-        self.noise: Tensor | None = None
-        self.with_logdet = True
-        self.regularizers: list[Regularizer] = []  # the block's active ones, set per solve
-        self.regs_differentiate_f = False  # a regulariser takes a VJP of f (Jacobian-Frobenius)
+        self.net = net
+        self.divergence = divergence
+        self.__dict__["end_time"] = end_time  # may be a learned parameter: not registered here
+        self.noise = noise
+        self.with_logdet = with_logdet
+        self.regularizers = list(regularizers)
+        # a regulariser that takes a VJP of f (Jacobian-Frobenius) needs f differentiable once more
+        self.regs_differentiate_f = any(r.needs_noise for r in self.regularizers)
 
     def forward(self, s: Tensor, state: tuple[Tensor, ...]):
-        block = self._block[0]
         z = state[0]
         T = self.end_time
         t = s * T
@@ -58,7 +67,7 @@ class _BlockODE(nn.Module):
             # divergence would silently come out as 0.
             if not (create_graph and z.requires_grad):
                 z = z.detach().requires_grad_(True)
-            est = block.divergence
+            est = self.divergence
             if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
                 if create_graph and self.regs_differentiate_f:
                     # the Jacobian-Frobenius rate differentiates f once more (create_graph): the
@@ -74,6 +83,13 @@ class _BlockODE(nn.Module):
         return (f * T, result.div * T, *(r * T for r in rates))
 
 
+def _drop_odefunc_copy(state_dict, prefix, *args) -> None:
+    """Checkpoints written before per-solve right-hand sides stored the network twice (also under
+    ``odefunc.net``); the copy is dropped on load."""
+    for key in [k for k in state_dict if k.startswith(prefix + "odefunc.")]:
+        del state_dict[key]
+
+
 class CNFBlock(nn.Module):
     """A continuous normalizing flow block.
 
@@ -87,6 +103,8 @@ class CNFBlock(nn.Module):
             :attr:`reg_states` (name -> per-example integral).
         eval_solver: solver configuration in eval mode (default: ``solver``).
         name: names the block in NFE records and errors.
+        tolerance: a per-solve tolerance choice (``(block, x) -> SolverConfig | None``, e.g. a
+            learned gate of :mod:`fastcnf.cnf.tolerances`), consulted by :meth:`forward`.
 
     Example:
         >>> from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace
@@ -113,9 +131,12 @@ class CNFBlock(nn.Module):
         self.regularizers = list(regularizers)
         self.name = name
         self.nfe = NFECounter(name)
-        self.solver_override: SolverConfig | None = None
+        self.tolerance: ToleranceChoice | None = None
+        #: set by :func:`fastcnf.cnf.tolerances.pinned_tolerance`: overrides every other solver
+        self.pinned_solver: SolverConfig | None = None
+        #: regulariser integrals of the last forward (name -> per-example value); outputs, not inputs
         self.reg_states: dict[str, Tensor] = {}
-        self.odefunc = _BlockODE(self)
+        self._register_load_state_dict_pre_hook(_drop_odefunc_copy)
 
     @property
     def active_regularizers(self) -> list[Regularizer]:
@@ -126,29 +147,31 @@ class CNFBlock(nn.Module):
     def end_time(self) -> Tensor:
         return self.end_time_policy.end_time
 
-    def current_solver(self) -> SolverConfig:
-        """Override (set per batch by a tolerance policy) > eval solver in eval mode > solver."""
-        if self.solver_override is not None:
-            return self.solver_override
+    def current_solver(self, x: Tensor | None = None) -> SolverConfig:
+        """Pinned solver > the tolerance choice for input ``x`` (forward solves) > the evaluation
+        solver in eval mode > the training solver."""
+        if self.pinned_solver is not None:
+            return self.pinned_solver
+        if x is not None and self.tolerance is not None:
+            chosen = self.tolerance(self, x)
+            if chosen is not None:
+                return chosen
         if not self.training and self.eval_solver is not None:
             return self.eval_solver
         return self.solver
 
-    def _integrate(self, state: tuple[Tensor, ...], s0: float, s1: float, with_logdet: bool):
-        func = self.odefunc
-        func.__dict__["end_time"] = self.end_time_policy()  # not registered as a parameter
-        func.with_logdet = with_logdet
-        func.regularizers = self.active_regularizers
-        func.regs_differentiate_f = any(r.needs_noise for r in func.regularizers)
-        needs_noise = with_logdet and (not isinstance(self.divergence, ExactTrace) or func.regs_differentiate_f)
-        if needs_noise:
+    def _integrate(self, state: tuple[Tensor, ...], s0: float, s1: float, with_logdet: bool,
+                   solver: SolverConfig):
+        end_time = self.end_time_policy()
+        regs = self.active_regularizers if with_logdet else []
+        differentiate_f = any(r.needs_noise for r in regs)
+        noise = None
+        if with_logdet and (not isinstance(self.divergence, ExactTrace) or differentiate_f):
             est = self.divergence if not isinstance(self.divergence, ExactTrace) else None
-            func.noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])
-        else:
-            func.noise = None
-        solver = self.current_solver()
+            noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])
         if fused_applicable(self, solver, state, with_logdet):
-            return fused_solve(self, state, s0, s1, solver, func.end_time)
+            return fused_solve(self, state, s0, s1, solver, end_time)
+        func = _SolveODE(self.net, self.divergence, end_time, noise, with_logdet, regs)
         t = torch.tensor([s0, s1], dtype=state[0].dtype, device=state[0].device)
         params = tuple(self.net.parameters()) + tuple(p for p in self.end_time_policy.parameters() if p.requires_grad)
         out = solve(func, state, t, solver, self.nfe, name=self.name, adjoint_params=params)
@@ -159,7 +182,7 @@ class CNFBlock(nn.Module):
         b = x.shape[0]
         zeros = torch.zeros(b, dtype=x.dtype, device=x.device)
         state = (x, zeros, *(zeros for _ in self.active_regularizers))
-        out = self._integrate(state, 0.0, 1.0, with_logdet=True)
+        out = self._integrate(state, 0.0, 1.0, True, self.current_solver(x))
         self.reg_states = {r.name: v for r, v in zip(self.active_regularizers, out[2:])}
         return out[0], out[1]
 
@@ -167,11 +190,11 @@ class CNFBlock(nn.Module):
         """Latent -> data. With ``with_logdet`` also returns ``int_0^T tr(df/dz) dt`` along the
         trajectory (the same quantity :meth:`forward` returns for the recovered x)."""
         if not with_logdet:
-            return self._integrate((z,), 1.0, 0.0, with_logdet=False)[0]
+            return self._integrate((z,), 1.0, 0.0, False, self.current_solver())[0]
         b = z.shape[0]
         zeros = torch.zeros(b, dtype=z.dtype, device=z.device)
         state = (z, zeros, *(zeros for _ in self.active_regularizers))
-        out = self._integrate(state, 1.0, 0.0, with_logdet=True)
+        out = self._integrate(state, 1.0, 0.0, True, self.current_solver())
         return out[0], -out[1]
 
     def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:

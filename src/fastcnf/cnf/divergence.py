@@ -5,6 +5,10 @@ The instantaneous change of variables (FFJORD eq. 2; TO-FLOW 004 eq. 5) needs
 
     noise = estimator.sample_noise(z)        # once per solve, as FFJORD does
     result = estimator(f, z, noise, net, t)  # f = net(t, z), computed with a graph to z
+    f, result = estimator.evaluate(net, t, z, noise)  # f and its divergence together
+
+``evaluate`` lets an estimator compute f itself (Hutchinson by forward mode forms f and the
+Jacobian-vector product in one pass); for the others it is ``net(t, z)`` then ``__call__``.
 
 References: Grathwohl et al. 2019 (FFJORD) §3 eq. 7 (Hutchinson's estimator);
 Hutchinson 1989.
@@ -16,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
@@ -25,6 +30,7 @@ __all__ = [
     "Hutchinson",
     "ESTIMATORS",
     "make_divergence",
+    "jvp",
 ]
 
 
@@ -57,6 +63,13 @@ class DivergenceEstimator:
     def __call__(self, f: Tensor, z: Tensor, noise: Tensor | None, net=None, t=None,
                  create_graph: bool = True) -> DivergenceResult:
         raise NotImplementedError
+
+    def evaluate(self, net, t: Tensor, z: Tensor, noise: Tensor | None,
+                 create_graph: bool = True) -> tuple[Tensor, DivergenceResult]:
+        """``(f, divergence)`` with ``f = net(t, z)``; ``z`` must be part of a graph (a leaf that
+        requires grad, or a live node). The default evaluates the network, then :meth:`__call__`."""
+        f = net(t, z)
+        return f, self(f, z, noise, net, t, create_graph=create_graph)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -122,16 +135,30 @@ class Hutchinson(DivergenceEstimator):
 
     ``noise``: ``"gaussian"`` (e ~ N(0, I)) or ``"rademacher"`` (e uniform on {-1, +1}). Unbiased
     for any noise with zero mean and identity covariance. The noise is drawn once per solve.
+
+    ``mode`` says how ``e^T (df/dz) e`` is formed:
+      * ``"vjp"``: reverse mode, ``(e^T df/dz) e`` by one vector-Jacobian product (FFJORD's
+        ``divergence_approx``). Back-propagating through it (the adjoint's backward solve, direct
+        back-propagation) differentiates the network twice.
+      * ``"jvp"``: forward mode, ``e^T ((df/dz) e)``: :meth:`evaluate` forms f and the
+        Jacobian-vector product in one pass (``net.forward_with_tangent`` when the network has
+        it, else :mod:`torch.autograd.forward_ad`), and back-propagating through it needs first
+        derivatives only. Same value as ``"vjp"`` to rounding (``tests/cnf/test_divergence_jvp.py``).
+        Called with a precomputed ``f`` (``__call__``) it has to evaluate the network again.
     """
 
     name = "hutchinson"
     NOISES = ("gaussian", "rademacher")
+    MODES = ("vjp", "jvp")
 
-    def __init__(self, noise: str = "gaussian", generator: torch.Generator | None = None) -> None:
+    def __init__(self, noise: str = "gaussian", generator: torch.Generator | None = None, mode: str = "vjp") -> None:
         if noise not in self.NOISES:
             raise ValueError(f"unknown Hutchinson noise {noise!r}; accepted: {', '.join(self.NOISES)}")
+        if mode not in self.MODES:
+            raise ValueError(f"unknown Hutchinson mode {mode!r}; accepted: {', '.join(self.MODES)}")
         self.noise = noise
         self.generator = generator
+        self.mode = mode
 
     def sample_noise(self, z: Tensor) -> Tensor:
         if self.noise == "gaussian":
@@ -141,12 +168,41 @@ class Hutchinson(DivergenceEstimator):
     def __call__(self, f, z, noise, net=None, t=None, create_graph=True):
         if noise is None:
             noise = self.sample_noise(z)
+        if self.mode == "jvp" and net is not None:
+            return self.evaluate(net, t, z, noise, create_graph)[1]
         e_jac = _grad(f, z, noise, create_graph)
         div = (e_jac * noise).reshape(z.shape[0], -1).sum(1)
         return DivergenceResult(div, noise=noise, eps_jac=e_jac)
 
+    def evaluate(self, net, t, z, noise, create_graph=True):
+        if self.mode != "jvp":
+            return super().evaluate(net, t, z, noise, create_graph)
+        if noise is None:
+            noise = self.sample_noise(z)
+        f, jac_e = jvp(net, t, z, noise)
+        div = (jac_e * noise).reshape(z.shape[0], -1).sum(1)
+        # eps_jac (e^T df/dz) is not formed here: a regulariser that needs it takes its own VJP
+        return f, DivergenceResult(div, noise=noise)
+
     def __repr__(self) -> str:
-        return f"Hutchinson(noise={self.noise!r})"
+        mode = "" if self.mode == "vjp" else f", mode={self.mode!r}"
+        return f"Hutchinson(noise={self.noise!r}{mode})"
+
+
+def jvp(net, t: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """``(net(t, z), (d net / dz) v)`` by forward mode; differentiable by autograd.
+
+    Uses the network's own ``forward_with_tangent`` when it has one (one fused pass), else
+    :mod:`torch.autograd.forward_ad` (dual tensors through the network's operations).
+    """
+    if hasattr(net, "forward_with_tangent"):
+        return net.forward_with_tangent(t, z, v)
+    with fwAD.dual_level():
+        out = net(t, fwAD.make_dual(z, v.to(z.dtype)))
+        f, tangent = fwAD.unpack_dual(out)
+    if tangent is None:  # the output does not depend on z
+        tangent = torch.zeros_like(f)
+    return f, tangent
 
 
 ESTIMATORS: dict[str, Callable[..., DivergenceEstimator]] = {

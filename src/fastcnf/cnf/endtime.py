@@ -7,15 +7,18 @@ dL/dT is exact for direct and adjoint back-propagation alike). A policy decides 
 * :class:`FixedEndTime` — FFJORD: T stays at T0 unless ``learnable`` (then an ordinary parameter
   trained jointly with the network).
 
-* :class:`LearnedEndTime` — TO-FLOW (004 §3): T trained by coordinate descent with its own
+* :class:`LearnedEndTime` — TO-FLOW (Du et al. 2022, §3): T trained by coordinate descent with its own
   optimiser, temporal regularisation ``alpha |T|`` (eq. 15-16) and clipping (eq. 17).
 * :class:`RandomEndTime` — STEER (Ghosh et al. 2020): T ~ U[T0 - b, T0 + b] in training, T0 at
   evaluation.
 
-:func:`toflow_time_gradient` computes dL/dT from the end state (004 eq. 12-13).
+:func:`toflow_time_gradient` computes dL/dT from the end state (TO-FLOW eq. 12-13).
 Policies are found by name in :data:`END_TIME_POLICIES` (config key ``endtime.policy``).
 
-References: TO-FLOW (004) §2 eq. 4-5, §3 eq. 11-17, Algorithm 1.
+References: Du, Luo, Chen, Xu & Zeng 2022, "TO-FLOW: Efficient Continuous Normalizing Flows with
+Temporal Optimization adjoint with Moving Speed" (TO-FLOW) §2 eq. 4-5, §3 eq. 11-17, Algorithm 1;
+Ghosh et al. 2020, "STEER: Simple Temporal Regularization For Neural ODEs"; Grathwohl et al. 2019,
+"FFJORD". Full entries: docs/bibliography.md.
 """
 from __future__ import annotations
 
@@ -68,17 +71,17 @@ class FixedEndTime(EndTimePolicy):
 
 
 class LearnedEndTime(EndTimePolicy):
-    """TO-FLOW (004 §3.1-3.2): T is learned by coordinate descent with its own optimiser, penalised
-    by ``alpha * |T|`` (eq. 15-16) and clipped to ``[t0 + eps, 2 T0 - t0 - eps]`` (eq. 17).
+    """TO-FLOW (Du et al. 2022, §3.1-3.2): T is learned by coordinate descent with its own optimiser,
+    penalised by ``alpha * |T|`` (eq. 15-16) and clipped to ``[t0 + eps, 2 T0 - t0 - eps]`` (eq. 17).
 
     The policy holds T and the constants; the alternating optimisation (a step on the network with
     T fixed, then a step on T with the network fixed; Algorithm 1) is run by
     :class:`fastcnf.training.endtime.EndTimeHook`.
 
     Args:
-        t0: the initial end time T0 (004 §4: 0.5 on toy data, 1 on images).
-        alpha: weight of the temporal regulariser ``alpha * |T|`` (004: 0.1).
-        clip_eps: the clipping parameter eps of eq. 17 (004: 0.1); must satisfy ``0 < eps < T0``.
+        t0: the initial end time T0 (TO-FLOW §4: 0.5 on toy data, 1 on images).
+        alpha: weight of the temporal regulariser ``alpha * |T|`` (TO-FLOW: 0.1).
+        clip_eps: the clipping parameter eps of eq. 17 (TO-FLOW: 0.1); must satisfy ``0 < eps < T0``.
         start_time: t0 of eq. 17, the start of integration (0 in FFJORD and fastcnf).
 
     Example:
@@ -91,7 +94,7 @@ class LearnedEndTime(EndTimePolicy):
         super().__init__(t0, learnable=True)
         alpha, clip_eps = float(alpha), float(clip_eps)
         if not alpha >= 0:
-            raise ValueError(f"endtime.alpha (temporal regularisation, 004 eq. 15) must be >= 0, got {alpha!r}")
+            raise ValueError(f"endtime.alpha (temporal regularisation, TO-FLOW eq. 15) must be >= 0, got {alpha!r}")
         if not 0 < clip_eps < self.t0 - start_time:
             raise ValueError(
                 f"endtime.clip_eps={clip_eps!r} must satisfy 0 < eps < T0 - t0 = {self.t0 - start_time!r} "
@@ -156,7 +159,7 @@ class RandomEndTime(EndTimePolicy):
 
 def toflow_time_gradient(block: nn.Module, z_end: Tensor, grad_z_end: Tensor, grad_logdet: Tensor,
                          noise: Tensor | None = None) -> Tensor:
-    """dL/dT of one CNF block from its end state (004 eq. 12-13).
+    """dL/dT of one CNF block from its end state (TO-FLOW eq. 12-13).
 
     With ``(z(T), logdet) = block(x)`` and a loss ``L`` that depends on them, the end time enters
     only through the upper limit of integration, so (Leibniz rule and dz(T)/dT = f(z(T), T))::

@@ -49,7 +49,6 @@ def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], wit
         and not (solver.adjoint and torch.is_grad_enabled())
         and len(state) == 2  # no regulariser states
         and type(net) is ConcatSquashMLP
-        and "trace_forward" not in net.__dict__  # not patched (e.g. the speed benchmark's ablation)
         and len(net.layers) >= 2
         and isinstance(block.divergence, ExactTrace)
         and block.divergence.uses_network_trace(net)

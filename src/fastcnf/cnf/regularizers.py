@@ -14,14 +14,13 @@ loss; without it a weight tuned on 2-D data is ~D times too strong on a D-pixel 
 """
 from __future__ import annotations
 
-import difflib
 
 import torch
 from torch import Tensor
 
 from fastcnf.cnf.divergence import DivergenceResult
 
-__all__ = ["Regularizer", "KineticEnergy", "JacobianFrobenius", "REGULARIZERS", "make_regularizer"]
+__all__ = ["Regularizer", "KineticEnergy", "JacobianFrobenius", "REDUCTIONS"]
 
 
 class Regularizer:
@@ -80,12 +79,3 @@ class JacobianFrobenius(Regularizer):
 
 
 REDUCTIONS = ("sum", "mean")
-REGULARIZERS = {"kinetic": KineticEnergy, "jacobian_frobenius": JacobianFrobenius}
-
-
-def make_regularizer(name: str, weight: float, reduction: str = "sum") -> Regularizer:
-    if name not in REGULARIZERS:
-        close = difflib.get_close_matches(name, REGULARIZERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown regulariser {name!r}{hint}; accepted: {', '.join(REGULARIZERS)}")
-    return REGULARIZERS[name](weight, reduction)

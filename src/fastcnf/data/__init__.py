@@ -8,12 +8,15 @@ Everything goes through one call::
 
 ``DATASETS`` maps every valid name to a one-line description.
 """
+from .batcher import Batcher, shard_rows
 from .base import DataBundle, DataError, DataSplit, Sampler, check_finite, dequantize
 from .images import read_cifar10_batch, read_idx
 from .registry import DATASETS, DataConfig, load_data
 from .toy import TOY_SAMPLERS, mix1d_density, sample_mix1d
 
 __all__ = [
+    "Batcher",
+    "shard_rows",
     "DataBundle",
     "DataError",
     "DataSplit",

@@ -8,7 +8,8 @@ Images stay integer-valued (``torch.uint8`` in ``[0, levels - 1]``) until the tr
 :func:`dequantize`, so each epoch sees fresh uniform noise, as FFJORD trains its image models.
 
 References: Grathwohl et al. 2019 (FFJORD) §5 (uniform dequantisation of images); TO-FLOW
-(paper 004) eq. 18 (bits/dim of data scaled to ``[0, 1)`` by ``1/256``); Theis et al. 2016
+(Du et al. 2022, "TO-FLOW: Efficient Continuous Normalizing Flows with Temporal Optimization adjoint
+with Moving Speed") eq. 18 (bits/dim of data scaled to ``[0, 1)`` by ``1/256``); Theis et al. 2016
 (uniform dequantisation gives a lower bound on the discrete log-likelihood).
 """
 from __future__ import annotations
@@ -121,7 +122,7 @@ def dequantize(x_int: Tensor, levels: int, generator: torch.Generator | None = N
     Every returned value ``v`` satisfies ``x / levels <= v < (x + 1) / levels`` exactly, so
     ``floor(v * levels) == x``: float32 rounding at the top of a bin is corrected by one ulp.
     The density of the result on ``[0, 1)^d`` is the quantity bits/dim is computed from (TO-FLOW
-    paper 004 eq. 18 with ``levels = 256``; FFJORD §5).
+    eq. 18 with ``levels = 256``; FFJORD §5).
 
     Args:
         x_int: integer tensor (any shape) with values in ``[0, levels - 1]``.

@@ -14,9 +14,9 @@ File formats:
   (1024 red, 1024 green, 1024 blue, each 32 x 32 row-major), in ``data_batch_1.bin`` ..
   ``data_batch_5.bin`` and ``test_batch.bin``. The pickled Python version is never read.
 
-References: FFJORD (Grathwohl et al. 2019) §5 and InfoCNF (paper 002) §4 train on MNIST and
-CIFAR-10; scikit-learn's ``load_digits`` (UCI optical digits, 8 x 8, 17 grey levels) is the
-CPU-scale stand-in.
+References: FFJORD (Grathwohl et al. 2019) §5 and InfoCNF (Nguyen et al. 2019, "InfoCNF: Efficient
+Conditional Continuous Normalizing Flow Using Adaptive Solvers") §4 train on MNIST and CIFAR-10;
+scikit-learn's ``load_digits`` (UCI optical digits, 8 x 8, 17 grey levels) is the CPU-scale stand-in.
 """
 from __future__ import annotations
 

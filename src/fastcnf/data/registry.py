@@ -6,9 +6,9 @@ descriptions), so adding a data set is one function and one line here.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
+
+from fastcnf.config import DataConfig, check_choice
 
 from .base import DataBundle, DataError
 from .images import load_cifar10, load_digits_data, load_mnist, load_mnist_test_split
@@ -16,41 +16,6 @@ from .spirals import load_spirals
 from .toy import TOY_SAMPLERS, load_mix1d, load_toy
 
 __all__ = ["DataConfig", "DATASETS", "load_data"]
-
-
-@dataclass
-class DataConfig:
-    """Which data set to load and how much of it.
-
-    Attributes:
-        name: registry name, one of :data:`DATASETS` (e.g. ``"8gaussians"``, ``"digits"``,
-            ``"mnist-test-split"``).
-        root: directory holding the image files (``mnist``, ``fmnist``, ``mnist-test-split``,
-            ``cifar10``); ignored by the synthetic sets and ``digits``. ``~`` is expanded.
-        n_train: synthetic sets: size of the fixed training draw; image sets: keep only the
-            first ``n_train`` training images. 0 means the data set's default (20,000 draws /
-            every image).
-        n_test: the same for the test split.
-        train_fraction: fraction of the examples used for training where the split is ours
-            (``digits``: 0.8 of a fixed permutation; ``mnist-test-split``: 0.9 in file order).
-            ``None`` means that data set's default; ignored by the other data sets.
-    """
-
-    name: str = "8gaussians"
-    root: str | None = None
-    n_train: int = 0
-    n_test: int = 0
-    train_fraction: float | None = None
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "DataConfig":
-        """Build from a mapping (e.g. a YAML section), rejecting unknown keys."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(values) - set(valid))
-        if unknown:
-            raise DataError(f"unknown data config key(s) {', '.join(unknown)}; "
-                            f"valid keys: {', '.join(valid)}")
-        return cls(**values)
 
 
 _TOY_DESCRIPTIONS = {
@@ -72,7 +37,7 @@ DATASETS: dict[str, str] = {
     "fmnist": "Fashion-MNIST 1x28x28, 256 levels, standard 60,000/10,000 split (IDX files)",
     "mnist-test-split": "MNIST t10k file only: first 9,000 train / last 1,000 test (in root)",
     "cifar10": "CIFAR-10 3x32x32, 256 levels, binary version 50,000/10,000 (files in root)",
-    "spirals": "bi-directional 2-D spirals (InfoCNF 002 App. E.1), 5,000/1,000 sequences of 200+100 steps",
+    "spirals": "bi-directional 2-D spirals (InfoCNF, Nguyen et al. 2019, App. E.1), 5,000/1,000 sequences of 200+100 steps",
 }
 """Name -> one-line description of every data set :func:`load_data` knows."""
 
@@ -131,16 +96,7 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     """
     if not isinstance(cfg, DataConfig):
         raise DataError(f"load_data expects a DataConfig, got {type(cfg).__name__}")
-    if cfg.name not in _LOADERS:
-        close = difflib.get_close_matches(str(cfg.name), list(DATASETS), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise DataError(f"unknown data set {cfg.name!r}{hint}; valid names: "
-                        f"{', '.join(DATASETS)}")
-    for what in ("n_train", "n_test"):
-        value = getattr(cfg, what)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise DataError(f"DataConfig.{what} must be an integer >= 0 (0 = default), "
-                            f"got {value!r}")
+    check_choice("data.name", cfg.name, DATASETS)
     bundle = _LOADERS[cfg.name](cfg, seed)
     if bundle.sampler is None:  # synthetic sets already drew n_train / n_test examples
         bundle = _first(bundle, cfg.n_train, cfg.n_test)

@@ -1,6 +1,6 @@
-"""The bi-directional spiral data set of InfoCNF (paper 002) §4.6 and Appendix E.1.
+"""The bi-directional spiral data set of InfoCNF (Nguyen et al. 2019) §4.6 and Appendix E.1.
 
-Ground truth (002 eqs. 8-9), on ``N_GROUND_TRUTH = 1000`` equally spaced times ``t`` in
+Ground truth (InfoCNF eqs. 8-9), on ``N_GROUND_TRUTH = 1000`` equally spaced times ``t`` in
 ``[0, 6 pi]``:
 
 * clockwise (direction 0): ``R = a + b * 50 / tau``, ``x = R cos(tau) - 5``, ``y = R sin(tau)``
@@ -8,15 +8,15 @@ Ground truth (002 eqs. 8-9), on ``N_GROUND_TRUTH = 1000`` equally spaced times `
   the angle decreases and ``50 / tau`` never divides by zero);
 * counter-clockwise (direction 1): ``R = a + b * t``, ``x = R cos(t) + 5``, ``y = R sin(t)``;
 
-``a ~ N(1.0, 0.08)`` and ``b ~ N(0.25, 0.03)`` per spiral (002 writes ``N(mean, 0.08)``; we read
+``a ~ N(1.0, 0.08)`` and ``b ~ N(0.25, 0.03)`` per spiral (InfoCNF writes ``N(mean, 0.08)``; we read
 the second number as the standard deviation). Exactly half of the spirals turn each way
 (``n // 2`` clockwise), in a random order.
 
-Observations (002 Appendix E.1): from each ground-truth spiral one window of ``200`` consecutive
+Observations (InfoCNF Appendix E.1): from each ground-truth spiral one window of ``200`` consecutive
 (equally spaced) time steps is drawn at a uniformly random start, and Gaussian noise of standard
-deviation ``0.3`` is added. Where 002 is silent we choose, and say so: the time range ``[0, 6 pi]``
+deviation ``0.3`` is added. Where InfoCNF is silent we choose, and say so: the time range ``[0, 6 pi]``
 and the reversed clock of the clockwise spiral follow Chen et al.'s (2018) spiral example that
-002 builds on; the window is followed by an *extrapolation horizon* of ``100`` more ground-truth
+InfoCNF builds on; the window is followed by an *extrapolation horizon* of ``100`` more ground-truth
 steps (the window start is drawn so that the horizon fits); the test set is an independent draw
 of spirals (seed ``seed + 1``) generated the same way; all times are relative to the window start
 (``t_i = i * dt``, ``dt = 6 pi / 999``), as every window is modelled from ``t0 = 0``.
@@ -28,8 +28,10 @@ which draws ``x[idx]``, brings everything a sequence needs). ``DataSplit.y`` is 
 (``int64``: 0 clockwise, 1 counter-clockwise). Steps ``0..199`` are observed, ``200..299`` are the
 extrapolation horizon. The times are ``SpiralBundle.times`` (shared by all sequences).
 
-References: Nguyen et al. 2019 (InfoCNF, paper 002) §4.6, Appendix E.1 eqs. 8-9, Figure 9;
-Chen et al. 2018 (neural ODEs) §5.1 (the spiral data 002 extends); Rubanova et al. 2019.
+References: Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous Normalizing Flow Using
+Adaptive Solvers", §4.6, Appendix E.1 eqs. 8-9, Figure 9; Chen et al. 2018, "Neural Ordinary
+Differential Equations", §5.1 (the spiral data InfoCNF extends); Rubanova et al. 2019, "Latent ODEs for
+Irregularly-Sampled Time Series".
 """
 from __future__ import annotations
 
@@ -60,16 +62,16 @@ __all__ = [
 
 #: channels of ``x``: noisy observation, noise-free ground truth, the parameters a and b
 SPIRAL_CHANNELS = ("obs_x", "obs_y", "true_x", "true_y", "a", "b")
-N_GROUND_TRUTH = 1000  #: points of each ground-truth spiral (002 E.1)
-N_OBSERVED = 200  #: observed window length (002 E.1)
+N_GROUND_TRUTH = 1000  #: points of each ground-truth spiral (InfoCNF E.1)
+N_OBSERVED = 200  #: observed window length (InfoCNF E.1)
 N_EXTRAPOLATE = 100  #: extrapolation horizon after the window (our choice)
-NOISE_STD = 0.3  #: observation noise (002 E.1)
+NOISE_STD = 0.3  #: observation noise (InfoCNF E.1)
 T_STOP = 6 * math.pi  #: ground-truth time range [0, 6 pi] (Chen et al.'s example)
-PARAM_MEAN = (1.0, 0.25)  #: means of a and b (002 E.1)
-PARAM_STD = (0.08, 0.03)  #: standard deviations of a and b (002 E.1)
+PARAM_MEAN = (1.0, 0.25)  #: means of a and b (InfoCNF E.1)
+PARAM_STD = (0.08, 0.03)  #: standard deviations of a and b (InfoCNF E.1)
 CLOCKWISE, COUNTER_CLOCKWISE = 0, 1
-DEFAULT_N_TRAIN = 5000  #: 002: 5,000 spirals
-DEFAULT_N_TEST = 1000  #: our choice (002 does not give the test size)
+DEFAULT_N_TRAIN = 5000  #: InfoCNF: 5,000 spirals
+DEFAULT_N_TEST = 1000  #: our choice (InfoCNF does not give the test size)
 
 
 @dataclass
@@ -88,7 +90,7 @@ class SpiralBundle(DataBundle):
 
 
 def spiral_ground_truth(a: float, b: float, direction: int, n_points: int = N_GROUND_TRUTH) -> np.ndarray:
-    """The noise-free spiral of 002 eq. 8 (clockwise) or eq. 9 (counter-clockwise), ``(n, 2)``.
+    """The noise-free spiral of InfoCNF eq. 8 (clockwise) or eq. 9 (counter-clockwise), ``(n, 2)``.
 
     Raises:
         DataError: ``direction`` is not 0 (clockwise) or 1 (counter-clockwise).
@@ -157,7 +159,7 @@ def load_spirals(n_train: int = 0, n_test: int = 0, seed: int = 0) -> SpiralBund
         shape=tuple(x_tr.shape[1:]),
         num_classes=2,
         levels=None,
-        split=(f"bi-directional spirals (002 App. E.1): {n_train} train (seed {seed}) / {n_test} test "
+        split=(f"bi-directional spirals (InfoCNF, Nguyen et al. 2019, App. E.1): {n_train} train (seed {seed}) / {n_test} test "
                f"(seed {seed + 1}) sequences, {N_OBSERVED} observed + {N_EXTRAPOLATE} extrapolated "
                f"steps, noise std {NOISE_STD}"),
         times=times,

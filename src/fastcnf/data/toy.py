@@ -10,8 +10,8 @@ exactly ``n`` points (FFJORD returns ``5 * (n // 5)`` for ``pinwheel`` and ``2 *
 ``2spirals``); for ``n`` divisible by 10 the distributions are FFJORD's.
 
 References: Grathwohl et al. 2019 (FFJORD) §5.1 and Figure 2 (the 2-D toy densities);
-Nguyen et al. 2019 (InfoCNF, paper 002) §4.2 and Appendix C (the 1-D mixture used to check that
-learned densities integrate to one).
+Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous Normalizing Flow Using Adaptive
+Solvers", §4.2 and Appendix C (the 1-D mixture used to check that learned densities integrate to one).
 """
 from __future__ import annotations
 
@@ -188,7 +188,7 @@ TOY_SAMPLERS: dict[str, Callable[[int, np.random.Generator], np.ndarray]] = {
 }
 """Name -> sampler for FFJORD's 2-D toy densities."""
 
-# InfoCNF (paper 002, Appendix C, Figure 8) plots its 1-D mixture of three Gaussians but does not
+# InfoCNF (Nguyen et al. 2019, Appendix C, Figure 8) plots its 1-D mixture of three Gaussians but does not
 # state its parameters; these are our documented choice: three separated, equally likely modes.
 MIX1D_MEANS = np.array([-4.0, 0.0, 4.0])
 MIX1D_STDS = np.array([0.5, 0.5, 0.5])

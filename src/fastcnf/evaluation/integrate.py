@@ -1,4 +1,5 @@
-"""Does the model density integrate to one? (002 §4.2, appendix C, Figure 2a)
+"""Does the model density integrate to one? (Nguyen et al. 2019, "InfoCNF", §4.2, Appendix C,
+Figure 2a)
 
 A CNF's density is exact only up to the ODE solver's error. For 1-D and 2-D models the area
 under ``p(x)`` is computed by a midpoint Riemann sum on a regular grid,
@@ -21,11 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from fastcnf.ode.tolerances import check_tolerance, pinned_tolerance
+from fastcnf.cnf.tolerances import pinned_tolerance
+from fastcnf.config import check_tolerance
+from fastcnf.data.base import DataBundle
 
 __all__ = ["IntegrateError", "DEFAULT_TOLERANCES", "integration_grid", "integrate_density", "integrate_run"]
 
-#: 002 Figure 2a: from machine precision to very loose
+#: InfoCNF Figure 2a: from machine precision to very loose
 DEFAULT_TOLERANCES: tuple[float, ...] = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
@@ -77,13 +80,13 @@ def integrate_density(model, points: torch.Tensor, cell: float, tolerance: float
     return total, nfe / max(batches, 1)
 
 
-def integrate_run(trainer, tolerances: Sequence[float] = DEFAULT_TOLERANCES, n_points: int | None = None,
+def integrate_run(model: torch.nn.Module, bundle: DataBundle, run_dir: str | Path, tolerances: Sequence[float] = DEFAULT_TOLERANCES, n_points: int | None = None,
                   pad: float = 0.5) -> dict[str, Any]:
     """Integrate the density of a trained 1-D/2-D run at each tolerance; writes
-    ``RUN/integrate.json`` and ``RUN/figures/integrate.png`` (log-log, 002 Fig. 2a).
+    ``RUN/integrate.json`` and ``RUN/figures/integrate.png`` (log-log, InfoCNF Fig. 2a).
 
     Args:
-        trainer: a :class:`~fastcnf.training.trainer.Trainer` holding the trained model.
+        model: the trained model; bundle: its data set; run_dir: where the outputs go.
         tolerances: solver tolerances (each in (0, 1)).
         n_points: grid points per axis (default 4000 in 1-D, 200 in 2-D).
         pad: the grid spans the training data's range padded by ``pad`` times it on each side.
@@ -94,7 +97,6 @@ def integrate_run(trainer, tolerances: Sequence[float] = DEFAULT_TOLERANCES, n_p
     Raises:
         IntegrateError: the model is not 1-D or 2-D (e.g. an image model).
     """
-    bundle, model = trainer.bundle, trainer.model
     shape = tuple(bundle.shape)
     if len(shape) != 1 or shape[0] not in (1, 2):
         raise IntegrateError(
@@ -119,7 +121,7 @@ def integrate_run(trainer, tolerances: Sequence[float] = DEFAULT_TOLERANCES, n_p
         model.train(was_training)
     out = {"dim": dim, "grid": {"bounds": bounds, "points_per_axis": n_points, "cell": cell},
            "results": results}
-    run_dir = Path(trainer.out_dir)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "integrate.json", "w") as fh:
         json.dump(out, fh, indent=2)
@@ -140,7 +142,7 @@ def _figure(results: dict[str, dict[str, float]], path: Path) -> None:
     ax.loglog(tol, err, "o-")
     ax.set_xlabel("solver tolerance (atol = rtol)")
     ax.set_ylabel("|integral of p(x) - 1|")
-    ax.set_title("density integrates to one (002 Fig. 2a)")
+    ax.set_title("density integrates to one (InfoCNF Fig. 2a)")
     ax.grid(True, which="both", lw=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

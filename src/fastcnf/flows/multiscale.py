@@ -1,9 +1,13 @@
-"""FFJORD's multiscale CNF architecture for images (FFJORD §4 and appendix B; InfoCNF 002 app. B).
+"""FFJORD's multiscale CNF architecture for images (FFJORD §4 and appendix B; InfoCNF app. B).
 
 For each scale i of ``n_scales``: (logit transform at the first scale), ``n_blocks`` CNF blocks,
 then — except at the last scale — a squeeze, ``n_blocks`` more CNF blocks, and a factor-out of
 half the channels. With ``n_scales = 0`` the number is chosen as FFJORD does: one scale per
 halving while both sides are at least 4 (1x8x8 -> 2, 1x28x28 -> 3, 3x32x32 -> 4).
+
+References: Grathwohl et al. 2019, "FFJORD: Free-form Continuous Dynamics for Scalable Reversible
+Generative Models", §4 and appendix B; Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous
+Normalizing Flow Using Adaptive Solvers", appendix B. Full entries: docs/bibliography.md.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ flattened concatenation ``[factored_1, ..., factored_k, final_output]`` in that 
 prior sees the whole latent (CCNF) or a documented slice of it (InfoCNF: the final output).
 
 ``forward_range`` runs a contiguous range of steps, which is what training by parts needs
-(Bhatt & Inouye, "Learning Flows by Parts", 003).
+(Bhatt & Inouye 2021, "Learning Flows By Parts").
 """
 from __future__ import annotations
 

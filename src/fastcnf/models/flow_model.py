@@ -1,8 +1,8 @@
 """The model a user holds: a flow, a prior, and the data's geometry.
 
 ``log p(x | y) = log p(z | y) + logdet`` with ``(z, logdet) = flow(x)`` (change of variables;
-FFJORD eq. 1-4). Images are modelled in dequantised [0, 1) space; bits/dim converts to the
-discrete data (FFJORD; TO-FLOW 004 eq. 18)::
+Grathwohl et al. 2019, "FFJORD", eq. 1-4). Images are modelled in dequantised [0, 1) space;
+bits/dim converts to the discrete data (FFJORD; Du et al. 2022, "TO-FLOW", eq. 18)::
 
     bits/dim = -( log p(x) / D - log(levels) ) / log 2
 
@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +28,7 @@ class InputError(ValueError):
 
 
 def bits_per_dim_from_log_prob(log_prob: Tensor, dim: int, levels: int) -> Tensor:
-    """FFJORD / 004 eq. 18: bits per dimension of the discrete data from log p of the
+    """FFJORD / TO-FLOW eq. 18: bits per dimension of the discrete data from log p of the
     dequantised data in [0, 1)^D."""
     return -(log_prob / dim - math.log(levels)) / math.log(2.0)
 
@@ -41,6 +40,13 @@ class FlowModel(nn.Module):
         flow: the invertible map from data to the flat latent.
         prior: the latent's distribution (standard normal by default; CCNF / InfoCNF priors plug in).
         levels: quantisation levels of image data (None for continuous data: no bits/dim).
+
+    Example:
+        >>> from fastcnf.cnf import CNFBlock, ConcatSquashMLP
+        >>> from fastcnf.flows import SequentialFlow
+        >>> model = FlowModel(SequentialFlow([CNFBlock(ConcatSquashMLP(2))], input_shape=(2,)))
+        >>> model.log_prob(torch.randn(4, 2)).shape
+        torch.Size([4])
     """
 
     def __init__(self, flow: SequentialFlow, prior: Prior | None = None, levels: int | None = None) -> None:
@@ -50,6 +56,8 @@ class FlowModel(nn.Module):
         self.dim = math.prod(self.data_shape)
         self.prior = prior if prior is not None else StandardNormal(flow.latent_dim, flow.latent_sizes)
         self.levels = levels
+        #: the tolerance policy's trainable part (learned gates) when it has one, else None
+        self.tolerance_policy: nn.Module | None = None
 
     # ---- boundary checks -------------------------------------------------------------------
     def _device_dtype(self) -> tuple[torch.device, torch.dtype | None]:
@@ -166,7 +174,7 @@ class FlowModel(nn.Module):
         return out
 
     def regularization_loss(self) -> Tensor | float:
-        """``sum_blocks sum_r weight_r * mean(integral_r)`` (RNODE)."""
+        """``sum_blocks sum_r weight_r * mean(integral_r)`` (Finlay et al. 2020, "How to train your neural ODE")."""
         total: Tensor | float = 0.0
         for b in self.cnf_blocks():
             for r in b.regularizers:

@@ -1,4 +1,4 @@
-"""LatentODE (Rubanova et al. 2019; Chen et al. 2018 §5) and InfoCNF's partitioned latent (002 §4.6).
+"""LatentODE (Rubanova et al. 2019; Chen et al. 2018 §5) and InfoCNF's partitioned latent.
 
 Generative model: ``z_t0 ~ p(z_t0)``, ``z_ti = ODESolve(f, z_t0, t0, ti)``,
 ``x_ti ~ N(decoder(z_ti), sigma^2 I)``. Inference: an RNN reads the observations *backwards in
@@ -9,14 +9,14 @@ the mean and log-variance of ``q(z_t0 | x_t0..x_tN)``. Training maximises the EL
 
 with one reparameterised sample (Chen et al. 2018 eq. 11-12; Kingma & Welling 2014).
 
-Partitioned latent (002 §4.6, Appendix E.2): ``z_t0 = [z_y, z_u]`` with ``z_y`` the first
-``supervised_dim`` (3) coordinates. The prior of ``z_y`` is conditioned on the label
+Partitioned latent (InfoCNF, Nguyen et al. 2019, §4.6, Appendix E.2): ``z_t0 = [z_y, z_u]`` with
+``z_y`` the first ``supervised_dim`` (3) coordinates. The prior of ``z_y`` is conditioned on the label
 ``y = (a, b, direction)`` through a *linear* map ``q_phi(y) -> (mean, log-variance)`` (InfoCNF's
-class-conditional Gaussian, 002 eq. 2 ``p(z_y | y)``), ``z_u`` keeps ``N(0, I)``, and a *linear*
-head ``q_theta(z_y)`` predicts ``y`` (InfoCNF's supervised loss, 002 eq. 3). The head sees
+class-conditional Gaussian, InfoCNF eq. 2 ``p(z_y | y)``), ``z_u`` keeps ``N(0, I)``, and a *linear*
+head ``q_theta(z_y)`` predicts ``y`` (InfoCNF's supervised loss, eq. 3). The head sees
 ``z_y`` only.
 
-Sizes of 002 Appendix E.2: RNN encoder with 25 hidden units, 5-D latent, dynamics and decoder
+Sizes of InfoCNF Appendix E.2: RNN encoder with 25 hidden units, 5-D latent, dynamics and decoder
 MLPs with one hidden layer of 20 units. The ODE is solved through :func:`fastcnf.ode.solve.solve`
 at every observation time at once (dense output), with the NFE recorded.
 
@@ -29,7 +29,8 @@ Example:
     (torch.Size([4, 10, 2]), torch.Size([4]))
 
 References: Rubanova et al. 2019 (Latent ODEs for irregularly-sampled time series); Chen et al.
-2018 (neural ODEs) §5 and eqs. 11-12; Nguyen et al. 2019 (InfoCNF, paper 002) §4.6, App. E.2.
+2018 (neural ODEs) §5 and eqs. 11-12; Nguyen et al. 2019, "InfoCNF: Efficient Conditional Continuous
+Normalizing Flow Using Adaptive Solvers", §4.6, App. E.2. Full entries: docs/bibliography.md.
 """
 from __future__ import annotations
 
@@ -122,11 +123,11 @@ class LatentODE(nn.Module):
 
     Args:
         obs_dim: observation dimension (2 for spirals).
-        latent_dim: dimension of ``z_t0`` (002: 5).
-        rnn_hidden: hidden units of the recognition RNN (002: 25).
-        dynamics_hidden: hidden units of the dynamics MLP (002: 20).
-        decoder_hidden: hidden units of the decoder MLP (002: 20).
-        supervised_dim: size of ``z_y`` (002: 3); 0 gives the plain LatentODE.
+        latent_dim: dimension of ``z_t0`` (InfoCNF: 5).
+        rnn_hidden: hidden units of the recognition RNN (InfoCNF: 25).
+        dynamics_hidden: hidden units of the dynamics MLP (InfoCNF: 20).
+        decoder_hidden: hidden units of the decoder MLP (InfoCNF: 20).
+        supervised_dim: size of ``z_y`` (InfoCNF: 3); 0 gives the plain LatentODE.
         label_dim: size of the label vector ``y`` (3: standardised a, b and the direction).
         obs_std: standard deviation of the Gaussian observation likelihood.
         solver: solver used in training mode; ``eval_solver`` in eval mode (default: ``solver``).

@@ -15,19 +15,16 @@ References: Chen et al. 2018 (neural ODEs, adjoint method); Grathwohl et al. 201
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
+from fastcnf.config.schema import SolverConfig
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
 
 __all__ = [
-    "SOLVER_METHODS",
-    "ADAPTIVE_METHODS",
-    "SOLVER_BACKENDS",
     "SolverConfig",
     "SolverBudgetExceeded",
     "NFECounter",
@@ -35,78 +32,8 @@ __all__ = [
     "forward_counter",
 ]
 
-#: methods accepted by :class:`SolverConfig` (all provided by torchdiffeq)
-ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
-FIXED_METHODS = ("rk4", "euler", "midpoint")
-SOLVER_METHODS = ADAPTIVE_METHODS + FIXED_METHODS
-#: ``fastcnf``: the lean solvers where they apply (dopri5, bosh3; direct back-propagation or no
-#: gradients), torchdiffeq otherwise; ``torchdiffeq``: always torchdiffeq
-SOLVER_BACKENDS = ("fastcnf", "torchdiffeq")
-
-
 class SolverBudgetExceeded(RuntimeError):
     """A solve used more function evaluations than its cap allows."""
-
-
-@dataclass
-class SolverConfig:
-    """How a block integrates its ODE.
-
-    Attributes:
-        method: torchdiffeq method; adaptive (dopri5, bosh3, adaptive_heun, dopri8) or fixed (rk4, euler, midpoint).
-        atol, rtol: error tolerances of adaptive methods (forward solve).
-        adjoint: back-propagate with the adjoint method (O(1) memory) instead of through the solver.
-        adjoint_atol, adjoint_rtol: tolerances of the backward (adjoint) solve; None = same as forward.
-        step_size: step of fixed-step methods (fraction of the integration interval, which is [0, 1]
-            in the block's rescaled time).
-        max_nfe: cap on function evaluations per solve (forward or backward); exceeding it raises
-            :class:`SolverBudgetExceeded`. 0 disables the cap.
-        backend: ``fastcnf`` (default) integrates dopri5 and bosh3 with the lean solvers of
-            :mod:`fastcnf.ode.fast_solvers` (same steps and solutions as torchdiffeq, faster)
-            unless the adjoint is used; ``torchdiffeq`` always uses torchdiffeq.
-        fused: with the ``fastcnf`` backend, a block whose dynamics compute their exact trace
-            themselves (concat-squash MLP, no regularisers) solves as one autograd node with a
-            hand-written discrete adjoint (:mod:`fastcnf.cnf.fused`): the same solution and
-            gradient, less overhead per evaluation. ``false`` keeps one node per evaluation.
-    """
-
-    method: str = "dopri5"
-    atol: float = 1e-5
-    rtol: float = 1e-5
-    adjoint: bool = False
-    adjoint_atol: float | None = None
-    adjoint_rtol: float | None = None
-    step_size: float = 0.05
-    max_nfe: int = 10000
-    backend: str = "fastcnf"
-    fused: bool = True
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        if self.method not in SOLVER_METHODS:
-            raise ValueError(f"unknown solver method {self.method!r}; accepted: {', '.join(SOLVER_METHODS)}")
-        for name in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
-            v = getattr(self, name)
-            if v is None:
-                continue
-            if not (isinstance(v, (int, float)) and 0.0 < float(v) < 1.0) or math.isnan(float(v)):
-                raise ValueError(f"solver {name} must be in (0, 1), got {v!r}")
-        if not (0.0 < float(self.step_size) <= 1.0):
-            raise ValueError(f"solver step_size must be in (0, 1], got {self.step_size!r}")
-        if int(self.max_nfe) < 0:
-            raise ValueError(f"solver max_nfe must be >= 0, got {self.max_nfe!r}")
-        if self.backend not in SOLVER_BACKENDS:
-            raise ValueError(f"unknown solver backend {self.backend!r}; accepted: {', '.join(SOLVER_BACKENDS)}")
-
-    @property
-    def adaptive(self) -> bool:
-        return self.method in ADAPTIVE_METHODS
-
-    def with_tolerance(self, atol: float, rtol: float | None = None) -> "SolverConfig":
-        """A copy with other forward tolerances (the adjoint ones follow unless set explicitly)."""
-        return replace(self, atol=float(atol), rtol=float(atol if rtol is None else rtol))
 
 
 class NFECounter:

@@ -1,6 +1,7 @@
 """Large-batch and data-parallel training: torchrun / torch.distributed, sharding, LR scaling.
 
-Papers 000 (§3, Figures 5-6) and 002 (§4.5) train with batch 8,000 instead of 900, a learning
+Nguyen et al., "On Mixed Conditional FFJORD with Large-Batch Training" (§3, Figures 5-6) and
+"InfoCNF" (Nguyen et al. 2019, §4.5) train with batch 8,000 instead of 900, a learning
 rate scaled with the batch (1e-2 instead of 1e-3) and step decay. fastcnf gives that three ways,
 which compose and all keep ``train.batch_size`` the *global* batch of one optimiser step:
 
@@ -22,7 +23,9 @@ With an adaptive solver each process solves its own shard, so step sizes (and NF
 shard's error norm, not the global batch's: the standard DDP semantics. With a fixed-step
 solver and an exact trace, W processes reproduce one process on the global batch.
 
-References: 000 §3 and Figures 5-6; 002 §4.5; Goyal et al. 2017 (linear scaling, warm-up).
+References: Nguyen et al., "On Mixed Conditional FFJORD with Large-Batch Training", §3 and
+Figures 5-6; Nguyen et al. 2019, "InfoCNF", §4.5; Goyal et al. 2017, "Accurate, Large Minibatch SGD:
+Training ImageNet in 1 Hour" (linear scaling, warm-up).
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from fastcnf.config import Config, ConfigError
+from fastcnf.data.batcher import shard_rows
+
 __all__ = [
     "DistContext",
     "LR_SCALING",
@@ -44,6 +50,8 @@ __all__ = [
     "scaled_lr",
     "check_large_batch",
     "shard_rows",
+    "sync_after_step",
+    "large_batch_summary",
     "split_micro",
     "merge_contexts",
     "sync_gradients",
@@ -70,7 +78,7 @@ LR_SCALING: dict[str, Callable[[float], float]] = {
 
 
 def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
-    """``lr * g(global_batch / reference_batch)`` (Goyal et al. 2017; 002 §4.5: 8000 vs 900).
+    """``lr * g(global_batch / reference_batch)`` (Goyal et al. 2017; InfoCNF §4.5: 8000 vs 900).
 
     ``reference_batch <= 0`` means ``global_batch`` (no scaling).
 
@@ -78,10 +86,6 @@ def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> 
         >>> scaled_lr(1e-3, 8000, 800, "linear")
         0.01
     """
-    if rule not in LR_SCALING:
-        from fastcnf.config import ConfigError
-
-        raise ConfigError(f"train.lr_scaling={rule!r} is not valid; accepted: {', '.join(LR_SCALING)}")
     ref = reference_batch if reference_batch > 0 else global_batch
     return lr * LR_SCALING[rule](global_batch / ref)
 
@@ -135,10 +139,6 @@ def init_distributed(cfg=None) -> DistContext:
     if dist.is_initialized():
         return DistContext(dist.get_rank(), dist.get_world_size(), local, dist.get_backend())
     choice = cfg.distributed.backend if cfg is not None else "auto"
-    if choice not in BACKENDS:
-        from fastcnf.config import ConfigError
-
-        raise ConfigError(f"distributed.backend={choice!r} is not valid; accepted: {', '.join(BACKENDS)}")
     device_type = torch.device(cfg.device).type if cfg is not None else "cpu"
     backend = BACKENDS[choice](device_type)
     if backend == "nccl" and device_type == "cuda":
@@ -186,29 +186,12 @@ def barrier() -> None:
 def check_large_batch(cfg, world_size: int) -> None:
     """The global batch must split evenly into ``world_size`` shards of ``accumulation_steps``
     micro-batches (otherwise the averaged gradient is not the full-batch gradient)."""
-    from fastcnf.config import ConfigError
-
     t = cfg.train
-    if t.lr_scaling not in LR_SCALING:
-        raise ConfigError(f"train.lr_scaling={t.lr_scaling!r} is not valid; accepted: {', '.join(LR_SCALING)}")
-    if t.accumulation_steps < 1:
-        raise ConfigError(f"train.accumulation_steps must be >= 1, got {t.accumulation_steps}")
-    if t.reference_batch_size < 0:
-        raise ConfigError(f"train.reference_batch_size must be >= 0 (0: train.batch_size), got {t.reference_batch_size}")
     parts = world_size * t.accumulation_steps
     if t.batch_size % parts:
         raise ConfigError(
             f"train.batch_size={t.batch_size} must be divisible by world_size x train.accumulation_steps "
             f"= {world_size} x {t.accumulation_steps} = {parts} (equal shards give the exact full-batch gradient)")
-
-
-def shard_rows(x: Tensor, y: Tensor | None, rank: int, world_size: int):
-    """Rows ``[rank*n/W, (rank+1)*n/W)`` of a global batch (every rank drew the same batch)."""
-    if world_size <= 1:
-        return x, y
-    n = x.shape[0] // world_size
-    sl = slice(rank * n, (rank + 1) * n)
-    return x[sl], (None if y is None else y[sl])
 
 
 def split_micro(ctx: dict, steps: int) -> list[tuple[float, dict]]:
@@ -359,3 +342,39 @@ def parameters_agree(tensors: Iterable[Tensor], atol: float = 0.0) -> bool:
     diff = _comm_device(torch.tensor([float((flat.to(ref.device) - ref).abs().max())], dtype=torch.float64))
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return bool(diff.item() <= atol)
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's per-step synchronisation and summary
+# ---------------------------------------------------------------------------------------------
+
+def sync_after_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ctx: dict,
+                    nfe: tuple[float, float], synced: list[Tensor], iteration: int, device) -> None:
+    """After an optimiser step: rank 0's buffers and hook-stepped parameters everywhere; losses
+    and NFE averaged over ranks for the log (``ctx["reduced"]``, ``ctx["nfe"]``); optionally a
+    check that all ranks hold the same parameters."""
+    if cfg.distributed.broadcast_buffers:
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        broadcast_tensors([p for p in model.parameters() if id(p) not in owned] + list(model.buffers()))
+    bpd = ctx.get("bits_per_dim")
+    vals = [float(ctx["loss"].detach()), float(ctx["nll"].detach()), float(bpd.detach()) if bpd is not None else 0.0,
+            *nfe]
+    loss, nll, bpd_m, f, b = all_reduce_mean(vals, device)
+    ctx["reduced"] = {"loss": loss, "nll": nll, "bits_per_dim": bpd_m if bpd is not None else ""}
+    ctx["nfe"] = (f, b)
+    every = cfg.distributed.check_every
+    if every and iteration % every == 0 and not parameters_agree(synced + list(model.buffers())):
+        raise RuntimeError(f"ranks hold different parameters after iteration {iteration}; "
+                           "a hook updates parameters from rank-local values")
+
+
+def large_batch_summary(cfg: Config, world_size: int, effective_lr: float, iterations: int,
+                        train_seconds: float) -> dict[str, Any]:
+    """The effective batch / learning-rate values of a run (metrics.json)."""
+    t = cfg.train
+    return {"world_size": world_size, "global_batch_size": t.batch_size,
+            "micro_batch_size": t.batch_size // (world_size * t.accumulation_steps),
+            "accumulation_steps": t.accumulation_steps, "lr_scaling": t.lr_scaling,
+            "reference_batch_size": t.reference_batch_size or t.batch_size,
+            "base_lr": t.lr, "effective_lr": effective_lr,
+            "examples_per_second": (t.batch_size * iterations / train_seconds) if train_seconds > 0 else None}

@@ -1,13 +1,14 @@
 """Learned and random end times in the training loop: TO-FLOW coordinate descent and STEER.
 
-The end-time policy of each CNF block comes from ``endtime.policy`` (see
-:data:`fastcnf.cnf.endtime.END_TIME_POLICIES`); T0 is ``model.end_time``:
+The end-time policy of each CNF block comes from ``endtime.policy`` (built by
+:func:`fastcnf.models.builder.build_model` from :data:`fastcnf.cnf.endtime.END_TIME_POLICIES`);
+T0 is ``model.end_time``:
 
-* ``fixed`` — FFJORD, T = T0 (``model.train_end_time: true`` makes it ``joint``).
+* ``fixed`` — FFJORD, T = T0.
 * ``joint`` — T is an ordinary parameter of the main optimiser (plain joint gradient).
-* ``toflow`` — 004 Algorithm 1: each iteration solves once; the main optimiser steps the network
+* ``toflow`` — TO-FLOW Algorithm 1: each iteration solves once; the main optimiser steps the network
   with T excluded (T fixed), then :class:`EndTimeHook` steps every block's T with its own Adam
-  (``endtime.lr``, 1e-2 in 004 §4, not following the learning-rate schedule) with the network
+  (``endtime.lr``, 1e-2 in TO-FLOW §4, not following the learning-rate schedule) with the network
   fixed, and clips T to ``[eps, 2 T0 - eps]`` (eq. 17). The loss gains ``alpha * |T|`` per block
   (eq. 15-16), logged as ``temporal_reg``. The T step uses dL/dT computed by autograd in the
   same backward pass (one solve per iteration, as Algorithm 1); it equals eq. 12-13's end-state
@@ -17,37 +18,21 @@ The end-time policy of each CNF block comes from ``endtime.policy`` (see
 
 Every run logs ``T.<block>`` per iteration (trainer) and ``dL_dT.<block>`` (learned policies).
 
-References: TO-FLOW (004) §3, Algorithm 1, eq. 11-17, §4 (settings); STEER (Ghosh et al. 2020).
+References: Du et al. 2022, "TO-FLOW: Efficient Continuous Normalizing Flows with Temporal
+Optimization adjoint with Moving Speed", §3, Algorithm 1, eq. 11-17, §4 (settings); Ghosh et al.
+2020, "STEER: Simple Temporal Regularization For Neural ODEs".
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from fastcnf.cnf.endtime import END_TIME_POLICIES, EndTimePolicy, LearnedEndTime, RandomEndTime
-from fastcnf.models.builder import END_TIME_BUILDERS
-from fastcnf.training.hooks import HOOK_BUILDERS, Hook, StepContext
+from fastcnf.cnf.endtime import LearnedEndTime, RandomEndTime
+from fastcnf.training.hooks import Hook, StepContext, TrainerView as Trainer
 
-if TYPE_CHECKING:  # pragma: no cover
-    from fastcnf.training.trainer import Trainer
-
-__all__ = ["EndTimeHook", "build_end_time_policy", "build_end_time_hook"]
-
-
-def build_end_time_policy(cfg, name: str) -> EndTimePolicy | None:
-    """The policy of block ``name`` for ``cfg.endtime.policy`` (None for ``fixed``: the default
-    builder then honours ``model.train_end_time``)."""
-    policy = cfg.endtime.policy
-    if policy not in END_TIME_POLICIES:
-        raise ValueError(f"unknown endtime.policy {policy!r}; accepted: {', '.join(END_TIME_POLICIES)}")
-    if policy == "fixed":
-        return None
-    if cfg.model.train_end_time and policy != "joint":
-        raise ValueError(f"model.train_end_time=true conflicts with endtime.policy={policy!r}: "
-                         "train_end_time is the plain joint gradient (endtime.policy=joint); set one of them")
-    return END_TIME_POLICIES[policy](cfg.model.end_time, cfg.endtime)
+__all__ = ["EndTimeHook"]
 
 
 class EndTimeHook(Hook):
@@ -125,14 +110,3 @@ class EndTimeHook(Hook):
     def load_state_dict(self, state: dict) -> None:
         if self.optimizer is not None and "optimizer" in state:
             self.optimizer.load_state_dict(state["optimizer"])
-
-
-def build_end_time_hook(cfg, trainer: "Trainer") -> Hook | None:
-    """The hook for ``toflow`` and ``steer`` (``fixed`` and ``joint`` need none)."""
-    return EndTimeHook(cfg) if cfg.endtime.policy in ("toflow", "steer") else None
-
-
-if build_end_time_policy not in END_TIME_BUILDERS:
-    END_TIME_BUILDERS.append(build_end_time_policy)
-if build_end_time_hook not in HOOK_BUILDERS:
-    HOOK_BUILDERS.append(build_end_time_hook)

@@ -3,7 +3,7 @@
 Per step the batch ``x`` is ``(B, T, 6)`` spiral sequences (channels of
 :data:`fastcnf.data.spirals.SPIRAL_CHANNELS`) and ``y`` the directions. The model observes the
 first ``n_observed`` noisy points; the loss is the negative ELBO per sequence (nats), plus, for the
-partitioned model, ``supervised_weight`` times ``q_theta``'s label loss (002 eq. 3's supervised
+partitioned model, ``supervised_weight`` times ``q_theta``'s label loss (InfoCNF eq. 3's supervised
 term). The label vector is ``y = ((a - 1.0) / 0.08, (b - 0.25) / 0.03, direction)``: a and b are
 standardised with the generator's own distribution so the linear ``q_phi``/``q_theta`` see unit
 scales.
@@ -21,7 +21,8 @@ Evaluation (test split, eval mode: ``eval.atol``/``eval.rtol`` for adaptive solv
 * ``direction_accuracy_probe``: logistic regression (scikit-learn) fitted on the posterior means of
   ``z_t0`` of ``latent_ode.probe_examples`` training sequences, scored on the test split (both models).
 
-References: Nguyen et al. 2019 (InfoCNF, paper 002) §4.6, App. E, Figure 6; Rubanova et al. 2019.
+References: Nguyen et al. 2019, "InfoCNF", §4.6, Appendix E, Figure 6; Rubanova et al. 2019,
+"Latent ODEs for Irregularly-Sampled Time Series".
 """
 from __future__ import annotations
 
@@ -32,13 +33,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fastcnf.config import ConfigError
 from fastcnf.data.spirals import PARAM_MEAN, PARAM_STD, SpiralBundle
-from fastcnf.evaluation.metrics import fork_rng
+from fastcnf.evaluation.metrics import fork_rng, test_batches
+from fastcnf.evaluation.plots import plot_trajectories
 from fastcnf.models.latent_ode import LatentODE
 from fastcnf.training.hooks import StepContext
-from fastcnf.training.tasks import TASKS, Task
+from fastcnf.training.tasks import Task
 
-__all__ = ["LatentODETask", "spiral_labels", "plot_trajectories"]
+__all__ = ["LatentODETask", "spiral_labels"]
 
 
 def spiral_labels(x: Tensor, direction: Tensor) -> Tensor:
@@ -55,11 +58,11 @@ class LatentODETask(Task):
 
     def __init__(self, cfg, bundle) -> None:
         if not isinstance(bundle, SpiralBundle):
-            raise ValueError(f"task latent_ode needs sequence data (data.name: spirals), got {bundle.name!r}")
+            raise ConfigError(f"task latent_ode needs sequence data (data.name: spirals), got {bundle.name!r}")
         super().__init__(cfg, bundle)
         stride = cfg.latent_ode.time_stride
         if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= bundle.n_observed // 2:
-            raise ValueError(f"latent_ode.time_stride must be an integer in [1, {bundle.n_observed // 2}] "
+            raise ConfigError(f"latent_ode.time_stride must be an integer in [1, {bundle.n_observed // 2}] "
                              f"(at least 2 observed steps), got {stride!r}")
         #: time indices the model sees: all steps kept, and those of the observed window
         self.steps = torch.arange(0, bundle.times.shape[0], stride)
@@ -98,27 +101,24 @@ class LatentODETask(Task):
         ctx["loss"] = loss
 
     @torch.no_grad()
-    def _posterior_means(self, trainer, split, n: int) -> Tensor:
-        model, means = trainer.model, []
-        for start in range(0, n, trainer.cfg.eval.batch_size):
-            xb = split.x[start:min(n, start + trainer.cfg.eval.batch_size)].to(trainer.device, trainer.dtype)
-            obs, times = self._split(xb)
+    def _posterior_means(self, model: LatentODE, split, n: int, device, dtype) -> Tensor:
+        means = []
+        for xb, _ in test_batches(split, n, self.cfg.eval.batch_size):
+            obs, times = self._split(xb.to(device, dtype))
             means.append(model.encode(obs, times)[0].cpu())
         return torch.cat(means)
 
     @torch.no_grad()
-    def predict(self, trainer, x: Tensor) -> tuple[Tensor, Tensor]:
+    def predict(self, model: LatentODE, x: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior-mean trajectory over observed + horizon times: ``(x_mean (B, T, 2), z0 mean)``."""
-        model = trainer.model
-        x = x.to(trainer.device, trainer.dtype)
         obs, times = self._split(x)
         mean, _ = model.encode(obs, times)
         all_times = self.times.to(x.device, x.dtype)
         return model.decode(model.trajectory(mean, all_times)), mean
 
     @torch.no_grad()
-    def evaluate(self, trainer, hooks) -> dict[str, Any]:
-        cfg, model, split = trainer.cfg, trainer.model, self.bundle.test
+    def evaluate(self, model: LatentODE, device, dtype) -> dict[str, Any]:
+        cfg, split = self.cfg, self.bundle.test
         n = len(split) if cfg.eval.max_examples <= 0 else min(cfg.eval.max_examples, len(split))
         n_obs = self.n_observed
         was_training = model.training
@@ -126,9 +126,8 @@ class LatentODETask(Task):
         sums = {"neg_elbo": 0.0, "kl": 0.0, "rec": 0.0, "ext": 0.0, "correct": 0.0}
         nfe, batches = 0, 0
         with fork_rng(cfg.eval.seed):
-            for start in range(0, n, cfg.eval.batch_size):
-                xb = split.x[start:start + cfg.eval.batch_size].to(trainer.device, trainer.dtype)
-                yb = split.y[start:start + cfg.eval.batch_size].to(trainer.device)
+            for xb, yb in test_batches(split, n, cfg.eval.batch_size):
+                xb, yb = xb.to(device, dtype), yb.to(device)
                 obs, times = self._split(xb)
                 labels = spiral_labels(xb, yb)
                 out = model(obs, times, labels=labels if model.partitioned else None)
@@ -136,15 +135,15 @@ class LatentODETask(Task):
                 batches += 1
                 sums["neg_elbo"] += float(-out["elbo"].double().sum())
                 sums["kl"] += float(out["kl"].double().sum())
-                x_mean, mean = self.predict(trainer, xb)
+                x_mean, mean = self.predict(model, xb)
                 err = (x_mean - self._truth(xb)).double() ** 2
                 sums["rec"] += float(err[:, :n_obs].mean(dim=(1, 2)).sum())
                 sums["ext"] += float(err[:, n_obs:].mean(dim=(1, 2)).sum()) if err.shape[1] > n_obs else float("nan")
                 if model.partitioned:
                     sums["correct"] += float(((model.predict_labels(mean)[:, -1] > 0).long() == yb).sum())
-        probe = self._probe_accuracy(trainer, n)
+        probe = self._probe_accuracy(model, n, device, dtype)
         model.train(was_training)
-        metrics: dict[str, Any] = {
+        return {
             "test_nll_nats": sums["neg_elbo"] / n,
             "test_bits_per_dim": None,
             "test_kl_nats": sums["kl"] / n,
@@ -157,73 +156,33 @@ class LatentODETask(Task):
             "eval_tol": cfg.eval.atol,
             "partitioned": model.partitioned,
         }
-        for h in hooks:
-            metrics.update(h.eval_metrics(trainer))
-        return metrics
 
-    def _probe_accuracy(self, trainer, n_test: int) -> float | None:
+    def _probe_accuracy(self, model: LatentODE, n_test: int, device, dtype) -> float | None:
         from sklearn.linear_model import LogisticRegression
 
         train = self.bundle.train
-        n_fit = min(trainer.cfg.latent_ode.probe_examples, len(train))
+        n_fit = min(self.cfg.latent_ode.probe_examples, len(train))
         y_fit = train.y[:n_fit].numpy()
         if n_fit < 2 or len(np.unique(y_fit)) < 2:
             return None
-        z_fit = self._posterior_means(trainer, train, n_fit).double().numpy()
-        z_test = self._posterior_means(trainer, self.bundle.test, n_test).double().numpy()
+        z_fit = self._posterior_means(model, train, n_fit, device, dtype).double().numpy()
+        z_test = self._posterior_means(model, self.bundle.test, n_test, device, dtype).double().numpy()
         clf = LogisticRegression(max_iter=1000).fit(z_fit, y_fit)
         return float(clf.score(z_test, self.bundle.test.y[:n_test].numpy()))
 
-    def figures(self, trainer, fig_dir) -> None:
+    def figures(self, model: LatentODE, fig_dir, device, dtype) -> None:
         """``trajectories.png``: test spirals, their noisy observations, the reconstruction (solid)
-        and the extrapolation (dashed) from the posterior mean (002 Figure 6 style)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        x, _ = self.figure_trajectories(trainer)
+        and the extrapolation (dashed) from the posterior mean (InfoCNF Figure 6 style)."""
+        x, _ = self.figure_trajectories(model, device, dtype)
         test = self.bundle.test
-        fig = plot_trajectories(test.x[:len(x)][:, self.steps], test.y[:len(x)], x, self.n_observed,
-                                title="partitioned LatentODE" if trainer.model.partitioned else "LatentODE")
-        fig.savefig(Path(fig_dir) / "trajectories.png", dpi=110)
-        plt.close(fig)
+        plot_trajectories(test.x[:len(x)][:, self.steps], test.y[:len(x)], x, self.n_observed,
+                          title="partitioned LatentODE" if model.partitioned else "LatentODE",
+                          path=Path(fig_dir) / "trajectories.png")
 
-    def figure_trajectories(self, trainer) -> tuple[Tensor, Tensor]:
-        was = trainer.model.training
-        trainer.model.eval()
-        k = min(trainer.cfg.latent_ode.n_figure, len(self.bundle.test))
-        out = self.predict(trainer, self.bundle.test.x[:k])
-        trainer.model.train(was)
+    def figure_trajectories(self, model: LatentODE, device, dtype) -> tuple[Tensor, Tensor]:
+        was = model.training
+        model.eval()
+        k = min(self.cfg.latent_ode.n_figure, len(self.bundle.test))
+        out = self.predict(model, self.bundle.test.x[:k].to(device, dtype))
+        model.train(was)
         return out[0].cpu().float(), out[1].cpu()
-
-
-def plot_trajectories(x: Tensor, direction: Tensor, x_pred: Tensor, n_observed: int, title: str = "",
-                      axes=None):
-    """Draw each sequence in its own panel: ground truth (grey), observations (dots),
-    reconstruction (solid) and extrapolation (dashed). Returns the figure."""
-    import matplotlib.pyplot as plt
-
-    k = len(x)
-    if axes is None:
-        fig, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.8), squeeze=False)
-        axes = axes[0]
-    else:
-        fig = axes[0].figure
-    for i, ax in enumerate(axes[:k]):
-        ax.plot(x[i, :, 2], x[i, :, 3], color="0.7", lw=1, label="truth")
-        ax.scatter(x[i, :n_observed, 0], x[i, :n_observed, 1], s=2, color="0.4", label="observed")
-        ax.plot(x_pred[i, :n_observed, 0], x_pred[i, :n_observed, 1], color="C0", lw=1.5, label="reconstruction")
-        ax.plot(x_pred[i, n_observed - 1:, 0], x_pred[i, n_observed - 1:, 1], "--", color="C3", lw=1.5,
-                label="extrapolation")
-        ax.set_title(("ccw" if int(direction[i]) else "cw"), fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    axes[0].legend(fontsize=5, loc="lower left")
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-TASKS["latent_ode"] = LatentODETask

@@ -1,14 +1,14 @@
-"""Training a flow by gradient-isolated parts (Bhatt & Inouye, "Learning Flows by Parts", 003).
+"""Training a flow by gradient-isolated parts (Bhatt & Inouye 2021, "Learning Flows by Parts").
 
 The flow ``f = f_L o ... o f_1`` (the entries of ``flow.steps``) is cut into contiguous parts
-``[b_0, b_1), [b_1, b_2), ...``. Part ``k`` is trained on the *truncated objective* (003, "Local/
+``[b_0, b_1), [b_1, b_2), ...``. Part ``k`` is trained on the *truncated objective* (the paper, "Local/
 Truncated Objective Function")::
 
     -log p_z(f^{(1:b_{k+1})}(x)) - sum_{l in part k} log|det df_l / dz^{(l-1)}|
 
 evaluated on the part's output: its input ``z^{(b_k)}`` is computed by the earlier parts under
 ``torch.no_grad`` (detached, so no gradient crosses a boundary and no graph is kept for them) and
-the later parts are not run at all. That is where the time goes: 003 reports ~30% less
+the later parts are not run at all. That is where the time goes: the paper reports ~30% less
 wall time than end-to-end training at equal bits/dim.
 
 In fastcnf the truncated latent is ``[factored pieces of parts 1..k, output of part k]`` — the
@@ -21,46 +21,38 @@ skips them: neither their weights nor their Adam moments move.
 
 Schedule, as a pure function of the iteration (nothing to checkpoint): a parts phase
 (:data:`MECHANISMS`: ``alternate`` = parts take turns of ``parts.turn`` units, each starting from
-the previous parts' current weights, 003's stable mechanism; ``sequential`` = equal consecutive
-budgets, 003's unstable greedy mechanism), then ``parts.finetune`` units of end-to-end training.
+the previous parts' current weights, the paper's stable mechanism; ``sequential`` = equal consecutive
+budgets, the paper's unstable greedy mechanism), then ``parts.finetune`` units of end-to-end training.
 Each part has its own optimiser parameter group (``parts.lr_scales``). Evaluation always uses the
 full model and objective. ``log.csv`` gets a ``part`` column: the part trained at that step, or
 ``all`` (end to end).
 
 Part boundaries are indices into ``flow.steps``, so the same option trains a Glow, an FFJORD
 multiscale model or a stack of CNF blocks; for flows with levels (``flow.level_boundaries``,
-Glow) they can be given in 003's notation (:func:`level_position_to_index`).
+Glow) they can be given in the paper's notation (:func:`level_position_to_index`).
 """
 from __future__ import annotations
 
 import math
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from fastcnf.flows.glow import ActNorm, initialize_actnorm
 from fastcnf.flows.sequential import FactorOut, SequentialFlow
-from fastcnf.training.hooks import HOOK_BUILDERS, Hook, StepContext
-
-if TYPE_CHECKING:  # pragma: no cover
-    from fastcnf.training.trainer import Trainer
+from fastcnf.cnf.block import CNFBlock
+from fastcnf.config import ConfigError
+from fastcnf.training.hooks import Hook, StepContext, TrainerView as Trainer
 
 __all__ = [
-    "PartsError",
     "MECHANISMS",
-    "check_parts_config",
     "level_position_to_index",
     "resolve_boundaries",
     "truncated_forward",
     "PartsHook",
-    "build_parts_hook",
 ]
-
-
-class PartsError(ValueError):
-    """An invalid part split or schedule (boundary out of range, overlapping or empty parts)."""
 
 
 def _alternate(iteration: int, phase: int, n_parts: int, turn: int) -> int:
@@ -76,49 +68,20 @@ def _sequential(iteration: int, phase: int, n_parts: int, turn: int) -> int:
 
 #: mechanism name -> ``(iteration in the parts phase, phase length, number of parts, turn) -> part``
 MECHANISMS: dict[str, Callable[[int, int, int, int], int]] = {"alternate": _alternate, "sequential": _sequential}
-#: ``parts.unit`` values
-UNITS = ("iterations", "epochs")
-
-
-def check_parts_config(cfg: Any) -> None:
-    """Checks of a :class:`fastcnf.config.PartsConfig` that need no model (raise :class:`PartsError`)."""
-    if cfg.mechanism not in MECHANISMS:
-        raise PartsError(f"parts.mechanism={cfg.mechanism!r} is not valid; accepted: {', '.join(MECHANISMS)}")
-    if cfg.unit not in UNITS:
-        raise PartsError(f"parts.unit={cfg.unit!r} is not valid; accepted: {', '.join(UNITS)}")
-    if cfg.turn < 1:
-        raise PartsError(f"parts.turn must be >= 1, got {cfg.turn}")
-    if cfg.finetune < 0:
-        raise PartsError(f"parts.finetune must be >= 0, got {cfg.finetune}")
-    if any(not (s > 0 and math.isfinite(s)) for s in cfg.lr_scales):
-        raise PartsError(f"parts.lr_scales must be positive numbers, got {list(cfg.lr_scales)}")
-    if cfg.boundaries and cfg.level_boundaries:
-        raise PartsError("give the part boundaries once: parts.boundaries (indices into flow.steps) or "
-                         "parts.level_boundaries (levels, 003's notation), not both")
-    for key in ("boundaries", "level_boundaries"):
-        b = list(getattr(cfg, key))
-        if any(later <= earlier for earlier, later in zip(b, b[1:])):
-            raise PartsError(f"parts.{key}={b} must be strictly increasing: parts are contiguous and "
-                             "may neither overlap nor be empty")
-    if cfg.enabled and not (cfg.boundaries or cfg.level_boundaries):
-        raise PartsError("parts.enabled=true needs at least one boundary: set parts.boundaries (indices into "
-                         "flow.steps, e.g. [4]) or parts.level_boundaries (e.g. [1.5] or [2, 3])")
-
-
 def level_position_to_index(flow: SequentialFlow, position: float) -> int:
-    """Index into ``flow.steps`` of a boundary given in 003's level notation.
+    """Index into ``flow.steps`` of a boundary given in the paper's level notation.
 
     Levels are counted from 1. An integer ``p`` is the start of level ``p`` (split "by blocks");
     ``p + f`` with ``0 < f < 1`` cuts level ``p`` after ``round(f * K)`` of its ``K`` invertible
-    steps (split "across blocks": ``1.5`` is 003's ``1_{1/2}``). Valid: ``1 < position < L + 1``.
+    steps (split "across blocks": ``1.5`` is the paper's ``1_{1/2}``). Valid: ``1 < position < L + 1``.
     """
     starts = getattr(flow, "level_boundaries", None)
     if not starts:
-        raise PartsError("parts.level_boundaries needs a flow with levels (model.arch=glow); for other flows "
+        raise ConfigError("parts.level_boundaries needs a flow with levels (model.arch=glow); for other flows "
                          f"use parts.boundaries (indices 1..{len(flow.steps) - 1} into flow.steps)")
     n_levels = len(starts)
     if not 1 < position < n_levels + 1:
-        raise PartsError(f"level boundary {position} is out of range: this flow has {n_levels} levels, so a "
+        raise ConfigError(f"level boundary {position} is out of range: this flow has {n_levels} levels, so a "
                          f"boundary must lie strictly between 1 and {n_levels + 1} (e.g. 1.5 or 2)")
     level = int(math.floor(position))
     fraction = position - level
@@ -131,7 +94,7 @@ def level_position_to_index(flow: SequentialFlow, position: float) -> int:
              and not isinstance(flow.steps[i], FactorOut)]
     cut = int(round(fraction * len(inner)))
     if not 0 < cut < len(inner):
-        raise PartsError(f"level boundary {position} cuts level {level} after {cut} of its {len(inner)} steps: "
+        raise ConfigError(f"level boundary {position} cuts level {level} after {cut} of its {len(inner)} steps: "
                          "choose a fraction that leaves steps on both sides, or an integer level start")
     return inner[cut]
 
@@ -141,12 +104,12 @@ def resolve_boundaries(flow: SequentialFlow, boundaries: list[int] | None = None
     """Part starts and end ``[0, b_1, ..., len(flow.steps)]`` from either kind of boundary.
 
     Raises:
-        PartsError: a boundary out of ``1..len(flow.steps)-1``, boundaries not strictly increasing
+        ConfigError: a boundary out of ``1..len(flow.steps)-1``, boundaries not strictly increasing
             (overlapping or empty parts), or none given.
     """
     n = len(flow.steps)
     if boundaries and level_boundaries:
-        raise PartsError("give parts.boundaries or parts.level_boundaries, not both")
+        raise ConfigError("give parts.boundaries or parts.level_boundaries, not both")
     if level_boundaries:
         cuts = [level_position_to_index(flow, float(p)) for p in level_boundaries]
         source = f"parts.level_boundaries={list(level_boundaries)} (steps {cuts})"
@@ -154,19 +117,19 @@ def resolve_boundaries(flow: SequentialFlow, boundaries: list[int] | None = None
         cuts = [int(b) for b in boundaries]
         source = f"parts.boundaries={cuts}"
     else:
-        raise PartsError("training by parts needs at least one boundary (parts.boundaries or parts.level_boundaries)")
+        raise ConfigError("training by parts needs at least one boundary (parts.boundaries or parts.level_boundaries)")
     for b in cuts:
         if not 0 < b < n:
-            raise PartsError(f"{source}: boundary {b} is out of range; this flow has {n} steps, so boundaries "
+            raise ConfigError(f"{source}: boundary {b} is out of range; this flow has {n} steps, so boundaries "
                              f"must be in 1..{n - 1}")
     if any(later <= earlier for earlier, later in zip(cuts, cuts[1:])):
-        raise PartsError(f"{source}: boundaries must be strictly increasing (parts may neither overlap nor be empty)")
+        raise ConfigError(f"{source}: boundaries must be strictly increasing (parts may neither overlap nor be empty)")
     return [0, *cuts, n]
 
 
 def truncated_forward(model: nn.Module, x: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor]:
     """``(z, logdet)`` of the truncated flow ``f^{(1:stop)}`` with gradients only through steps
-    ``start..stop-1`` (003's truncated objective for the part ``[start, stop)``).
+    ``start..stop-1`` (the paper's truncated objective for the part ``[start, stop)``).
 
     Steps ``0..start-1`` run under ``torch.no_grad`` (their output, factored pieces and log-dets
     are constants); steps from ``stop`` on are not run. ``z`` is the flat concatenation of every
@@ -216,33 +179,30 @@ class PartsHook(Hook):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: "Trainer") -> None:
-        from fastcnf.cnf.block import CNFBlock
-        from fastcnf.config import ConfigError
-
         pc = self.parts_cfg
         flow = trainer.model.flow
         self.starts = resolve_boundaries(flow, pc.boundaries, pc.level_boundaries)
         n_parts = len(self.starts) - 1
         if pc.lr_scales and len(pc.lr_scales) != n_parts:
-            raise PartsError(f"parts.lr_scales has {len(pc.lr_scales)} entries but the boundaries make {n_parts} "
+            raise ConfigError(f"parts.lr_scales has {len(pc.lr_scales)} entries but the boundaries make {n_parts} "
                              f"parts (steps {self._ranges_text()}); give one scale per part or none")
         self.part_params = []
         owner: dict[int, int] = {}
         for k, (a, b) in enumerate(zip(self.starts, self.starts[1:])):
             params = _unique_parameters(list(flow.steps[a:b]))
             if not params:
-                raise PartsError(f"part {k} (steps {a}..{b - 1}: "
+                raise ConfigError(f"part {k} (steps {a}..{b - 1}: "
                                  f"{', '.join(type(s).__name__ for s in flow.steps[a:b])}) has no trainable "
                                  "parameters; move the boundary")
             for p in params:
                 if owner.setdefault(id(p), k) != k:
-                    raise PartsError(f"a parameter is shared by parts {owner[id(p)]} and {k}; parts must be disjoint")
+                    raise ConfigError(f"a parameter is shared by parts {owner[id(p)]} and {k}; parts must be disjoint")
             self.part_params.append(params)
         self._inactive_blocks = []
         for a, b in zip(self.starts, self.starts[1:]):
             self._inactive_blocks.append([m for i, s in enumerate(flow.steps) if not a <= i < b
                                           for m in s.modules() if isinstance(m, CNFBlock)])
-        scale = trainer.batcher.steps_per_epoch if pc.unit == "epochs" else 1
+        scale = trainer.steps_per_epoch if pc.unit == "epochs" else 1
         total = self.cfg.train.iterations
         finetune = pc.finetune * scale
         if finetune >= total:
@@ -306,11 +266,3 @@ class PartsHook(Hook):
 
     def eval_metrics(self, trainer: "Trainer") -> dict[str, Any]:
         return {"parts_boundaries": self.starts[1:-1], "parts_phase_iterations": self.phase_iterations}
-
-
-def build_parts_hook(cfg: Any, trainer: "Trainer") -> PartsHook | None:
-    """``parts.enabled`` -> :class:`PartsHook` (training by parts), else None."""
-    return PartsHook(cfg) if cfg.parts.enabled else None
-
-
-HOOK_BUILDERS.append(build_parts_hook)

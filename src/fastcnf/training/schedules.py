@@ -1,8 +1,9 @@
-"""Learning-rate schedules: linear warm-up, then constant, step decay or cosine.
+"""The optimiser and its learning-rate schedule: linear warm-up, then constant, step decay or cosine.
 
 The learning rate at iteration i (0-based, the rate used by step i+1) is
 ``base * warmup(i) * decay(i)``; large-batch recipes scale ``base`` with the batch size
-(Goyal et al. 2017; 000 §3; 002 §4.5) before it reaches this module.
+(Goyal et al. 2017; Nguyen et al., "On Mixed Conditional FFJORD with Large-Batch
+Training", §3; Nguyen et al. 2019, "InfoCNF", §4.5) before it reaches this module.
 """
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import bisect
 import math
 from dataclasses import dataclass
 
-__all__ = ["LRSchedule"]
+import torch
+from torch import nn
+
+from fastcnf.config import TrainConfig
+
+__all__ = ["LRSchedule", "build_optimizer", "set_group_lrs"]
 
 
 @dataclass
@@ -65,3 +71,29 @@ class LRSchedule:
             decay_factor=train.decay_factor,
             min_lr=train.min_lr,
         )
+
+
+def build_optimizer(train: TrainConfig, model: nn.Module, hooks: list, trainer) -> torch.optim.Optimizer:
+    """Adam / AdamW over the model's parameters (minus those a hook trains itself) plus the hooks'
+    own parameter groups. A group follows the schedule (times its ``lr_scale``) when
+    ``follow_schedule`` is set (the model's group always does); other groups keep their rate."""
+    excluded = {id(p) for h in hooks for p in h.excluded_parameters(trainer)}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
+    groups = [{"params": params, "name": "model"}]
+    for h in hooks:
+        groups.extend(h.param_groups(trainer))
+    cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
+    opt = cls(groups, lr=train.lr, weight_decay=train.weight_decay)
+    for g in opt.param_groups:
+        g.setdefault("lr_scale", 1.0)
+        g.setdefault("follow_schedule", g.get("name") == "model")
+        g["initial_lr_group"] = g["lr"]
+    return opt
+
+
+def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> float:
+    """Set every group's rate for this iteration from the scheduled ``lr`` (see
+    :func:`build_optimizer`; e.g. TO-FLOW's own Adam rate for T keeps its rate). Returns ``lr``."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g["lr_scale"] if g["follow_schedule"] else g["initial_lr_group"]
+    return lr

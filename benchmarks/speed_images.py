@@ -1,0 +1,473 @@
+"""Speed of fastcnf against FFJORD's multiscale image training, side by side (issue 18).
+
+Every side runs in its own worker process (one torch thread each by default) so that its peak
+memory is its own; the parent interleaves their iterations (side order reversed every other
+round) so that load on the shared machine hits all sides alike. Sides (``--sides``):
+
+* ``ffjord``: ``benchmarks/ffjord_multiscale_baseline.py``, FFJORD's model (ConcatConv2d layers,
+  400,323 parameters on MNIST with one block per scale) and engine (torchdiffeq adjoint, VJP
+  Hutchinson with ``create_graph`` in both solves), initialised with ``--seed``;
+* ``ffjord-cs``: FFJORD's engine on fastcnf's network (FFJORD's ``ConcatSquashConv2d``, 394,449
+  parameters) with fastcnf's initial weights copied in: the same model and weights as the fastcnf
+  sides, so the ratio is the engine's alone;
+* ``fastcnf``: fastcnf's recipe (``--recipe``, default ``mnist-ffjord`` with
+  ``model.num_blocks=1``, data set and data root set from the options) as the builder makes it;
+* ``fastcnf-nchw``: the same with the conv dynamics' channels-last layout off
+  (``ConcatSquashConvNet(channels_last=False)``);
+* ``fastcnf-jvp``: the same with Hutchinson by forward mode (``Hutchinson(mode="jvp")``). Until
+  the CNF block calls ``DivergenceEstimator.evaluate`` itself, this side replaces the block ODE's
+  ``forward`` in its own worker by one that does (``_use_estimator_evaluate``; the JSON records
+  whether the replacement was needed).
+
+fastcnf's ``mnist-ffjord`` uses concat-squash layers (FFJORD's multiscale model uses concat): the
+architectures differ by 5,874 weights (FFJORD: the time as an input channel, 9 weights per output
+channel and layer; fastcnf: a gate and a bias per output channel, 3), so ``ffjord`` and
+``fastcnf`` share the seed, not the weights.
+
+Part (a), per iteration: the same batches (``--batch-size`` images of the training split, drawn
+and dequantised from a seed per iteration) on every side, ``--iterations`` interleaved training
+iterations (Adam 1e-3 with FFJORD's warm-up on every side, fastcnf's model driven by this loop,
+not by its trainer), median wall seconds and process CPU seconds per iteration, NFE forward and
+backward per iteration (summed over blocks), peak memory (``resource.getrusage(RUSAGE_SELF).
+ru_maxrss`` of each worker, i.e. peak resident set size including the interpreter, torch and the
+data; the increase over the RSS before the first iteration is reported too; on CUDA
+``torch.cuda.max_memory_allocated``).
+
+Part (b), ``--train-iterations N``: N interleaved training iterations of two sides (the first
+two of ``--sides``) on ``--train-data`` with bits/dim on a fixed, fixed-noise test subset every
+``--eval-every`` iterations (eval mode, no gradients, dopri5 1e-5).
+
+Run, e.g. (see ``benchmarks/README.md`` for the recorded commands)::
+
+    python benchmarks/speed_images.py --iterations 3 --batch-size 32 \\
+        --json benchmarks/results/speed_images.json
+    python benchmarks/speed_images.py --profile benchmarks/results/speed_images_profile.txt
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import inspect
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _path in (ROOT / "src", HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import ffjord_multiscale_baseline as baseline  # noqa: E402
+
+# ---- fastcnf's API, imported in this one place (the package is being restructured) ---------------
+try:
+    from fastcnf.config import load_recipe  # noqa: E402
+except ImportError:  # pragma: no cover - during the config/ package move
+    from fastcnf.config.loader import load_recipe  # noqa: E402
+from fastcnf.cnf import block as _block_module  # noqa: E402
+from fastcnf.cnf.divergence import Hutchinson  # noqa: E402
+from fastcnf.cnf.dynamics import ConcatSquashConvNet  # noqa: E402
+from fastcnf.data.registry import load_data  # noqa: E402
+from fastcnf.models.builder import build_model as build_fastcnf_model  # noqa: E402
+
+SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-nchw", "fastcnf-jvp")
+TARGETS = {"per_iteration_speedup": 2.0}
+
+
+# ---- environment --------------------------------------------------------------------------------
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine(device: str) -> dict:
+    import torchdiffeq
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torchdiffeq": getattr(torchdiffeq, "__version__", "?"),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# ---- batches: identical on every side -----------------------------------------------------------
+def make_batch(train: np.ndarray, levels: int, batch_size: int, seed: int, iteration: int) -> torch.Tensor:
+    rng = np.random.RandomState(seed * 100_003 + iteration)
+    idx = rng.choice(len(train), batch_size, replace=False)
+    return baseline.dequantize_batch(train[idx], levels, rng)
+
+
+def test_subset(test: np.ndarray, levels: int, n: int, seed: int) -> torch.Tensor:
+    return baseline.dequantize_batch(test[:n], levels, np.random.RandomState(seed + 1))
+
+
+# ---- fastcnf side -------------------------------------------------------------------------------
+def fastcnf_config(args):
+    return load_recipe(args.recipe, cfg_overrides(args))
+
+
+def _use_estimator_evaluate() -> bool:
+    """Make the block ODE obtain ``(f, divergence)`` from ``DivergenceEstimator.evaluate`` (the
+    change proposed for ``cnf/block.py``) if it does not already; returns whether it replaced it.
+    Only the ``fastcnf-jvp`` worker calls this."""
+    cls = getattr(_block_module, "_SolveODE", None) or getattr(_block_module, "_BlockODE")
+    if ".evaluate(" in inspect.getsource(cls.forward):
+        return False
+    from fastcnf.cnf.divergence import DivergenceResult, ExactTrace
+
+    def forward(self, s, state):
+        z = state[0]
+        T = self.end_time
+        t = s * T
+        if not self.with_logdet:
+            return (self.net(t, z) * T,)
+        create_graph = torch.is_grad_enabled()
+        est = getattr(self, "divergence", None) or self._block[0].divergence
+        with torch.enable_grad():
+            if not (create_graph and z.requires_grad):
+                z = z.detach().requires_grad_(True)
+            if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
+                f, div = self.net.trace_forward(t, z)
+                result = DivergenceResult(div)
+            else:
+                f, result = est.evaluate(self.net, t, z, self.noise, create_graph=create_graph)
+            rates = [r.rate(f, z, result, self.noise, create_graph) for r in self.regularizers]
+        return (f * T, result.div * T, *(r * T for r in rates))
+
+    cls.forward = forward
+    return True
+
+
+def build_fastcnf_side(args, side: str):
+    cfg = fastcnf_config(args)
+    bundle = load_data(cfg.data, cfg.seed)
+    torch.manual_seed(args.seed)
+    model = build_fastcnf_model(cfg, bundle)
+    info = {"recipe": args.recipe, "overrides": list(cfg_overrides(args))}
+    for m in model.modules():
+        if isinstance(m, ConcatSquashConvNet):
+            m.channels_last = side != "fastcnf-nchw"
+    if side == "fastcnf-jvp":
+        for m in model.modules():
+            if isinstance(getattr(m, "divergence", None), Hutchinson):
+                m.divergence = Hutchinson(m.divergence.noise, mode="jvp")
+        info["block_forward_replaced"] = _use_estimator_evaluate()
+    return model, info, bundle.levels
+
+
+def cfg_overrides(args) -> list[str]:
+    out = [f"data.name={args.data}", "model.num_blocks=%d" % args.num_blocks, f"model.hidden_dims=[{args.dims}]",
+           f"seed={args.seed}", *args.fastcnf_set]
+    return out + ([f"data.root={args.root}"] if args.data != "digits" else [])
+
+
+def _cnf_nets_fastcnf(model) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if ".net." in n]
+
+
+def _cnf_nets_baseline(model) -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if ".diffeq." in n]
+
+
+def nfe_fastcnf(model) -> tuple[int, int]:
+    rec = model.nfe_record()
+    return sum(r["forward"] for r in rec.values()), sum(r["backward"] for r in rec.values())
+
+
+# ---- worker -------------------------------------------------------------------------------------
+def _rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _worker(conn, side: str, args) -> None:
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    train, test, levels = baseline.load_images(args.data, args.root)
+    shape = train.shape[1:]
+    hidden = tuple(int(d) for d in args.dims.split(","))
+    info: dict = {"side": side}
+    if side.startswith("ffjord"):
+        layer_type = "concat" if side == "ffjord" else "concatsquash"
+        model = baseline.build_model(shape, args.num_blocks, hidden, layer_type, seed=args.seed)
+        info["layer_type"] = layer_type
+        if side == "ffjord-cs":
+            weights = torch.load(args.weights_file, weights_only=True)
+            params = _cnf_nets_baseline(model)
+            assert [tuple(p.shape) for p in params] == [tuple(w.shape) for w in weights], "architectures differ"
+            with torch.no_grad():
+                for p, w in zip(params, weights):
+                    p.copy_(w)
+            info["weights"] = "fastcnf's initial weights"
+    else:
+        model, extra, levels = build_fastcnf_side(args, side)
+        info.update(extra)
+        if args.weights_file and not os.path.exists(args.weights_file):
+            torch.save([p.detach().clone() for p in _cnf_nets_fastcnf(model)], args.weights_file)
+        elif args.weights_file:
+            with torch.no_grad():
+                for p, w in zip(_cnf_nets_fastcnf(model), torch.load(args.weights_file, weights_only=True)):
+                    p.copy_(w)
+        info["weights"] = "fastcnf's initial weights (seed %d)" % args.seed
+    model = model.to(device)
+    info["parameters"] = sum(p.numel() for p in model.parameters())
+    optimizer = baseline.make_optimizer(model)
+    x_test = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    info["rss_setup_mib"] = _rss_mib()
+    conn.send(info)
+    while True:
+        cmd, value = conn.recv()
+        if cmd == "stop":
+            break
+        if cmd == "iter":
+            itr, batch_size = value
+            x = make_batch(train, levels, batch_size, args.seed, itr).to(device)
+            torch.manual_seed(args.seed * 1000 + itr)  # Hutchinson noise stream
+            cpu0 = time.process_time()
+            if side.startswith("ffjord"):
+                row = baseline.train_step(model, optimizer, x, itr, levels)
+            else:
+                start = time.perf_counter()
+                baseline.update_lr(optimizer, itr)
+                optimizer.zero_grad()
+                loss = model.bits_per_dim(x).mean()
+                nfe_forward = nfe_fastcnf(model)[0]
+                loss.backward()
+                optimizer.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                row = {"loss": float(loss.detach()), "nfe_forward": nfe_forward,
+                       "nfe_backward": nfe_fastcnf(model)[1], "seconds": time.perf_counter() - start}
+            row["cpu_seconds"] = time.process_time() - cpu0
+            row["rss_peak_mib"] = _rss_mib()
+            if device.type == "cuda":
+                row["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+            conn.send(row)
+        elif cmd == "eval":
+            if x_test is None:
+                x_test = test_subset(test, levels, value, args.seed).to(device)
+            start = time.perf_counter()
+            torch.manual_seed(args.seed + 7)
+            if side.startswith("ffjord"):
+                bpd = baseline.evaluate_bits_per_dim(model, x_test, levels)
+            else:
+                model.eval()
+                with torch.no_grad():
+                    bpd = float(torch.cat([model.bits_per_dim(x_test[i:i + 200])
+                                           for i in range(0, len(x_test), 200)]).mean())
+                model.train()
+            conn.send({"test_bits_per_dim": bpd, "eval_seconds": time.perf_counter() - start})
+    conn.close()
+
+
+class Side:
+    def __init__(self, ctx, name: str, args) -> None:
+        self.name = name
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(child, name, args), daemon=True)
+        self.proc.start()
+        self.info = self.conn.recv()
+
+    def ask(self, cmd: str, value=None) -> dict:
+        self.conn.send((cmd, value))
+        return self.conn.recv()
+
+    def stop(self) -> None:
+        self.conn.send(("stop", None))
+        self.proc.join(timeout=60)
+
+
+def start_sides(names, args) -> list[Side]:
+    ctx = mp.get_context("spawn")
+    # fastcnf sides first: the first writes the initial weights that the others (and ffjord-cs) load
+    ordered = sorted(names, key=lambda n: not n.startswith("fastcnf"))
+    sides = {n: Side(ctx, n, args) for n in ordered}
+    return [sides[n] for n in names]
+
+
+# ---- part (a) -----------------------------------------------------------------------------------
+def per_iteration(args) -> dict:
+    sides = start_sides(args.sides, args)
+    rows: dict[str, list] = {s.name: [] for s in sides}
+    loads = [load_average()]
+    try:
+        for i in range(args.iterations):
+            order = sides if i % 2 == 0 else sides[::-1]
+            for s in order:
+                row = s.ask("iter", (i, args.batch_size))
+                rows[s.name].append(row)
+                print(f"[a] iter {i} {s.name:13s} {row['seconds']:7.2f} s (cpu {row['cpu_seconds']:.2f}) "
+                      f"NFE {row['nfe_forward']}+{row['nfe_backward']} bpd {row['loss']:.4f} "
+                      f"rss {row['rss_peak_mib']:.0f} MiB", flush=True)
+            loads.append(load_average())
+    finally:
+        for s in sides:
+            s.stop()
+    summary = {}
+    for s in sides:
+        r = rows[s.name]
+        summary[s.name] = {
+            "parameters": s.info["parameters"], "info": s.info,
+            "median_seconds": statistics.median(x["seconds"] for x in r),
+            "median_cpu_seconds": statistics.median(x["cpu_seconds"] for x in r),
+            "nfe_forward": [x["nfe_forward"] for x in r], "nfe_backward": [x["nfe_backward"] for x in r],
+            "rss_setup_mib": s.info["rss_setup_mib"], "rss_peak_mib": max(x["rss_peak_mib"] for x in r),
+            "rss_increase_mib": max(x["rss_peak_mib"] for x in r) - s.info["rss_setup_mib"],
+            "iterations": r}
+        if "cuda_peak_mib" in r[0]:
+            summary[s.name]["cuda_peak_mib"] = max(x["cuda_peak_mib"] for x in r)
+    ratios = {}
+    for ref in ("ffjord", "ffjord-cs"):
+        for fast in ("fastcnf", "fastcnf-nchw", "fastcnf-jvp"):
+            if ref in summary and fast in summary:
+                ratios[f"{ref}/{fast}"] = {
+                    "wall": summary[ref]["median_seconds"] / summary[fast]["median_seconds"],
+                    "cpu": summary[ref]["median_cpu_seconds"] / summary[fast]["median_cpu_seconds"]}
+    return {"sides": summary, "speedup": ratios, "load_average": loads}
+
+
+# ---- part (b) -----------------------------------------------------------------------------------
+def training_run(args) -> dict:
+    sub = argparse.Namespace(**vars(args))
+    sub.data, sub.batch_size = args.train_data, args.train_batch_size
+    if args.train_data == "digits":
+        sub.recipe = args.train_recipe
+    sides = start_sides(args.sides[:2], sub)
+    curves: dict[str, list] = {s.name: [] for s in sides}
+    times = {s.name: 0.0 for s in sides}
+    try:
+        for i in range(args.train_iterations + 1):
+            if i % args.eval_every == 0 or i == args.train_iterations:
+                for s in sides:
+                    r = s.ask("eval", args.eval_size)
+                    curves[s.name].append({"iteration": i, "train_seconds": times[s.name], **r})
+                    print(f"[b] {s.name:13s} it {i:4d} train {times[s.name]:8.1f} s "
+                          f"test bpd {r['test_bits_per_dim']:.4f}", flush=True)
+            if i == args.train_iterations:
+                break
+            for s in (sides if i % 2 == 0 else sides[::-1]):
+                row = s.ask("iter", (i, args.train_batch_size))
+                times[s.name] += row["seconds"]
+    finally:
+        for s in sides:
+            s.stop()
+    return {"data": args.train_data, "iterations": args.train_iterations, "batch_size": args.train_batch_size,
+            "eval_every": args.eval_every, "eval_size": args.eval_size, "curves": curves,
+            "parameters": {s.name: s.info["parameters"] for s in sides}}
+
+
+# ---- profile ------------------------------------------------------------------------------------
+def profile(args, out: Path) -> None:
+    """torch.profiler over one training iteration of the fastcnf side (``--sides``' first fastcnf
+    one), one thread; writes the operator tables to ``out``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.set_num_threads(args.threads)
+    side = next((s for s in args.sides if s.startswith("fastcnf")), "fastcnf")
+    model, info, levels = build_fastcnf_side(args, side)
+    train, _, _ = baseline.load_images(args.data, args.root)
+    x = make_batch(train, levels, args.batch_size, args.seed, 0)
+    torch.manual_seed(args.seed)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        loss = model.bits_per_dim(x).mean()
+        forward_s = time.perf_counter() - start
+        loss.backward()
+        total_s = time.perf_counter() - start
+    fwd, bwd = nfe_fastcnf(model)
+    ka = prof.key_averages()
+    header = (f"# speed_images profile: side {side}, recipe {args.recipe} {' '.join(cfg_overrides(args))}\n"
+              f"# batch {args.batch_size}, {args.threads} thread(s), {machine(args.device)}\n"
+              f"# commit {_git('rev-parse', '--short', 'HEAD')} (working tree may differ), load {load_average()}\n"
+              f"# one training iteration under the profiler: {total_s:.2f} s wall (forward solve {forward_s:.2f} s),"
+              f" NFE {fwd} forward / {bwd} backward, {sum(p.numel() for p in model.parameters()):,} parameters\n")
+    with open(out, "w") as fh:
+        fh.write(header + "\n## by self CPU time\n")
+        fh.write(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) + "\n")
+        fh.write("## by total CPU time (inclusive)\n")
+        fh.write(ka.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60) + "\n")
+    print(header)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sides", nargs="+", default=["ffjord", "fastcnf"], choices=SIDES)
+    p.add_argument("--data", default="mnist-test-split", choices=["mnist-test-split", "digits"])
+    p.add_argument("--root", default=str(baseline.DEFAULT_MNIST_ROOT))
+    p.add_argument("--recipe", default="mnist-ffjord")
+    p.add_argument("--fastcnf-set", nargs="*", default=[], help="extra --set overrides of the fastcnf sides")
+    p.add_argument("--num-blocks", type=int, default=1)
+    p.add_argument("--dims", default="64,64,64")
+    p.add_argument("--iterations", type=int, default=3, help="(a) interleaved iterations per side (0: skip)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train-iterations", type=int, default=0, help="(b) training-run length N (0: skip)")
+    p.add_argument("--train-data", default="digits", choices=["mnist-test-split", "digits"])
+    p.add_argument("--train-recipe", default="mnist-ffjord")
+    p.add_argument("--train-batch-size", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-size", type=int, default=360)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--profile", default=None, help="write a torch.profiler table of one fastcnf iteration here")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if args.profile:
+        profile(args, Path(args.profile))
+        return {}
+    result = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+              "commit": _git("rev-parse", "HEAD"), "tree_dirty": bool(_git("status", "--porcelain")),
+              "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(args.device),
+              "threads_per_side": args.threads, "device": args.device, "targets": TARGETS,
+              "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
+              "note": "2 CPU cores shared with other engineers' jobs: all sides ran concurrently with "
+                      "other processes; wall times vary, CPU times are steadier"}
+    with tempfile.TemporaryDirectory() as tmp:
+        args.weights_file = str(Path(tmp) / "weights.pt")
+        if args.iterations:
+            result["per_iteration"] = per_iteration(args)
+            args.weights_file = str(Path(tmp) / "weights_b.pt")
+        if args.train_iterations:
+            result["training_run"] = training_run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    if "per_iteration" in result:
+        for k, v in result["per_iteration"]["speedup"].items():
+            print(f"speedup {k}: wall {v['wall']:.2f}x, cpu {v['cpu']:.2f}x")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,323 @@
+"""The configuration of a run: the core sections (data, solver, model, training, evaluation) and
+:class:`Config`, which holds them and the feature sections of :mod:`fastcnf.config.features`.
+
+Choices are ``Literal`` types, checked (with a "did you mean") when a section is built, whether
+from a recipe or in Python; ranges are checked by each section's ``check``. Nothing here imports
+from the rest of fastcnf: every layer reads its settings from these classes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from fastcnf.config.errors import ConfigError, check_tolerance
+from fastcnf.config.features import (
+    ConditioningConfig,
+    DistributedConfig,
+    EndTimeConfig,
+    FlowMatchingConfig,
+    LatentODEConfig,
+    PartsConfig,
+    TolerancesConfig,
+)
+from fastcnf.config.section import ADAPTIVE_METHODS, SOLVER_METHODS, Section, SolverMethod
+
+__all__ = [
+    "ADAPTIVE_METHODS", "SOLVER_METHODS", "Section", "DataConfig", "SolverConfig", "ModelConfig", "TrainConfig", "EvalConfig",
+    "ConditioningConfig", "TolerancesConfig", "EndTimeConfig", "PartsConfig", "DistributedConfig",
+    "LatentODEConfig", "FlowMatchingConfig", "Config",
+]
+
+@dataclass
+class DataConfig(Section):
+    """Which data set to load and how much of it.
+
+    Attributes:
+        name: one of ``fastcnf.data.DATASETS`` (e.g. ``8gaussians``, ``digits``, ``mnist-test-split``).
+        root: directory holding the image files (``mnist``, ``fmnist``, ``mnist-test-split``,
+            ``cifar10``); ignored by the synthetic sets and ``digits``. ``~`` is expanded.
+        n_train: synthetic sets: size of the fixed training draw; image sets: keep only the first
+            ``n_train`` training images. 0: the data set's default (20,000 draws / every image).
+        n_test: the same for the test split.
+        train_fraction: fraction used for training where the split is ours (``digits``: 0.8 of a
+            fixed permutation; ``mnist-test-split``: 0.9 in file order); None: that set's default.
+    """
+
+    _key = "data"
+    name: str = "8gaussians"
+    root: str | None = None
+    n_train: int = 0
+    n_test: int = 0
+    train_fraction: float | None = None
+
+    def check(self) -> None:
+        for a in ("n_train", "n_test"):
+            v = getattr(self, a)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ConfigError(f"data.{a} must be an integer >= 0 (0 = default), got {v!r}")
+        if self.train_fraction is not None and not 0.0 < self.train_fraction < 1.0:
+            raise ConfigError(f"data.train_fraction must be in (0, 1), got {self.train_fraction!r}")
+
+
+@dataclass
+class SolverConfig(Section):
+    """How a block integrates its ODE.
+
+    Attributes:
+        method: torchdiffeq method; adaptive (dopri5, bosh3, adaptive_heun, dopri8) or fixed
+            (rk4, euler, midpoint).
+        atol, rtol: error tolerances of adaptive methods (forward solve) in training.
+        adjoint: back-propagate with the adjoint method (O(1) memory) instead of through the solver.
+        adjoint_atol, adjoint_rtol: tolerances of the backward (adjoint) solve; None: the forward ones.
+        step_size: step of fixed-step methods (fraction of the block's rescaled interval [0, 1]).
+        max_nfe: cap on function evaluations per solve; exceeding it raises
+            ``SolverBudgetExceeded``. 0 disables the cap.
+        backend: ``fastcnf`` integrates dopri5 and bosh3 with the lean solvers (same steps and
+            solutions as torchdiffeq, faster) unless the adjoint is used; ``torchdiffeq`` always
+            uses torchdiffeq.
+        fused: with the ``fastcnf`` backend, a block whose dynamics compute their exact trace
+            themselves (concat-squash MLP, no regularisers) solves as one autograd node with a
+            hand-written discrete adjoint: the same solution and gradient, less overhead.
+    """
+
+    _key = "solver"
+    method: SolverMethod = "dopri5"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    adjoint: bool = False
+    adjoint_atol: float | None = None
+    adjoint_rtol: float | None = None
+    step_size: float = 0.05
+    max_nfe: int = 10000
+    backend: Literal["fastcnf", "torchdiffeq"] = "fastcnf"
+    fused: bool = True
+
+    def check(self) -> None:
+        for a in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+            check_tolerance(getattr(self, a), f"solver.{a}", allow_none=True)
+        if not 0.0 < float(self.step_size) <= 1.0:
+            raise ConfigError(f"solver.step_size must be in (0, 1], got {self.step_size!r}")
+        if int(self.max_nfe) < 0:
+            raise ConfigError(f"solver.max_nfe must be >= 0, got {self.max_nfe!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.method in ADAPTIVE_METHODS
+
+    def with_tolerance(self, atol: float, rtol: float | None = None) -> "SolverConfig":
+        """A copy with other forward tolerances (the adjoint ones follow unless set explicitly)."""
+        return replace(self, atol=float(atol), rtol=float(atol if rtol is None else rtol))
+
+
+@dataclass
+class ModelConfig(Section):
+    """The model.
+
+    Attributes:
+        arch: ``mlp`` (CNF blocks on vectors), ``multiscale`` (FFJORD's image architecture), ``glow``
+            or ``unet`` (one CNF block whose dynamics is a U-Net over the whole image, after
+            centring x - 0.5; the image architecture of flow matching).
+        hidden_dims: hidden widths of each dynamics network (FFJORD: 64-64-64).
+        activation: tanh, softplus, relu, elu or swish (FFJORD toy: tanh; images: softplus).
+        num_blocks: ``mlp``: stacked CNF blocks; ``multiscale``: blocks before and after each squeeze.
+        n_scales: multiscale scales (0: FFJORD's automatic choice).
+        divergence: ``exact`` or ``hutchinson``.
+        exact_mode: exact trace implementation: auto (network forward-mode trace when available), loop, vmap.
+        noise: Hutchinson noise: gaussian or rademacher.
+        end_time: T0 of every block (FFJORD toy 0.5, images 1.0).
+        logit_alpha: alpha of the logit transform at the input of image models.
+        kinetic_weight: weight of the kinetic-energy regulariser (Finlay et al. 2020; 0: off).
+        jacobian_weight: weight of the Jacobian-Frobenius regulariser (Finlay et al. 2020; 0: off).
+        regularizer_reduction: ``sum`` of the regulariser rates over dimensions (Finlay et al. 2020,
+            eq. 3-4), their ``mean`` (the paper's released code; matches a bits/dim loss), or
+            ``auto`` (mean on image data, sum otherwise), so one weight means the same everywhere.
+        glow_levels, glow_steps, glow_hidden, glow_lu: ``glow``: levels L, steps K per level, hidden
+            channels of the couplings, LU-parametrised 1x1 convolutions (Kingma & Dhariwal 2018).
+        glow_preprocess: ``glow``: ``shift`` (x - 0.5, Glow) or ``logit`` (with ``logit_alpha``).
+        unet_channels: ``unet``: channels of the first resolution level.
+        unet_levels: ``unet``: resolution levels (down-samplings).
+    """
+
+    _key = "model"
+    arch: Literal["mlp", "multiscale", "glow", "unet"] = "mlp"
+    hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
+    activation: Literal["tanh", "softplus", "relu", "elu", "swish"] = "tanh"
+    num_blocks: int = 1
+    n_scales: int = 0
+    divergence: Literal["exact", "hutchinson"] = "exact"
+    exact_mode: Literal["auto", "loop", "vmap"] = "auto"
+    noise: Literal["gaussian", "rademacher"] = "gaussian"
+    end_time: float = 0.5
+    logit_alpha: float = 1e-6
+    kinetic_weight: float = 0.0
+    jacobian_weight: float = 0.0
+    regularizer_reduction: Literal["auto", "sum", "mean"] = "auto"
+    glow_levels: int = 3
+    glow_steps: int = 32
+    glow_hidden: int = 512
+    glow_lu: bool = True
+    glow_preprocess: Literal["shift", "logit"] = "shift"
+    unet_channels: int = 32
+    unet_levels: int = 2
+
+    def check(self) -> None:
+        self._positive("end_time", "num_blocks", "unet_channels", "unet_levels")
+        if self.hidden_dims and min(self.hidden_dims) <= 0:
+            raise ConfigError(f"model.hidden_dims must be positive, got {self.hidden_dims}")
+        if self.kinetic_weight < 0 or self.jacobian_weight < 0:
+            raise ConfigError("model.kinetic_weight and model.jacobian_weight must be >= 0")
+
+
+@dataclass
+class TrainConfig(Section):
+    """The optimisation.
+
+    Attributes:
+        iterations: optimiser steps.
+        batch_size: examples per step (the global batch under torchrun).
+        lr: learning rate (before scaling and schedules).
+        weight_decay: L2 weight decay (Adam) or decoupled (AdamW).
+        optimizer: adam or adamw.
+        schedule: constant, step (decay by ``decay_factor`` at each of ``decay_at``) or cosine.
+        warmup_iterations: linear warm-up from 0 over this many iterations (0: none).
+        decay_at: iterations (or epochs, see ``decay_unit``) at which the step schedule decays.
+        decay_unit: iterations or epochs.
+        decay_factor: multiplicative decay of the step schedule.
+        min_lr: floor of the cosine schedule.
+        grad_clip: clip the gradient norm to this value (0: off).
+        eval_every: evaluate on the test split every this many iterations (0: only at the end).
+        checkpoint_every: write a checkpoint every this many iterations (0: only at the end).
+        log_every: refresh the progress bar / print a log line every this many iterations.
+        accumulation_steps: micro-batches per optimiser step on each process; the accumulated
+            gradient equals the full-batch gradient.
+        lr_scaling: none, linear or sqrt: the rate used is ``lr * (batch_size /
+            reference_batch_size)`` (linear) or its square root (Goyal et al. 2017).
+        reference_batch_size: the batch ``lr`` was tuned for (0: ``batch_size``, no scaling).
+        objective: ``likelihood`` (maximum likelihood through the ODE solves) or
+            ``flow_matching`` (regression onto a path's velocity, no solves; see ``flow_matching``).
+    """
+
+    _key = "train"
+    iterations: int = 1000
+    batch_size: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    optimizer: Literal["adam", "adamw"] = "adam"
+    schedule: Literal["constant", "step", "cosine"] = "constant"
+    warmup_iterations: int = 0
+    decay_at: list[int] = field(default_factory=list)
+    decay_unit: Literal["iterations", "epochs"] = "iterations"
+    decay_factor: float = 0.1
+    min_lr: float = 0.0
+    grad_clip: float = 0.0
+    eval_every: int = 0
+    checkpoint_every: int = 200
+    log_every: int = 10
+    accumulation_steps: int = 1
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    reference_batch_size: int = 0
+    objective: Literal["likelihood", "flow_matching"] = "likelihood"
+
+    def check(self) -> None:
+        self._positive("iterations", "batch_size", "lr", "accumulation_steps")
+        if self.reference_batch_size < 0:
+            raise ConfigError(f"train.reference_batch_size must be >= 0 (0: train.batch_size), "
+                              f"got {self.reference_batch_size}")
+
+
+@dataclass
+class EvalConfig(Section):
+    """Evaluation on the test split.
+
+    Attributes:
+        atol, rtol: solver tolerances at evaluation (Nguyen et al. 2019, InfoCNF §4.2: 1e-5).
+        batch_size: evaluation batch size.
+        max_examples: evaluate on at most this many test examples (0: all).
+        n_samples: samples drawn for the figures (density, sample and class-conditional figures).
+        seed: seed of evaluation noise (dequantisation, Hutchinson), so evaluations are repeatable.
+        figures: write the figures at the end of training (density maps and samples cost solves).
+        sample_accuracy_per_class: class-conditional models: samples drawn per label for
+            ``sample_accuracy`` (the share a logistic regression fitted on the training split
+            assigns to their label; 0: not computed).
+    """
+
+    _key = "eval"
+    atol: float = 1e-5
+    rtol: float = 1e-5
+    batch_size: int = 1000
+    max_examples: int = 0
+    n_samples: int = 64
+    seed: int = 1234
+    figures: bool = True
+    sample_accuracy_per_class: int = 100
+
+    def check(self) -> None:
+        check_tolerance(self.atol, "eval.atol")
+        check_tolerance(self.rtol, "eval.rtol")
+        self._positive("batch_size", "n_samples")
+        if self.max_examples < 0 or self.sample_accuracy_per_class < 0:
+            raise ConfigError("eval.max_examples and eval.sample_accuracy_per_class must be >= 0")
+
+
+@dataclass
+class Config(Section):
+    """A whole run.
+
+    Attributes:
+        recipe: the recipe this configuration came from.
+        description: one line shown by ``fastcnf recipes``.
+        seed: seed of initialisation, data order and noise.
+        device: cpu, cuda, cuda:N.
+        dtype: float32 or float64.
+        threads: torch threads on CPU (0: torch's default).
+        task: ``density`` (flows) or ``latent_ode``.
+    """
+
+    recipe: str = ""
+    description: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    dtype: Literal["float32", "float64"] = "float32"
+    threads: int = 0
+    task: Literal["density", "latent_ode"] = "density"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    tolerances: TolerancesConfig = field(default_factory=TolerancesConfig)
+    endtime: EndTimeConfig = field(default_factory=EndTimeConfig)
+    parts: PartsConfig = field(default_factory=PartsConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    latent_ode: LatentODEConfig = field(default_factory=LatentODEConfig)
+    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+
+    def check(self) -> None:
+        """Checks across sections."""
+        if self.train.objective == "flow_matching":
+            self._check_flow_matching()
+        if self.endtime.policy in ("toflow", "steer"):
+            t0 = self.model.end_time
+            width = self.endtime.clip_eps if self.endtime.policy == "toflow" else self.endtime.steer_b
+            key = "endtime.clip_eps" if self.endtime.policy == "toflow" else "endtime.steer_b"
+            if not width < t0:
+                raise ConfigError(f"{key}={width} must be below T0 = model.end_time = {t0}")
+
+    def _check_flow_matching(self) -> None:
+        """Flow matching trains one CNF block on the path from data (t = 0) to the prior (t = 1)."""
+        m = self.model
+        problems = [
+            (self.task != "density", f"task={self.task!r} (only density models)"),
+            (m.arch not in ("mlp", "unet"), f"model.arch={m.arch!r} (use mlp for vectors, unet for images)"),
+            (m.num_blocks != 1, f"model.num_blocks={m.num_blocks} (one CNF block)"),
+            (m.end_time != 1.0, f"model.end_time={m.end_time} (the path runs over [0, 1])"),
+            (self.endtime.policy != "fixed", f"endtime.policy={self.endtime.policy!r} (fixed)"),
+            (m.kinetic_weight > 0 or m.jacobian_weight > 0, "RNODE regularisers (they need solves)"),
+            (self.parts.enabled, "parts.enabled (no flow to cut)"),
+            (self.conditioning.kind == "infocnf", "conditioning.kind=infocnf (use ccnf: the source is the "
+                                                  "class-conditional Gaussian on the whole latent)"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ConfigError(f"train.objective=flow_matching does not go with {what}")
