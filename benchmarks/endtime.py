@@ -6,8 +6,8 @@ NLL (toy) or bits/dim (images), mean forward/backward NFE per training iteration
 time and the final T per block; the T and NFE curves come from each run's log.csv.
 
 Outputs: ``benchmarks/results/endtime.json`` (with the command, commit and machine), the figures
-``benchmarks/results/endtime_densities.png`` (learned 2-D densities side by side, TO-FLOW (Du et al. 2022) Figure 1
-style) and ``benchmarks/results/endtime_T.png`` (T and NFE over training).
+``benchmarks/results/endtime_densities.png`` (learned 2-D densities side by side,
+TO-FLOW (Du et al. 2022) Figure 1 style) and ``benchmarks/results/endtime_T.png`` (T and NFE over training).
 
 Run ``PYTHONPATH=src python benchmarks/endtime.py`` (defaults sized for ~15 minutes on 2 CPU
 cores; ``--help`` for the sizes: toy sets, iterations, seeds, the study, digits, MNIST).
@@ -92,7 +92,7 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def figures(results: dict) -> None:
+def figures(results: dict, out_dir: Path = RESULTS) -> None:
     plt = pyplot()
     # densities: the equal-iteration comparison only (keys with a --data-suffix are extra studies)
     toy = {d: v for d, v in results["data"].items()
@@ -114,7 +114,7 @@ def figures(results: dict) -> None:
                     ax.set_title(v, fontsize=8)
                 if j == 0:
                     ax.set_ylabel(d, fontsize=8)
-        save_figure(fig, RESULTS / "endtime_densities.png")
+        save_figure(fig, Path(out_dir) / "endtime_densities.png")
     datasets = list(results["data"])
     ncol = min(5, len(datasets))
     nrow = -(-len(datasets) // ncol)
@@ -136,7 +136,7 @@ def figures(results: dict) -> None:
         top.legend(fontsize=5)
     for j in range(len(datasets), nrow * ncol):
         axes[2 * (j // ncol), j % ncol].axis("off"), axes[2 * (j // ncol) + 1, j % ncol].axis("off")
-    save_figure(fig, RESULTS / "endtime_T.png")
+    save_figure(fig, Path(out_dir) / "endtime_T.png")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="appended to every data-set key of the JSON (e.g. '@400it' for a longer run kept "
                         "beside the equal-iteration rows)")
     p.add_argument("--figures", action=argparse.BooleanOptionalAction, default=True,
-                   help="draw endtime_densities.png / endtime_T.png beside --out's default")
+                   help="draw endtime_densities.png / endtime_T.png beside --out")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge the runs of earlier result files (e.g. more seeds of one data set) into "
                         "--out, recompute the summaries and figures, and exit")
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         results = {**run_metadata(__file__, argv), **merge(args.merge, drop=args.drop)}
         write_json(args.out, results, indent=None)
         if args.figures:
-            figures(results)
+            figures(results, Path(args.out).parent)
         print(table(results))
         return results
     torch.set_num_threads(args.threads)
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                "runs": runs}
         write_json(args.out, results, indent=None)
     if args.figures:
-        figures(results)
+        figures(results, Path(args.out).parent)
     print("\n" + table(results))
     return results
 

@@ -113,7 +113,7 @@ def figures(results: dict, out_dir: Path) -> list[str]:
         ax.legend()
         path = out_dir / f"large_batch_{key}_vs_time.png"
         save_figure(fig, path)
-        paths.append(str(path.relative_to(ROOT)))
+        paths.append(str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path))
     return paths
 
 

@@ -33,8 +33,7 @@ ru_maxrss`` of each worker, i.e. peak resident set size including the interprete
 data; the increase over the RSS before the first iteration is reported too; on CUDA
 ``torch.cuda.max_memory_allocated``).
 
-Part (b), ``--train-iterations N``: N interleaved training iterations of two sides (the first
-two of ``--sides``) on ``--train-data`` with bits/dim on a fixed, fixed-noise test subset every
+Part (b), ``--train-iterations N``: N interleaved training iterations of ``--train-sides`` on ``--train-data`` with bits/dim on a fixed, fixed-noise test subset every
 ``--eval-every`` iterations (eval mode, no gradients, dopri5 1e-5).
 
 Run, e.g. (see ``benchmarks/README.md`` for the recorded commands)::
@@ -363,7 +362,7 @@ def training_run(args) -> dict:
     sub.data, sub.batch_size = args.train_data, args.train_batch_size
     if args.train_data == "digits":
         sub.recipe = args.train_recipe
-    sides = start_sides(args.sides[:2], sub)
+    sides = start_sides(args.train_sides, sub)
     curves: dict[str, list] = {s.name: [] for s in sides}
     times = {s.name: 0.0 for s in sides}
     try:
@@ -389,13 +388,19 @@ def training_run(args) -> dict:
 
 # ---- profile ------------------------------------------------------------------------------------
 def profile(args, out: Path) -> None:
-    """torch.profiler over one training iteration of the fastcnf side (``--sides``' first fastcnf
-    one), one thread; writes the operator tables to ``out``."""
+    """torch.profiler over one training iteration of each fastcnf side of ``--sides``, one
+    thread; writes the operator tables to ``out``. Run it with ``--sides fastcnf-jvp`` last:
+    that side replaces the block ODE's ``forward`` in this process."""
+    torch.set_num_threads(args.threads)
+    out.write_text("")
+    for side in [s for s in args.sides if s.startswith("fastcnf")]:
+        _profile_side(args, side, out)
+
+
+def _profile_side(args, side: str, out: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    torch.set_num_threads(args.threads)
-    side = next((s for s in args.sides if s.startswith("fastcnf")), "fastcnf")
     model, info, levels = build_fastcnf_side(args, side)
     train, _, _ = baseline.load_images(args.data, args.root)
     x = make_batch(train, levels, args.batch_size, args.seed, 0)
@@ -413,7 +418,7 @@ def profile(args, out: Path) -> None:
               f"# commit {_git('rev-parse', '--short', 'HEAD')} (working tree may differ), load {load_average()}\n"
               f"# one training iteration under the profiler: {total_s:.2f} s wall (forward solve {forward_s:.2f} s),"
               f" NFE {fwd} forward / {bwd} backward, {sum(p.numel() for p in model.parameters()):,} parameters\n")
-    with open(out, "w") as fh:
+    with open(out, "a") as fh:
         fh.write(header + "\n## by self CPU time\n")
         fh.write(ka.table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60) + "\n")
         fh.write("## by total CPU time (inclusive)\n")
@@ -433,6 +438,7 @@ def main(argv=None) -> dict:
     p.add_argument("--iterations", type=int, default=3, help="(a) interleaved iterations per side (0: skip)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--train-iterations", type=int, default=0, help="(b) training-run length N (0: skip)")
+    p.add_argument("--train-sides", nargs="+", default=["ffjord", "fastcnf"], choices=SIDES)
     p.add_argument("--train-data", default="digits", choices=["mnist-test-split", "digits"])
     p.add_argument("--train-recipe", default="mnist-ffjord")
     p.add_argument("--train-batch-size", type=int, default=200)

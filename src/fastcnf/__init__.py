@@ -35,6 +35,10 @@ _EXPORTS = {
     "build_model": "fastcnf.models.builder",
     "evaluate_density": "fastcnf.evaluation.metrics",
     "Trainer": "fastcnf.training.trainer",
+    "log_prob": "fastcnf.cnf.likelihood",
+    "LogProbResult": "fastcnf.cnf.likelihood",
+    "UNetVelocity": "fastcnf.cnf.unet",
+    "flow_matching_loss": "fastcnf.cnf.flow_matching",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""dL/dT of TO-FLOW (004 eq. 12-13): the end-state formula, autograd and finite differences agree,
+"""End-time policies (fastcnf.cnf.endtime): T0 checks, and dL/dT of TO-FLOW (Du et al. 2022, eq. 12-13): the end-state formula, autograd and finite differences agree,
 and T receives a gradient in every learned variant (the FFJORD ``--train_T`` bug as regression)."""
 from __future__ import annotations
 
@@ -104,3 +104,23 @@ def test_steer_samples_in_training_and_evaluates_at_fixed_T():
     with torch.no_grad():
         for a, b in zip(steer(x), fixed(x)):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("t0", [0.0, -0.5, float("nan"), float("inf")])
+def test_non_positive_end_time_is_rejected(t0):
+    with pytest.raises(ValueError, match=r"end time T0 must be positive and finite, got"):
+        FixedEndTime(t0)
+    with pytest.raises(ValueError, match=r"end time T0 must be positive and finite, got"):
+        CNFBlock(ConcatSquashMLP(2, (4,)), end_time=t0)
+
+
+def test_end_time_is_exactly_t0_after_a_change_of_dtype():
+    policy = FixedEndTime(0.7)
+    assert policy.end_time.dtype == torch.float32
+    policy.to(torch.float64)
+    assert policy.end_time.item() == 0.7  # not float32(0.7) = 0.699999988...
+    learned = FixedEndTime(0.7, learnable=True)
+    with torch.no_grad():
+        learned.end_time.fill_(0.9)  # a trained value is converted, not reset
+    learned.to(torch.float64)
+    assert learned.end_time.item() == pytest.approx(0.9, abs=1e-7) and learned.end_time.requires_grad

@@ -66,10 +66,10 @@ def test_noise_to_data_convention_runs_the_same_flow_backwards():
 @pytest.mark.parametrize("convention", ["data_to_noise", "noise_to_data"])
 def test_log_prob_of_the_exact_gaussian_marginal_field_is_the_data_density(convention):
     x = MEAN + SCALE * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
-    field = _gaussian_marginal_field
-    if convention == "noise_to_data":  # the same field written noise -> data, as torchcfm trains it
-        def field(t, z):
-            return -_gaussian_marginal_field(1 - t, z)
+    def reversed_field(t, z):  # the same field written noise -> data, as torchcfm trains it
+        return -_gaussian_marginal_field(1 - t, z)
+
+    field = reversed_field if convention == "noise_to_data" else _gaussian_marginal_field
     res = log_prob(field, x, time_convention=convention, atol=1e-7, rtol=1e-7)
     torch.testing.assert_close(res.log_prob, _gaussian_log_density(x), rtol=0, atol=1e-5)
 

@@ -73,13 +73,12 @@ def test_unet_is_a_cnf_block_dynamics_with_the_hutchinson_estimator():
     x = torch.randn(3, 1, 4, 4, dtype=torch.float64)
     net = net.to(torch.float64)
     block = CNFBlock(net, Hutchinson(generator=torch.Generator().manual_seed(0)),
-                     SolverConfig(atol=1e-7, rtol=1e-7), end_time=1.0)
+                     SolverConfig(atol=1e-6, rtol=1e-6), end_time=1.0)
     with torch.no_grad():
         z, logdet = block(x)
         back = block.inverse(z)
     assert z.shape == x.shape and torch.isfinite(logdet).all()
     torch.testing.assert_close(back, x, rtol=1e-4, atol=1e-4)
-    exact = log_prob(net, x, atol=1e-7, rtol=1e-7)  # 16 dimensions: the exact trace
-    est = log_prob(net, x, divergence="hutchinson", probes=32, atol=1e-7, rtol=1e-7,
-                   generator=torch.Generator().manual_seed(1))
+    exact = log_prob(net, x)  # 16 dimensions: the exact trace
+    est = log_prob(net, x, divergence="hutchinson", probes=16, generator=torch.Generator().manual_seed(1))
     assert ((est.log_prob - exact.log_prob).abs() <= 5 * est.stderr + 1e-6).all()

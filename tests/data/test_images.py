@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastcnf.config import ConfigError
 from fastcnf.data import (
     DataConfig,
     DataError,
@@ -152,8 +153,8 @@ def test_mnist_test_split_takes_the_first_90_percent_in_file_order(tmp_path):
     assert "first 18 train / last 2 test" in bundle.split
     half = load_data(DataConfig(name="mnist-test-split", root=str(tmp_path), train_fraction=0.5))
     assert (len(half.train), len(half.test)) == (10, 10)
-    with pytest.raises(DataError, match="train_fraction"):
-        load_data(DataConfig(name="mnist-test-split", root=str(tmp_path), train_fraction=1.0))
+    with pytest.raises(ConfigError, match="train_fraction"):
+        DataConfig(name="mnist-test-split", root=str(tmp_path), train_fraction=1.0)
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST test set not at {REAL_MNIST}")

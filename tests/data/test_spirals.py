@@ -1,4 +1,4 @@
-"""The bi-directional spiral generator (002 App. E.1): equations, directions, parameters, seeds."""
+"""The bi-directional spiral generator (fastcnf.data.spirals; Nguyen et al. 2019, "InfoCNF", Appendix E.1): equations, directions, parameters, seeds."""
 import numpy as np
 import pytest
 import torch

@@ -60,7 +60,7 @@ def test_end_time_policy_reaches_every_block(policy, cls, learnable):
     model = build_model(_cfg(endtime={"policy": policy}, model={"end_time": 0.7}), _bundle())
     for b in model.cnf_blocks():
         assert type(b.end_time_policy) is cls and b.end_time_policy.end_time.requires_grad == learnable
-        assert float(b.end_time) == pytest.approx(0.7)
+        assert float(b.end_time.detach()) == pytest.approx(0.7)
 
 
 def test_per_block_policy_sets_each_blocks_solver_from_the_config():

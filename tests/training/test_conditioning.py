@@ -1,27 +1,19 @@
-"""The conditioning hook: loss term of 002 eq. 4 and the evaluation metrics."""
+"""The conditioning hook (fastcnf.training.conditioning): the loss term of Nguyen et al. 2019,
+"InfoCNF", eq. 4 (beta times the classifier's cross-entropy) and its setup checks. The conditional /
+marginal NLL and the test error are tested in tests/evaluation/test_metrics.py, the class figure in
+tests/evaluation/test_plots.py."""
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from fastcnf.conditioning import ClassConditionalGaussian
-from fastcnf.config import config_from_dict
-from fastcnf.data.base import DataBundle, DataSplit
-from fastcnf.models.flow_model import bits_per_dim_from_log_prob
-from fastcnf.training.conditioning import ConditioningHook, build_conditioning_hook
-from fastcnf.training.hooks import HOOK_BUILDERS, StepContext
-
-
-def _trainer(prior, is_image: bool):
-    shape = (1, 2, 3) if is_image else (6,)
-    x = torch.zeros(4, *shape, dtype=torch.uint8 if is_image else torch.float32)
-    bundle = DataBundle(name="fake", train=DataSplit(x, torch.arange(4) % 3), test=DataSplit(x, torch.arange(4) % 3),
-                        shape=shape, num_classes=3, levels=17 if is_image else None, split="fake")
-    cfg = config_from_dict({"conditioning": {"kind": "infocnf", "beta": 0.7}})
-    return SimpleNamespace(model=SimpleNamespace(prior=prior), bundle=bundle, cfg=cfg)
+from fastcnf.config import ConfigError, config_from_dict
+from fastcnf.priors import ClassConditionalGaussian, StandardNormal
+from fastcnf.training.conditioning import ConditioningHook
+from fastcnf.training.features import build_hooks
+from fastcnf.training.hooks import StepContext
 
 
 def _prior() -> ClassConditionalGaussian:
@@ -33,53 +25,28 @@ def _prior() -> ClassConditionalGaussian:
     return prior
 
 
-def test_hook_is_registered_and_off_without_conditioning():
-    assert build_conditioning_hook in HOOK_BUILDERS
-    assert build_conditioning_hook(config_from_dict({}), None) is None
-    hook = build_conditioning_hook(config_from_dict({"conditioning": {"kind": "ccnf", "beta": 0.3}}), None)
-    assert isinstance(hook, ConditioningHook) and hook.beta == 0.3
+def test_hook_is_built_only_with_conditioning_and_carries_beta():
+    assert not any(isinstance(h, ConditioningHook) for h in build_hooks(config_from_dict({})))
+    (hook,) = build_hooks(config_from_dict({"conditioning": {"kind": "ccnf", "beta": 0.3}}))
+    assert isinstance(hook, ConditioningHook) and hook.beta == 0.3 and hook.kind == "ccnf"
 
 
 def test_loss_term_is_beta_times_cross_entropy():
     prior = _prior()
-    trainer = _trainer(prior, is_image=False)
+    trainer = SimpleNamespace(model=SimpleNamespace(prior=prior))
     z = torch.randn(5, 6, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 2, 1])
-    terms = ConditioningHook(0.7).loss_terms(trainer, StepContext(z=z, labels=y))
+    ctx = StepContext(z=z, labels=y)
+    terms = ConditioningHook(0.7, "infocnf").loss_terms(trainer, ctx)
     logp = torch.log_softmax(prior.logits(z), 1)
     expected = -0.7 * logp[torch.arange(5), y].mean()
     assert torch.allclose(terms["cross_entropy"], expected, atol=1e-12)
+    assert float(ctx["train_error"]) == float((prior.logits(z).argmax(1) != y).double().mean())
 
 
-@pytest.mark.parametrize("is_image", [False, True])
-def test_eval_metrics_are_error_conditional_and_marginal_nll(is_image):
-    prior = _prior()
-    trainer = _trainer(prior, is_image)
-    hook = ConditioningHook(1.0)
-    hook.eval_begin(trainer)
-    g = torch.Generator().manual_seed(1)
-    zs, lds, ys = [], [], []
-    for _ in range(3):  # three evaluation batches
-        z = torch.randn(7, 6, generator=g, dtype=torch.float64)
-        logdet = torch.randn(7, generator=g, dtype=torch.float64)
-        y = torch.randint(0, 3, (7,), generator=g)
-        hook.eval_batch(trainer, StepContext(z=z, logdet=logdet, labels=y))
-        zs.append(z), lds.append(logdet), ys.append(y)
-    z, logdet, y = torch.cat(zs), torch.cat(lds), torch.cat(ys)
-    m = hook.eval_metrics(trainer)
-    with torch.no_grad():
-        cond = prior.log_prob(z, y) + logdet
-        per_class = torch.stack([prior.log_prob(z, torch.full_like(y, k)) for k in range(3)], 1)
-        marg = torch.logsumexp(per_class + prior.label_log_prior, 1) + logdet
-        err = float((prior.logits(z).argmax(1) != y).double().mean())
-    assert math.isclose(m["test_error"], err)
-    assert math.isclose(m["test_nll_conditional_nats"], -float(cond.mean()), rel_tol=1e-10)
-    assert math.isclose(m["test_nll_marginal_nats"], -float(marg.mean()), rel_tol=1e-10)
-    assert torch.allclose(prior.label_log_prior, torch.full((3,), -math.log(3), dtype=torch.float64), atol=1e-7)
-    # the marginal is never more likely than the best class, and at least p(y) times the true one
-    assert -float(cond.mean()) - math.log(3) <= m["test_nll_marginal_nats"] + 1e-9
-    if is_image:
-        expected = float(bits_per_dim_from_log_prob(marg.mean(), 6, 17))
-        assert math.isclose(m["test_bits_per_dim_marginal"], expected, rel_tol=1e-6)
-    else:
-        assert "test_bits_per_dim_marginal" not in m
+def test_hook_needs_the_class_conditional_prior_and_labelled_batches():
+    with pytest.raises(ConfigError, match="needs the class-conditional prior"):
+        ConditioningHook(1.0, "ccnf").setup(SimpleNamespace(model=SimpleNamespace(prior=StandardNormal(2))))
+    trainer = SimpleNamespace(model=SimpleNamespace(prior=_prior()))
+    with pytest.raises(ConfigError, match="no labels"):
+        ConditioningHook(1.0, "ccnf").loss_terms(trainer, StepContext(z=torch.zeros(2, 6)))

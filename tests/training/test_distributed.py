@@ -52,7 +52,7 @@ def test_accumulated_gradient_with_regularizer_and_clipping() -> None:
         torch.testing.assert_close(b, a, atol=1e-12, rtol=0, msg=f"parameter {n} after a clipped step")
 
 
-def test_split_and_merge_weights() -> None:
+def test_micro_batches_carry_their_share_and_merge_back_to_the_batch() -> None:
     x = torch.arange(12.0).reshape(6, 2)
     ctx = StepContext(x=x, y=torch.arange(6), flag="shared")
     micros = split_micro(ctx, 3)
@@ -67,12 +67,12 @@ def test_split_and_merge_weights() -> None:
 
 
 @pytest.mark.parametrize("rule,expected", [("none", 1e-3), ("linear", 1e-2), ("sqrt", 1e-3 * math.sqrt(10))])
-def test_lr_scaling_rules(rule: str, expected: float) -> None:
+def test_lr_scaling_follows_the_batch_ratio_rule(rule: str, expected: float) -> None:
     assert scaled_lr(1e-3, 8000, 800, rule) == pytest.approx(expected)
     assert scaled_lr(1e-3, 8000, 0, rule) == pytest.approx(1e-3)  # reference 0: the batch itself
 
 
-def test_effective_values_reported(tmp_path: Path) -> None:
+def test_effective_lr_and_batch_sizes_are_reported(tmp_path: Path) -> None:
     cfg = det_cfg("train.iterations=2", "train.lr=1e-3", "train.lr_scaling=linear", "train.reference_batch_size=4",
                   "train.accumulation_steps=2", "train.warmup_iterations=0", "eval.atol=1e-3", "eval.rtol=1e-3")
     t = Trainer(cfg, tmp_path, progress=False)
@@ -84,7 +84,7 @@ def test_effective_values_reported(tmp_path: Path) -> None:
     assert m["examples_per_second"] == pytest.approx(16.0)
 
 
-def test_indivisible_batch_is_a_clear_error() -> None:
+def test_indivisible_batch_and_unknown_scaling_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="divisible"):
         Trainer(det_cfg("train.accumulation_steps=3"), "unused", progress=False)
     with pytest.raises(ConfigError, match="lr_scaling"):

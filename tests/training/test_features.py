@@ -1,4 +1,4 @@
-"""End-time policies compose with the other features in one trainer: TO-FLOW + RNODE + learned
+"""The feature hooks (fastcnf.training.features) compose in one trainer: TO-FLOW + RNODE + learned
 tolerances + InfoCNF conditioning on digits, STEER + RNODE + per-block tolerances on a toy set."""
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def test_steer_rnode_and_per_block_tolerances_train_together(tmp_path):
     sampled = [float(r["T_sampled.cnf0"]) for r in rows]
     assert len(set(sampled)) > 1 and all(0.25 <= t <= 0.75 for t in sampled)  # T ~ U[T0 - b, T0 + b]
     assert metrics["end_times"] == {"cnf0": 0.5}  # evaluation at the fixed T
+
+
+def test_feature_list_builds_only_the_hooks_a_config_turns_on():
+    from fastcnf.training.conditioning import ConditioningHook
+    from fastcnf.training.endtime import EndTimeHook
+    from fastcnf.training.features import FEATURES, TASKS, build_hooks
+    from fastcnf.training.latent_ode_task import LatentODETask
+    from fastcnf.training.parts import PartsHook
+    from fastcnf.training.tasks import DensityTask
+    from fastcnf.training.tolerances import LearnedToleranceHook, StaticToleranceHook
+
+    assert TASKS == {"density": DensityTask, "latent_ode": LatentODETask}
+    assert len(FEATURES) == 4
+    assert build_hooks(load_recipe("toy-ffjord")) == []
+    assert build_hooks(load_recipe("toy-ffjord", ["endtime.policy=joint"])) == []  # joint T: no hook
+    hooks = build_hooks(load_recipe("digits-infocnf-learned-tol", ["endtime.policy=toflow"]))
+    assert [type(h) for h in hooks] == [ConditioningHook, EndTimeHook, LearnedToleranceHook]
+    cond = hooks[0]
+    assert cond.kind == "infocnf" and cond.beta == load_recipe("digits-infocnf-learned-tol").conditioning.beta
+    hooks = build_hooks(load_recipe("toy-ffjord", ["endtime.policy=steer", "tolerances.policy=per_block",
+                                                   "tolerances.atol=[1e-3]", "parts.enabled=true",
+                                                   "parts.boundaries=[1]"]))
+    assert [type(h) for h in hooks] == [EndTimeHook, StaticToleranceHook, PartsHook]

@@ -1,4 +1,4 @@
-"""Training by parts (003): gradient isolation, the truncated objective, schedules, errors."""
+"""Training by parts (fastcnf.training.parts): gradient isolation, the truncated objective, schedules, errors."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,6 @@ from fastcnf.config import ConfigError, load_recipe
 from fastcnf.flows.glow import build_glow, initialize_actnorm
 from fastcnf.models.flow_model import FlowModel
 from fastcnf.training.parts import (
-    PartsError,
     PartsHook,
     level_position_to_index,
     resolve_boundaries,
@@ -45,7 +44,7 @@ def truncated_nll(model: FlowModel, x: torch.Tensor, start: int, stop: int) -> t
     return -(model.prior.log_prob(z) + logdet).mean()
 
 
-def test_level_notation_matches_003():
+def test_level_notation_maps_fractional_levels_to_step_indices():
     flow = tiny_glow().flow
     assert flow.level_boundaries == [0, 5]
     assert level_position_to_index(flow, 2) == 5          # "by blocks": the start of level 2
@@ -115,7 +114,7 @@ def test_truncated_objective_is_the_nll_of_the_truncated_flow():
 ])
 def test_invalid_split_is_a_clear_error(kwargs, message):
     flow = tiny_glow().flow
-    with pytest.raises(PartsError, match=message):
+    with pytest.raises(ConfigError, match=message):
         resolve_boundaries(flow, **kwargs)
 
 
@@ -124,20 +123,8 @@ def test_level_boundaries_need_a_flow_with_levels():
     from fastcnf.flows.sequential import SequentialFlow
 
     flow = SequentialFlow([Shift(0.0), Shift(1.0)], (2,))
-    with pytest.raises(PartsError, match="needs a flow with levels"):
+    with pytest.raises(ConfigError, match="needs a flow with levels"):
         resolve_boundaries(flow, level_boundaries=[1.5])
-
-
-@pytest.mark.parametrize("override, message", [
-    ("parts.level_boundaries=[2, 1.5]", "strictly increasing"),
-    ("parts.mechanism=greedy", "accepted: alternate, sequential"),
-    ("parts.unit=steps", "accepted: iterations, epochs"),
-    ("parts.lr_scales=[1, -1]", "positive"),
-    ("parts.turn=0", "turn must be >= 1"),
-])
-def test_invalid_parts_configuration_is_a_config_error(override, message):
-    with pytest.raises(ConfigError, match=message):
-        load_recipe("digits-glow-parts", [override])
 
 
 def tiny_cfg(*overrides: str):
@@ -148,15 +135,15 @@ def tiny_cfg(*overrides: str):
 
 def test_setup_errors_name_the_problem(tmp_path):
     # steps are shift, squeeze, 2 x step, split, ...: boundary 1 leaves only the shift in part 0
-    with pytest.raises(PartsError, match="has no trainable parameters"):
+    with pytest.raises(ConfigError, match="has no trainable parameters"):
         Trainer(tiny_cfg("parts.level_boundaries=[]", "parts.boundaries=[1]"), tmp_path / "a", progress=False)
-    with pytest.raises(PartsError, match="lr_scales has 3 entries but the boundaries make 2 parts"):
+    with pytest.raises(ConfigError, match="lr_scales has 3 entries but the boundaries make 2 parts"):
         Trainer(tiny_cfg("parts.lr_scales=[1, 1, 1]"), tmp_path / "b", progress=False)
     with pytest.raises(ConfigError, match="leaves no parts phase"):
         Trainer(tiny_cfg("parts.finetune=6"), tmp_path / "c", progress=False)
 
 
-def test_schedules():
+def test_alternate_and_sequential_schedules_pick_the_active_part():
     cfg = tiny_cfg("train.iterations=10", "parts.finetune=3", "parts.turn=2", "parts.level_boundaries=[2]")
     hook = PartsHook(cfg)
     hook.starts, hook.phase_iterations, hook.turn_iterations = [0, 4, 9, 12], 7, 2

@@ -1,4 +1,5 @@
-"""Trainer: resume equals uninterrupted, checkpoints atomic and safe, schedules, NaN handling."""
+"""The trainer and its checkpoints (fastcnf.training.trainer, .checkpoint): resume equals an uninterrupted
+run, checkpoints are atomic and safe, schedules reach the optimiser, NaN stops cleanly."""
 from __future__ import annotations
 
 import csv
@@ -56,7 +57,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
     assert [float(r["loss"]) for r in rows] == pytest.approx([float(r["loss"]) for r in full_rows], abs=1e-6)
 
 
-def test_run_directory_contract(tmp_path: Path) -> None:
+def test_run_directory_holds_config_log_metrics_checkpoint_and_figures(tmp_path: Path) -> None:
     metrics = Trainer(tiny_cfg("eval.figures=true", "eval.n_samples=4", iterations=3), tmp_path,
                       progress=False).fit()
     for name in ("config.yaml", "log.csv", "metrics.json", "checkpoints/last.pt", "model.safetensors",
@@ -78,13 +79,13 @@ def test_run_directory_contract(tmp_path: Path) -> None:
 def test_evaluation_is_repeatable_and_does_not_disturb_training_rng(tmp_path: Path) -> None:
     trainer = Trainer(tiny_cfg(iterations=1), tmp_path, progress=False)
     state = torch.get_rng_state()
-    m1 = trainer.task.evaluate(trainer, trainer.hooks)
+    m1 = trainer.evaluate()
     assert torch.equal(state, torch.get_rng_state())
-    m2 = trainer.task.evaluate(trainer, trainer.hooks)
+    m2 = trainer.evaluate()
     assert m1["test_nll_nats"] == m2["test_nll_nats"]
 
 
-def test_interrupted_checkpoint_write_keeps_previous(tmp_path: Path, monkeypatch) -> None:
+def test_interrupted_checkpoint_write_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "ckpt.pt"
     save_checkpoint({"iteration": 1, "w": torch.ones(3)}, path)
 
@@ -148,3 +149,11 @@ def test_learning_rate_schedule_reaches_the_optimizer(tmp_path: Path) -> None:
     Trainer(cfg, tmp_path, progress=False).fit()
     lrs = [float(r["lr"]) for r in csv.DictReader(open(tmp_path / "log.csv"))]
     assert lrs == pytest.approx([0.5e-3, 1e-3, 1e-4, 1e-4])
+
+
+def test_from_run_dir_rebuilds_the_run_with_overrides(tmp_path: Path) -> None:
+    Trainer(tiny_cfg(iterations=2), tmp_path, progress=False).fit()
+    again = Trainer.from_run_dir(tmp_path, ["train.iterations=3"], resume=True, progress=False)
+    assert again.iteration == 2 and again.cfg.train.iterations == 3
+    again.fit()
+    assert len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 3

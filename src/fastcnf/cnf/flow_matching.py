@@ -15,13 +15,15 @@ Per-example times: networks that take ``t`` of shape (B,) declare ``per_example_
 (e.g. :class:`~fastcnf.cnf.unet.UNetVelocity`) and are called once on the batch. Any other
 network (FFJORD's concat-squash layers take a scalar ``t``) is evaluated through
 ``torch.func.vmap`` over the batch: still one batched evaluation, the same values as calling it
-example by example.
+example by example. A network with an operation vmap cannot batch is evaluated example by example
+(correct, B calls; a warning names the network once).
 
 References: Lipman et al. 2023, "Flow Matching for Generative Modeling", eq. 9, 23; Tong et al.
 2024, "Improving and generalizing flow-based generative models with minibatch optimal transport".
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -52,7 +54,15 @@ def velocity_at_times(net: Callable[..., Tensor], t: Tensor, x: Tensor, cond: Te
     def one(ti: Tensor, xi: Tensor, *ci: Tensor) -> Tensor:
         return net(ti, xi.unsqueeze(0), *(c.unsqueeze(0) for c in ci)).squeeze(0)
 
-    return vmap(one, randomness="different")(t, x, *args)
+    try:
+        return vmap(one, randomness="different")(t, x, *args)
+    except (RuntimeError, NotImplementedError) as err:  # an operation without a batching rule
+        # the same message from the same line is shown once (Python's default warning filter)
+        warnings.warn(f"{type(net).__name__} takes a scalar time and cannot be vmapped "
+                      f"({str(err).splitlines()[0]}); evaluating it example by example (B calls). Give it "
+                      "per-example times and per_example_time = True to make this one call.",
+                      RuntimeWarning, stacklevel=2)
+        return torch.stack([one(t[i], x[i], *(c[i] for c in args)) for i in range(x.shape[0])])
 
 
 def flow_matching_loss(

@@ -236,6 +236,8 @@ class EvalConfig(Section):
         n_samples: samples drawn for the figures (density, sample and class-conditional figures).
         seed: seed of evaluation noise (dequantisation, Hutchinson), so evaluations are repeatable.
         figures: write the figures at the end of training (density maps and samples cost solves).
+        probes: independent Hutchinson probes per test example (models with a Hutchinson
+            estimator; the log-density is their mean and metrics.json reports the standard error).
         sample_accuracy_per_class: class-conditional models: samples drawn per label for
             ``sample_accuracy`` (the share a logistic regression fitted on the training split
             assigns to their label; 0: not computed).
@@ -249,12 +251,13 @@ class EvalConfig(Section):
     n_samples: int = 64
     seed: int = 1234
     figures: bool = True
+    probes: int = 1
     sample_accuracy_per_class: int = 100
 
     def check(self) -> None:
         check_tolerance(self.atol, "eval.atol")
         check_tolerance(self.rtol, "eval.rtol")
-        self._positive("batch_size", "n_samples")
+        self._positive("batch_size", "n_samples", "probes")
         if self.max_examples < 0 or self.sample_accuracy_per_class < 0:
             raise ConfigError("eval.max_examples and eval.sample_accuracy_per_class must be >= 0")
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fastcnf.cnf.divergence import ExactTrace
 from fastcnf.config import EvalConfig
 from fastcnf.data.base import DataBundle, DataSplit, dequantize
 from fastcnf.models.flow_model import bits_per_dim_from_log_prob
@@ -62,7 +63,10 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
 
     Returns ``test_nll_nats`` (per example; the conditional NLL ``-log p(x | y)`` for conditional
     models), ``test_bits_per_dim`` (images, else None), ``test_examples``, ``eval_nfe_forward``
-    (per batch) and ``eval_tol``; for a class-conditional prior also ``test_error``,
+    (per batch), ``eval_tol`` and ``eval_probes``; with ``eval.probes > 1`` and a Hutchinson
+    estimator each example's log-density is the mean over that many independent probes, and
+    ``test_nll_stderr_nats`` (``test_bits_per_dim_stderr``) is the standard error of the mean test
+    NLL over the probes; for a class-conditional prior also ``test_error``,
     ``test_nll_conditional_nats``, ``test_nll_marginal_nats`` (``-log sum_y p(x | y) p(y)``) and,
     for images, ``test_bits_per_dim_conditional`` / ``_marginal``; for learned tolerances the
     gates' mean tolerance on the test set (:func:`tolerance_metrics`).
@@ -76,18 +80,31 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
         policy.eval_records = []
     sums = {"cond": 0.0, "marg": 0.0, "errors": 0.0}
     count, nfe_f, batches = 0, 0, 0
+    # several Hutchinson probes per example only where the estimate is stochastic
+    stochastic = any(not isinstance(b.divergence, ExactTrace) for b in model.cnf_blocks()) \
+        if hasattr(model, "cnf_blocks") else False
+    probes = eval_cfg.probes if stochastic else 1
+    probe_sums = torch.zeros(probes, dtype=torch.float64)
     with fork_rng(eval_cfg.seed):
         gen = torch.Generator(device="cpu").manual_seed(eval_cfg.seed)
         for xb, yb in test_batches(bundle.test, eval_cfg.max_examples, eval_cfg.batch_size):
             x = dequantize(xb, bundle.levels, generator=gen) if bundle.is_image else xb
             x = x.to(device, dtype)
+            b = x.shape[0]
+            labels = model.check_label(yb, b) if yb is not None else None
+            if probes > 1:  # each example `probes` times: independent Hutchinson probes in one solve
+                x = x.repeat(probes, *([1] * (x.dim() - 1)))
+                labels = None if labels is None else labels.repeat(probes)
             z, logdet = model(x)
-            labels = model.check_label(yb, x.shape[0]) if yb is not None else None
-            sums["cond"] += float((prior.log_prob(z, labels) + logdet).double().sum())
+            lp = (prior.log_prob(z, labels) + logdet).double().reshape(probes, b)
+            probe_sums += lp.sum(1)
+            sums["cond"] += float(lp.mean(0).sum())
             if conditional and labels is not None:
-                sums["marg"] += float((prior.marginal_log_prob(z) + logdet).double().sum())
-                sums["errors"] += float((prior.classify(z).argmax(1) != labels).sum())
-            count += x.shape[0]
+                marg = (prior.marginal_log_prob(z) + logdet).double().reshape(probes, b).mean(0)
+                sums["marg"] += float(marg.sum())
+                scores = prior.classify(z).double().reshape(probes, b, -1).mean(0)
+                sums["errors"] += float((scores.argmax(1) != labels[:b]).sum())
+            count += b
             nfe_f += model.nfe_last()[0]
             batches += 1
     model.train(was_training)
@@ -101,7 +118,12 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
 
     metrics: dict[str, Any] = {"test_nll_nats": -mean_lp, "test_bits_per_dim": bpd(mean_lp),
                                "test_examples": count, "eval_nfe_forward": nfe_f / max(batches, 1),
-                               "eval_tol": eval_cfg.atol}
+                               "eval_tol": eval_cfg.atol, "eval_probes": probes}
+    if probes > 1:  # standard error of the Hutchinson estimate of the mean test NLL (and bits/dim)
+        stderr = float((probe_sums / n).std(unbiased=True)) / math.sqrt(probes)
+        metrics["test_nll_stderr_nats"] = stderr
+        if bundle.is_image:
+            metrics["test_bits_per_dim_stderr"] = stderr / (bundle.dim * math.log(2.0))
     if conditional and bundle.test.y is not None:
         marg = sums["marg"] / n
         metrics.update(test_error=sums["errors"] / n, test_nll_conditional_nats=-mean_lp,
