@@ -10,8 +10,11 @@ on a slice ``z_c`` of the latent and ``N(0, I)`` on the rest, and reads the labe
 linear classifier on ``z_c``:
 
 * **CCNF** (eq. 3): ``z_c`` is the whole latent ``z``.
-* **InfoCNF** (§2.2): ``z = [z_y, z_u]``; ``z_y`` (the supervised code) is the first
-  ``supervised_fraction`` (half by default) of the *final* latent piece; ``z_u`` is ``N(0, I)``.
+* **InfoCNF** (§2.2, §4.1): ``z = [z_y, z_u]``; ``z_y`` (the supervised code) is
+  ``supervised_fraction`` (half, "we use half of the latent code for conditioning") of the *whole*
+  latent, across scales; ``z_u`` is ``N(0, I)``. Where z_y lies is :data:`INFOCNF_PLACEMENTS`:
+  ``first`` (the paper's ``[z_y, z_u]``), ``last``, or ``final_piece`` (the start of the final
+  latent piece only: fastcnf before issue 17, kept for old runs).
 
 ``mu(y)`` and ``log sigma(y)`` come from one linear layer ``q_phi`` of the one-hot label; the
 classifier ``q_theta`` is one linear layer with dropout on its input (§4.1: rate 0.5). Both are
@@ -30,7 +33,7 @@ from torch import Tensor, nn
 from fastcnf.config import ConfigError
 
 __all__ = ["Prior", "StandardNormal", "standard_normal_logprob", "ClassConditionalGaussian", "LabelError",
-           "CONDITIONED_SLICES", "LABEL_PRIORS"]
+           "CONDITIONED_SLICES", "INFOCNF_PLACEMENTS", "LABEL_PRIORS"]
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
@@ -184,11 +187,19 @@ class ClassConditionalGaussian(Prior):
         return torch.logsumexp(self.class_log_probs(z) + self.label_log_prior.to(z.dtype), dim=1)
 
     def fix_class_means(self, norm: float, generator: torch.Generator | None = None) -> None:
-        """Freeze ``mu(y)`` to ``norm`` times a random unit direction per class and sigma to 1 (the
-        source of class-conditional flow matching, which does not train the prior); labels are then
-        read back by Bayes' rule (:meth:`classify`)."""
-        directions = torch.randn(self.num_classes, self.cond_size, generator=generator)
-        directions = directions / directions.norm(dim=1, keepdim=True)
+        """Freeze ``mu(y)`` to ``norm`` times a unit direction per class (random orthonormal ones when
+        the conditioned slice has at least as many dimensions as classes, evenly spaced points on a
+        line in 1-D) and sigma to 1: the source of class-conditional flow matching, which does not
+        train the prior. Labels are then read back by Bayes' rule (:meth:`classify`)."""
+        k, d = self.num_classes, self.cond_size
+        if d >= k:  # orthonormal directions: every pair of means is norm * sqrt(2) apart
+            q, _ = torch.linalg.qr(torch.randn(d, k, generator=generator, dtype=torch.float64))
+            directions = q.T
+        elif d == 1:  # a line: means evenly spaced on [-norm, norm]
+            directions = torch.linspace(-1.0, 1.0, k, dtype=torch.float64).reshape(k, 1)
+        else:
+            directions = torch.randn(k, d, generator=generator, dtype=torch.float64)
+            directions = directions / directions.norm(dim=1, keepdim=True)
         with torch.no_grad():
             self.encoder.weight.zero_()
             self.encoder.bias.zero_()
@@ -231,21 +242,44 @@ class ClassConditionalGaussian(Prior):
 # which slice each kind conditions, and the label prior
 # ---------------------------------------------------------------------------------------------
 
-def _ccnf_slice(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+def _supervised_size(total: int, fraction: float, where: str) -> int:
+    size = int(round(total * fraction))
+    if size < 1 or size > total:
+        raise ConfigError(f"conditioning.supervised_fraction={fraction} leaves no supervised code in {where} "
+                          f"of size {total}")
+    return size
+
+
+def _first(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+    return 0, _supervised_size(sum(latent_sizes), fraction, "the latent")
+
+
+def _last(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+    total = sum(latent_sizes)
+    size = _supervised_size(total, fraction, "the latent")
+    return total - size, size
+
+
+def _final_piece(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
+    return sum(latent_sizes[:-1]), _supervised_size(latent_sizes[-1], fraction, "the final latent piece")
+
+
+#: ``conditioning.placement`` -> ``(latent_sizes, supervised_fraction) -> (start, size)`` of InfoCNF's z_y
+INFOCNF_PLACEMENTS: dict[str, Callable[[list[int], float], tuple[int, int]]] = {
+    "first": _first, "last": _last, "final_piece": _final_piece,
+}
+
+
+def _ccnf_slice(latent_sizes: list[int], fraction: float, placement: str = "first") -> tuple[int, int]:
     return 0, sum(latent_sizes)
 
 
-def _infocnf_slice(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
-    final = latent_sizes[-1]
-    size = int(round(final * fraction))
-    if size < 1 or size > final:
-        raise ConfigError(f"conditioning.supervised_fraction={fraction} leaves no supervised code in the "
-                         f"final latent piece of size {final}")
-    return sum(latent_sizes[:-1]), size
+def _infocnf_slice(latent_sizes: list[int], fraction: float, placement: str = "first") -> tuple[int, int]:
+    return INFOCNF_PLACEMENTS[placement](list(latent_sizes), fraction)
 
 
-#: kind -> ``(latent_sizes, supervised_fraction) -> (start, size)`` of the conditioned slice
-CONDITIONED_SLICES: dict[str, Callable[[list[int], float], tuple[int, int]]] = {
+#: kind -> ``(latent_sizes, supervised_fraction, placement) -> (start, size)`` of the conditioned slice
+CONDITIONED_SLICES: dict[str, Callable[..., tuple[int, int]]] = {
     "ccnf": _ccnf_slice,
     "infocnf": _infocnf_slice,
 }

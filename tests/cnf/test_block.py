@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-from torchdiffeq import odeint
 
 from fastcnf.cnf import (CNFBlock, ConcatSquashMLP, ExactTrace, FixedEndTime, Hutchinson,
                          JacobianFrobenius, KineticEnergy)
@@ -16,6 +14,7 @@ from fastcnf.flows import SequentialFlow
 from fastcnf.models import FlowModel
 from fastcnf.ode import SolverConfig
 from fastcnf.priors import standard_normal_logprob
+from reference_models import LinearField, ZeroField, simpson, trajectory
 
 DTYPE = torch.float64
 TIGHT = SolverConfig(atol=1e-10, rtol=1e-10)
@@ -34,22 +33,6 @@ def _net(dim: int, scale: float = 2.0, seed: int = 0, activation: str = "tanh") 
 
 def _model(block: CNFBlock, dim: int) -> FlowModel:
     return FlowModel(SequentialFlow([block], (dim,))).to(DTYPE)
-
-
-class _Zero(nn.Module):
-    def forward(self, t, z):
-        return torch.zeros_like(z)
-
-
-class _Linear(nn.Module):
-    """f(t, z) = A z: z(T) = exp(T A) z(0) and log-det = T tr(A)."""
-
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.a = nn.Parameter(a.clone())
-
-    def forward(self, t, z):
-        return z @ self.a.T
 
 
 # ---- the change of variables -------------------------------------------------------------------
@@ -106,7 +89,7 @@ def test_inverse_with_logdet_returns_the_forward_logdet():
 
 
 def test_zero_dynamics_log_prob_equals_the_prior():
-    model = _model(CNFBlock(_Zero(), ExactTrace(), end_time=1.3), 3)
+    model = _model(CNFBlock(ZeroField(), ExactTrace(), end_time=1.3), 3)
     x = torch.randn(10, 3, dtype=DTYPE)
     z, logdet = model(x)
     torch.testing.assert_close(z, x, rtol=0, atol=1e-13)
@@ -119,7 +102,7 @@ def test_linear_dynamics_logdet_equals_end_time_times_trace(mode):
     torch.manual_seed(1)
     a = torch.randn(3, 3, dtype=DTYPE)
     end_time = 0.7
-    block = CNFBlock(_Linear(a), ExactTrace(mode), TIGHT, end_time=end_time).to(DTYPE)
+    block = CNFBlock(LinearField(a), ExactTrace(mode), TIGHT, end_time=end_time).to(DTYPE)
     x = torch.randn(5, 3, dtype=DTYPE)
     z, logdet = block(x)
     torch.testing.assert_close(logdet, torch.full((5,), end_time * torch.trace(a).item(), dtype=DTYPE),
@@ -131,7 +114,7 @@ def test_linear_dynamics_log_prob_derivative_in_end_time_equals_analytic():
     # log p(x) = log N(exp(TA) x) + T tr(A)  =>  d/dT = -(exp(TA) x)^T A exp(TA) x + tr(A)
     torch.manual_seed(2)
     a = 0.5 * torch.randn(2, 2, dtype=DTYPE)
-    block = CNFBlock(_Linear(a), ExactTrace(), TIGHT, end_time=FixedEndTime(0.9, learnable=True)).to(DTYPE)
+    block = CNFBlock(LinearField(a), ExactTrace(), TIGHT, end_time=FixedEndTime(0.9, learnable=True)).to(DTYPE)
     model = _model(block, 2)
     x = torch.randn(4, 2, dtype=DTYPE)
     (grad_t,) = torch.autograd.grad(model.log_prob(x).sum(), block.end_time_policy.end_time)
@@ -206,24 +189,6 @@ def test_log_prob_derivative_in_end_time_matches_finite_difference(adjoint):
 # ---- regularisers ----------------------------------------------------------------------------------
 
 
-def _trajectory(net, x, end_time, n_points):
-    ts = torch.linspace(0.0, end_time, n_points, dtype=DTYPE)
-    with torch.no_grad():
-        zs = odeint(net, x, ts, atol=1e-11, rtol=1e-11, method="dopri5")
-    return ts, zs
-
-
-def _simpson(values: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """Composite Simpson rule over dim 0 (odd number of equally spaced points)."""
-    n = values.shape[0]
-    assert n % 2 == 1
-    h = (ts[-1] - ts[0]) / (n - 1)
-    w = torch.ones(n, dtype=values.dtype)
-    w[1:-1:2] = 4
-    w[2:-1:2] = 2
-    return (h / 3) * torch.tensordot(w, values, dims=1)
-
-
 def test_regularisation_loss_is_the_weighted_mean_of_the_quadrature_integrals():
     """The model's regularisation loss against an independent reference: a torchdiffeq solve of the
     trajectory, Simpson integrals of ||f||^2 and ||e^T df/dz||^2 (the solve's Frobenius noise e,
@@ -238,7 +203,7 @@ def test_regularisation_loss_is_the_weighted_mean_of_the_quadrature_integrals():
     model(x)
     torch.manual_seed(4)
     noise = torch.randn_like(x)  # the block's first draw: the Jacobian-Frobenius noise
-    ts, zs = _trajectory(net, x, end_time, 201)
+    ts, zs = trajectory(net, x, end_time, 201)
     kinetic, frobenius = [], []
     for t, z in zip(ts, zs):
         z = z.clone().requires_grad_(True)
@@ -246,7 +211,7 @@ def test_regularisation_loss_is_the_weighted_mean_of_the_quadrature_integrals():
         (e_jac,) = torch.autograd.grad(f, z, noise)
         kinetic.append(f.detach().pow(2).sum(1))
         frobenius.append(e_jac.pow(2).sum(1))
-    expected = 0.25 * _simpson(torch.stack(kinetic), ts).mean() + 0.5 * _simpson(torch.stack(frobenius), ts).mean()
+    expected = 0.25 * simpson(torch.stack(kinetic), ts).mean() + 0.5 * simpson(torch.stack(frobenius), ts).mean()
     torch.testing.assert_close(model.regularization_loss(), expected, rtol=1e-7, atol=0)
     assert expected > 0
     # evaluation integrates no regulariser: the loss term is zero

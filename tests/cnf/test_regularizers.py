@@ -15,6 +15,7 @@ from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace, Hutchinson
 from fastcnf.cnf.endtime import LearnedEndTime, RandomEndTime
 from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy
 from fastcnf.ode.solve import SolverConfig
+from reference_models import simpson, trajectory
 
 
 DTYPE = torch.float64
@@ -29,24 +30,6 @@ def _net(dim: int, scale: float = 2.0, seed: int = 0) -> ConcatSquashMLP:
         for p in net.parameters():
             p.mul_(scale)
     return net
-
-
-def _trajectory(net, x, end_time, n_points):
-    ts = torch.linspace(0.0, end_time, n_points, dtype=DTYPE)
-    with torch.no_grad():
-        zs = odeint(net, x, ts, atol=1e-11, rtol=1e-11, method="dopri5")
-    return ts, zs
-
-
-def _simpson(values: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """Composite Simpson rule over dim 0 (odd number of equally spaced points)."""
-    n = values.shape[0]
-    assert n % 2 == 1
-    h = (ts[-1] - ts[0]) / (n - 1)
-    w = torch.ones(n, dtype=values.dtype)
-    w[1:-1:2] = 4
-    w[2:-1:2] = 2
-    return (h / 3) * torch.tensordot(w, values, dims=1)
 
 
 @pytest.mark.parametrize("divergence", [ExactTrace("vmap"), ExactTrace("auto"), Hutchinson("gaussian")],
@@ -73,7 +56,7 @@ def test_regularizer_states_match_quadrature_along_trajectory(divergence):
         kin.append(f.pow(2).sum(1).detach())
         (vjp,) = torch.autograd.grad(f, z, noise)
         jac.append(vjp.pow(2).sum(1))
-    kin_q, jac_q = _simpson(torch.stack(kin), ts), _simpson(torch.stack(jac), ts)
+    kin_q, jac_q = simpson(torch.stack(kin), ts), simpson(torch.stack(jac), ts)
     assert torch.allclose(block.reg_states["kinetic"], kin_q, rtol=1e-6)
     assert torch.allclose(block.reg_states["jacobian_frobenius"], jac_q, rtol=1e-6)
     assert kin_q.min() > 0 and jac_q.min() > 0
@@ -92,7 +75,7 @@ def test_regularizers_compose_with_steer_and_integrate_to_the_sampled_T():
     with torch.no_grad():
         traj = odeint(lambda t, z: net(t, z), x, ts, atol=1e-11, rtol=1e-11)
         kin = torch.stack([net(t, z).pow(2).sum(1) for t, z in zip(ts, traj)])
-    assert torch.allclose(block.reg_states["kinetic"], _simpson(kin, ts), rtol=1e-6)
+    assert torch.allclose(block.reg_states["kinetic"], simpson(kin, ts), rtol=1e-6)
 
 
 def test_regularizer_gradient_reaches_learned_T():
@@ -155,12 +138,12 @@ def test_jacobian_frobenius_state_equals_its_definition_in_expectation(estimator
     with torch.no_grad():
         block(x0.repeat(n, 1))
     draws = block.reg_states["jacobian_frobenius"]
-    ts, zs = _trajectory(net, x0, end_time, 101)
+    ts, zs = trajectory(net, x0, end_time, 101)
     frob2 = torch.stack([
         torch.autograd.functional.jacobian(lambda v: net(t, v.unsqueeze(0)).squeeze(0), z[0]).pow(2).sum()
         for t, z in zip(ts, zs)
     ])
-    exact = _simpson(frob2, ts)
+    exact = simpson(frob2, ts)
     stderr = draws.std() / math.sqrt(n)
     assert abs(draws.mean() - exact) < 3 * stderr, (draws.mean().item(), exact.item(), stderr.item())
     assert draws.std() > 1e-3

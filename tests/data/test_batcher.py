@@ -54,3 +54,24 @@ def test_restored_state_continues_the_same_data_order(digits):
 def test_batch_larger_than_the_training_split_is_a_config_error(digits):
     with pytest.raises(ConfigError, match="exceeds the"):
         Batcher(digits, len(digits.train) + 1, seed=0)
+
+
+def test_hflip_mirrors_about_half_of_the_training_images_and_resumes():
+    import torch
+
+    from fastcnf.data import Batcher
+    from fastcnf.data.base import DataBundle, DataSplit
+
+    x = torch.arange(64 * 2 * 3, dtype=torch.uint8).reshape(64, 1, 2, 3)
+    bundle = DataBundle(name="fake", train=DataSplit(x, torch.arange(64)), test=DataSplit(x[:2], torch.arange(2)),
+                        shape=(1, 2, 3), num_classes=64, levels=256, split="fake")
+    plain, flipping = Batcher(bundle, 64, seed=0), Batcher(bundle, 64, seed=0, hflip=True)
+    (a, ya), (b, yb) = plain.next(), flipping.next()
+    assert torch.equal(ya, yb)
+    mirrored = torch.tensor([torch.equal(bi, ai.flip(-1)) for ai, bi in zip(a, b)])
+    same = torch.tensor([torch.equal(bi, ai) for ai, bi in zip(a, b)])
+    assert bool((mirrored | same).all()) and 16 < int(mirrored.sum()) < 48
+    state = flipping.state_dict()
+    again = Batcher(bundle, 64, seed=0, hflip=True)
+    again.load_state_dict(state)
+    assert torch.equal(again.next()[0], flipping.next()[0])

@@ -76,3 +76,20 @@ def test_integrate_rejects_image_models_and_bad_tolerances(tmp_path):
     bundle = SimpleNamespace(shape=(1,), name="mix1d", train=SimpleNamespace(x=torch.zeros(3, 1)))
     with pytest.raises(ConfigError, match=r"\(0, 1\)"):
         integrate_run(None, bundle, tmp_path, tolerances=[1e-5, 1.0])
+
+
+def test_learned_tolerance_model_is_integrated_at_its_gates_mean_tolerances(tmp_path):
+    """InfoCNF App. D: the density at the learned tolerances. With the gates' mean at 1e-5 the
+    integral equals the one pinned at 1e-5 (same solves), and the tolerances used are reported."""
+    from fastcnf.cnf.tolerances import LearnedTolerance
+
+    model, bundle = _trained_mix1d_model()
+    policy = LearnedTolerance(model.cnf_blocks(), hidden=4, init_log10_tol=-5.0)
+    policy.attach(model.cnf_blocks())
+    model.tolerance_policy = policy
+    out = integrate_run(model, bundle, tmp_path, tolerances=[1e-5], n_points=600)
+    learned = out["learned"]
+    tol = learned["tolerances"]["cnf"] if "cnf" in learned["tolerances"] else next(iter(learned["tolerances"].values()))
+    assert tol == pytest.approx(1e-5, rel=0.05)
+    assert abs(learned["integral"] - out["results"]["1e-05"]["integral"]) < 1e-4
+    assert policy.eval_mode == "fixed"  # restored

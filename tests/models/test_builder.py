@@ -15,18 +15,11 @@ from fastcnf.data import load_data
 from fastcnf.data.base import DataBundle, DataSplit
 from fastcnf.models.builder import ARCHITECTURES, PRIORS, REGULARIZERS, TOLERANCE_POLICIES, build_model
 from fastcnf.priors import ClassConditionalGaussian, StandardNormal
+from reference_models import labelled_vectors
 
 
 def _choices(cls, field: str) -> set[str]:
     return set(typing.get_args(typing.get_type_hints(cls)[field]))
-
-
-def _bundle(dim: int = 4, k: int = 3, n: int = 24) -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, dim, generator=g)
-    y = torch.arange(n) % k
-    return DataBundle(name="fake", train=DataSplit(x, y), test=DataSplit(x[:8], y[:8]), shape=(dim,),
-                      num_classes=k, levels=None, split="fake")
 
 
 def _cfg(**sections):
@@ -49,7 +42,7 @@ def test_tables_cover_every_configured_choice():
 @pytest.mark.parametrize("kind, prior", [("none", StandardNormal), ("ccnf", ClassConditionalGaussian),
                                          ("infocnf", ClassConditionalGaussian)])
 def test_conditioning_kind_picks_the_prior(kind, prior):
-    model = build_model(_cfg(conditioning={"kind": kind}), _bundle())
+    model = build_model(_cfg(conditioning={"kind": kind}), labelled_vectors())
     assert type(model.prior) is prior
 
 
@@ -57,7 +50,7 @@ def test_conditioning_kind_picks_the_prior(kind, prior):
                                                     ("toflow", LearnedEndTime, True),
                                                     ("steer", RandomEndTime, False)])
 def test_end_time_policy_reaches_every_block(policy, cls, learnable):
-    model = build_model(_cfg(endtime={"policy": policy}, model={"end_time": 0.7}), _bundle())
+    model = build_model(_cfg(endtime={"policy": policy}, model={"end_time": 0.7}), labelled_vectors())
     for b in model.cnf_blocks():
         assert type(b.end_time_policy) is cls and b.end_time_policy.end_time.requires_grad == learnable
         assert float(b.end_time.detach()) == pytest.approx(0.7)
@@ -65,36 +58,36 @@ def test_end_time_policy_reaches_every_block(policy, cls, learnable):
 
 def test_per_block_policy_sets_each_blocks_solver_from_the_config():
     cfg = _cfg(tolerances={"policy": "per_block", "atol": [1e-2, 1e-6], "adjoint_atol": [1e-3]})
-    model = build_model(cfg, _bundle())
+    model = build_model(cfg, labelled_vectors())
     blocks = model.cnf_blocks()
     assert [b.solver.atol for b in blocks] == [1e-2, 1e-6]
     assert [b.solver.rtol for b in blocks] == [1e-2, 1e-6]
     assert [b.solver.adjoint_atol for b in blocks] == [1e-3, 1e-3]
     assert model.tolerance_policy is None
     with pytest.raises(ConfigError, match="2 CNF blocks"):
-        build_model(_cfg(tolerances={"policy": "per_block", "atol": [1e-2, 1e-3, 1e-4]}), _bundle())
+        build_model(_cfg(tolerances={"policy": "per_block", "atol": [1e-2, 1e-3, 1e-4]}), labelled_vectors())
 
 
 def test_learned_policy_is_part_of_the_model_and_chooses_each_blocks_tolerance():
-    model = build_model(_cfg(tolerances={"policy": "learned", "init_tol": 1e-3}), _bundle())
+    model = build_model(_cfg(tolerances={"policy": "learned", "init_tol": 1e-3}), labelled_vectors())
     assert isinstance(model.tolerance_policy, LearnedTolerance)
     assert len(model.tolerance_policy.gates) == 2
     assert all(b.tolerance is not None for b in model.cnf_blocks())
     assert any(k.startswith("tolerance_policy.gates.0.") for k in model.state_dict())
     with torch.no_grad():
-        model(_bundle().train.x)
+        model(labelled_vectors().train.x)
     assert sorted(r[0] for r in model.tolerance_policy.records) == [0, 1]
 
 
 def test_regularizer_weights_build_the_regularizers():
-    model = build_model(_cfg(model={"kinetic_weight": 0.5, "jacobian_weight": 0.0}), _bundle())
+    model = build_model(_cfg(model={"kinetic_weight": 0.5, "jacobian_weight": 0.0}), labelled_vectors())
     regs = [r for b in model.cnf_blocks() for r in b.regularizers]
     assert [(r.name, r.weight) for r in regs] == [("kinetic", 0.5)] * 2
 
 
 def test_mlp_on_images_and_image_architectures_on_vectors_are_config_errors():
     with pytest.raises(ConfigError, match="needs images"):
-        build_model(_cfg(model={"arch": "multiscale"}), _bundle())
+        build_model(_cfg(model={"arch": "multiscale"}), labelled_vectors())
     images = load_data(load_recipe("digits-cnf").data, 0)
     with pytest.raises(ConfigError, match="needs vector data"):
         build_model(_cfg(), images)
@@ -113,22 +106,26 @@ def test_auto_reduction_follows_the_loss_unit(recipe, reduction):
         == {"sum"}
 
 
-def test_infocnf_conditions_half_of_the_final_scale_output():
+def test_infocnf_conditions_half_of_the_whole_latent():
     cfg = load_recipe("digits-infocnf")
     bundle = DataBundle(name="digits", train=DataSplit(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.arange(4)),
                         test=DataSplit(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.arange(2)),
                         shape=(1, 8, 8), num_classes=10, levels=17, split="fake")
     model = build_model(cfg, bundle)
     flow = ARCHITECTURES[cfg.model.arch](cfg, bundle)
+    assert (model.prior.cond_start, model.prior.cond_size) == (0, flow.latent_dim // 2)  # z = [z_y, z_u]
+    last = build_model(load_recipe("digits-infocnf", ["conditioning.placement=last"]), bundle)
+    assert (last.prior.cond_start, last.prior.cond_size) == (flow.latent_dim // 2, flow.latent_dim // 2)
+    # the layout before issue 17, kept for old runs: half of the final latent piece
     final = flow.latent_sizes[-1]
-    assert model.prior.cond_start == flow.latent_dim - final
-    assert model.prior.cond_size == final // 2
+    old = build_model(load_recipe("digits-infocnf", ["conditioning.placement=final_piece"]), bundle)
+    assert (old.prior.cond_start, old.prior.cond_size) == (flow.latent_dim - final, final // 2)
     ccnf = build_model(load_recipe("digits-ccnf"), bundle)
     assert (ccnf.prior.cond_start, ccnf.prior.cond_size) == (0, flow.latent_dim)
 
 
 def test_conditioning_needs_labels():
-    b = _bundle()
+    b = labelled_vectors()
     unlabelled = DataBundle(name="fake", train=DataSplit(b.train.x), test=DataSplit(b.test.x), shape=b.shape,
                             num_classes=None, levels=None, split="fake")
     with pytest.raises(ValueError, match="needs a labelled data set"):

@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from fastcnf.cnf import CNFBlock, ConcatSquashConvNet, ConcatSquashMLP, ExactTrace
 from fastcnf.flows import LogitTransform, SequentialFlow, build_multiscale
@@ -15,22 +14,9 @@ from fastcnf.models import FlowModel, InputError
 from fastcnf.models.flow_model import bits_per_dim_from_log_prob
 from fastcnf.ode import SolverConfig
 from fastcnf.priors import StandardNormal
+from reference_models import LinearField, ZeroField
 
 DTYPE = torch.float64
-
-
-class _Zero(nn.Module):
-    def forward(self, t, z):
-        return torch.zeros_like(z)
-
-
-class _Linear(nn.Module):
-    def __init__(self, a: torch.Tensor) -> None:
-        super().__init__()
-        self.a = nn.Parameter(a.clone())
-
-    def forward(self, t, z):
-        return z @ self.a.T
 
 
 def _gaussian_log_density(x: torch.Tensor) -> torch.Tensor:
@@ -80,7 +66,7 @@ def test_samples_of_linear_dynamics_have_the_pushed_forward_covariance():
     torch.manual_seed(4)
     a = 0.8 * torch.randn(2, 2, dtype=DTYPE)
     end_time = 0.9
-    block = CNFBlock(_Linear(a), ExactTrace(), SolverConfig(atol=1e-8, rtol=1e-8), end_time=end_time)
+    block = CNFBlock(LinearField(a), ExactTrace(), SolverConfig(atol=1e-8, rtol=1e-8), end_time=end_time)
     model = FlowModel(SequentialFlow([block], (2,))).to(DTYPE).eval()
     n = 20000
     x = model.sample(n, generator=torch.Generator().manual_seed(1))
@@ -120,7 +106,7 @@ def test_bits_per_dim_equals_its_definition():
 def test_bits_per_dim_of_an_identity_flow_is_that_of_the_gaussian():
     # zero dynamics, no logit transform: the model is N(0, I) on the dequantised images
     shape = (1, 4, 4)
-    block = CNFBlock(_Zero(), ExactTrace(), end_time=1.0)
+    block = CNFBlock(ZeroField(), ExactTrace(), end_time=1.0)
     model = FlowModel(SequentialFlow([block], shape), levels=256).to(DTYPE)
     x = torch.rand(5, *shape, dtype=DTYPE)
     log_gauss = (-0.5 * x.pow(2) - 0.5 * math.log(2 * math.pi)).reshape(5, -1).sum(1)

@@ -8,18 +8,10 @@ import pytest
 import torch
 
 from fastcnf.config import config_from_dict
-from fastcnf.data.base import DataBundle, DataSplit
 from fastcnf.models.builder import build_model
 from fastcnf.models.flow_model import InputError
 from fastcnf.priors import ClassConditionalGaussian, LabelError, StandardNormal
-
-
-def _bundle(dim: int = 4, k: int = 3, n: int = 24) -> DataBundle:
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, dim, generator=g)
-    y = torch.arange(n) % k
-    return DataBundle(name="fake", train=DataSplit(x, y), test=DataSplit(x[:8], y[:8]), shape=(dim,),
-                      num_classes=k, levels=None, split="fake")
+from reference_models import labelled_vectors
 
 
 def _cfg(kind: str, **cond):
@@ -33,7 +25,7 @@ def _cfg(kind: str, **cond):
 
 def _model(kind: str, seed: int = 0, **cond):
     torch.manual_seed(seed)
-    return build_model(_cfg(kind, **cond), _bundle()).double()
+    return build_model(_cfg(kind, **cond), labelled_vectors()).double()
 
 
 def _randomise_heads(prior: ClassConditionalGaussian, seed: int = 1) -> None:
@@ -47,8 +39,8 @@ def _randomise_heads(prior: ClassConditionalGaussian, seed: int = 1) -> None:
 def test_zero_initialised_heads_give_the_unconditional_log_density(kind):
     cond, plain = _model(kind), _model("none")
     assert isinstance(cond.prior, ClassConditionalGaussian) and isinstance(plain.prior, StandardNormal)
-    x = _bundle().train.x.double()
-    y = _bundle().train.y
+    x = labelled_vectors().train.x.double()
+    y = labelled_vectors().train.y
     lp_plain = plain.log_prob(x)
     assert torch.equal(cond.log_prob(x, y), lp_plain)
     # the marginal also equals it: every class has the same N(0, I) prior
@@ -101,8 +93,8 @@ def test_classifier_gradients_reach_the_dynamics():
     model = _model("infocnf")
     _randomise_heads(model.prior)
     model.eval()  # no dropout: a deterministic function of the dynamics' parameters
-    x = _bundle().train.x.double()
-    y = _bundle().train.y
+    x = labelled_vectors().train.x.double()
+    y = labelled_vectors().train.y
     dyn = [p for b in model.cnf_blocks() for p in b.parameters() if p.requires_grad]
 
     def ce() -> torch.Tensor:
@@ -127,7 +119,7 @@ def test_classifier_gradients_reach_the_dynamics():
 
 def test_unknown_or_out_of_range_label_is_a_clear_error():
     model = _model("ccnf")
-    x = _bundle().train.x.double()[:3]
+    x = labelled_vectors().train.x.double()[:3]
     with pytest.raises(InputError, match="unknown label 3"):
         model.log_prob(x, torch.tensor([0, 1, 3]))
     with pytest.raises(InputError, match="unknown label -1"):

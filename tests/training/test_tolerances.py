@@ -69,3 +69,72 @@ def test_learned_tolerance_gates_stay_identical_on_two_ranks(tmp_path) -> None:
     # the gates did learn (they moved away from their initial head bias)
     bias = [v for k, v in r0["gates"].items() if k.endswith("head.bias")]
     assert bias and any(abs(float(b[0]) + 4.0) > 1e-6 for b in bias)
+
+
+def _mix1d(tmp_path, extra=()):
+    cfg = load_recipe("mix1d-infocnf", [
+        "model.hidden_dims=[8]", "data.n_train=256", "data.n_test=64", "train.batch_size=64",
+        "train.checkpoint_every=0", "eval.figures=false", "threads=1", *extra])
+    return Trainer(cfg, tmp_path, progress=False)
+
+
+def test_accumulated_micro_batches_share_one_tolerance_per_step(tmp_path):
+    """InfoCNF App. D: one tolerance per batch. With 4 micro-batches every block samples once per
+    step (one REINFORCE record), solves all 4 micro-batches at it, and is rewarded with the NFE per
+    micro-batch (the step's total / 4)."""
+    trainer = _mix1d(tmp_path, ["train.accumulation_steps=4", "train.iterations=1"])
+    hook = next(h for h in trainer.hooks if isinstance(h, LearnedToleranceHook))
+    seen: list[tuple[int, float]] = []
+    policy = hook.policy
+    choose = policy.choose
+
+    def spy(index, block, x):
+        solver = choose(index, block, x)
+        if block.training:
+            seen.append((index, solver.atol))
+        return solver
+
+    policy.choose = spy
+    records: list = []
+    original = hook.after_backward
+
+    def capture(tr, ctx):
+        records.extend(policy.records)
+        original(tr, ctx)
+
+    hook.after_backward = capture
+    trainer.train_step()
+    assert len(seen) == 8  # 2 blocks x 4 micro-batches
+    assert [r[0] for r in records] == [0, 1]  # one sample (and one log-probability) per block
+    for i, _, tol, *_ in records:
+        assert {t for j, t in seen if j == i} == {tol}
+
+
+def test_partial_passes_use_a_baseline_from_past_steps_only():
+    """Training by parts runs some blocks: the first step of a part has no baseline yet
+    (advantage = return, the unbiased zero baseline), later steps use the previous returns."""
+    from fastcnf.cnf.reinforce import ReturnBaseline
+
+    cfg = load_recipe("mix1d-infocnf", ["tolerances.baseline_momentum=0.5", "tolerances.loss_baseline_momentum=0.5"])
+    hook = LearnedToleranceHook(cfg)
+    base = hook.partial_baselines.setdefault("1", ReturnBaseline(*hook.momenta))
+    first = base(2.0, torch.tensor([-10.0], dtype=torch.float64))
+    assert float(first) == -12.0  # first step: the return itself, advantage 0 (no gradient)
+    for current in (-20.0, -500.0):  # the baseline does not depend on the current return
+        probe = ReturnBaseline(*hook.momenta)
+        probe.load_state_dict(base.state_dict())
+        assert float(probe(1.0, torch.tensor([current], dtype=torch.float64))) == -12.0
+
+
+def test_stacks_layout_gives_the_first_block_of_each_scale_its_own_tolerance():
+    from fastcnf.data.base import DataBundle, DataSplit
+    from fastcnf.models.builder import build_model
+
+    x, y = torch.zeros(4, 1, 28, 28, dtype=torch.uint8), torch.arange(4)
+    bundle = DataBundle(name="fake", train=DataSplit(x, y), test=DataSplit(x, y), shape=(1, 28, 28), num_classes=10,
+                        levels=256, split="fake")
+    model = build_model(load_recipe("mnist-infocnf-large"), bundle)
+    tols = {b.name: b.solver.atol for b in model.cnf_blocks()}
+    assert len(tols) == 10
+    assert {n: t for n, t in tols.items() if t == 1e-5} == {f"scale{i}.cnf0": 1e-5 for i in range(3)}
+    assert all(t == 1e-4 for n, t in tols.items() if not n.endswith(".cnf0"))

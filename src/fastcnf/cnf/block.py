@@ -77,8 +77,7 @@ class _SolveODE(nn.Module):
                     f, div = self.net.trace_forward(t, z)
                 result = DivergenceResult(div)
             else:
-                f = self.net(t, z)
-                result = est(f, z, self.noise, self.net, t, create_graph=create_graph)
+                f, result = est.evaluate(self.net, t, z, self.noise, create_graph=create_graph)
             rates = [r.rate(f, z, result, self.noise, create_graph) for r in self.regularizers]
         return (f * T, result.div * T, *(r * T for r in rates))
 

@@ -24,7 +24,6 @@ minibatch optimal transport" (OT-CFM and its entropic variant); Pooladian et al.
 """
 from __future__ import annotations
 
-import difflib
 import warnings
 from typing import Callable
 
@@ -32,6 +31,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
+
+from fastcnf.config import check_choice
 
 __all__ = [
     "Coupling",
@@ -204,8 +205,5 @@ COUPLINGS: dict[str, Callable[..., Coupling]] = {
 
 def make_coupling(name: str, **kwargs) -> Coupling:
     """Build a coupling by name (``independent``, ``exact``, ``sinkhorn``: ``epsilon``, ...)."""
-    if name not in COUPLINGS:
-        close = difflib.get_close_matches(name, COUPLINGS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown coupling {name!r}{hint}; accepted: {', '.join(COUPLINGS)}")
+    check_choice("coupling", name, COUPLINGS)
     return COUPLINGS[name](**kwargs)

@@ -15,9 +15,8 @@ Hutchinson 1989.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
-from typing import Callable
+
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -28,8 +27,6 @@ __all__ = [
     "DivergenceEstimator",
     "ExactTrace",
     "Hutchinson",
-    "ESTIMATORS",
-    "make_divergence",
     "jvp",
 ]
 
@@ -203,18 +200,3 @@ def jvp(net, t: Tensor, z: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     if tangent is None:  # the output does not depend on z
         tangent = torch.zeros_like(f)
     return f, tangent
-
-
-ESTIMATORS: dict[str, Callable[..., DivergenceEstimator]] = {
-    "exact": ExactTrace,
-    "hutchinson": Hutchinson,
-}
-
-
-def make_divergence(name: str, **kwargs) -> DivergenceEstimator:
-    """Build an estimator by name (``exact``, ``hutchinson``); unknown names list the valid ones."""
-    if name not in ESTIMATORS:
-        close = difflib.get_close_matches(name, ESTIMATORS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown divergence estimator {name!r}{hint}; accepted: {', '.join(ESTIMATORS)}")
-    return ESTIMATORS[name](**kwargs)

@@ -4,26 +4,27 @@ A concat-squash layer computes ``(W x + b) * sigmoid(G t + g) + H t`` (FFJORD
 ``ConcatSquashLinear``): the time enters as a gate and a bias of every layer.
 
 :class:`ConcatSquashMLP` also offers :meth:`ConcatSquashMLP.trace_forward`, the exact trace of
-its Jacobian by forward-mode tangent propagation: the identity's D columns are pushed through
-the layers together with the activations, in one fused pass (D extra rows per example). For the
-small dimensions of tabular/toy data this is much cheaper than D autograd passes. Its backward
-pass is written out (the derivatives autograd would form, checked against it in
-``tests/engine/test_fast_solver.py``), and the parameters' gradient of all evaluations of a
-solve is gathered once: on FFJORD's toy problem the operation count, not the arithmetic, sets
-the time, and this cuts it about in half (``benchmarks/README.md``, speed).
+its Jacobian by forward-mode tangent propagation (:mod:`fastcnf.cnf.trace_kernel`).
 
 References: Grathwohl et al. 2019 (FFJORD) appendix B; Chen et al. 2018.
 """
 from __future__ import annotations
 
-import difflib
-import math
-import weakref
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastcnf.cnf.activations import ACTIVATIONS, make_activation
+from fastcnf.cnf.trace_kernel import (
+    _act_slope,
+    _ConcatSquashTrace,
+    _get_packed,
+    _layer_params,
+    _trace_forward_kernel,
+    _trace_reference,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,39 +33,6 @@ __all__ = [
     "ConcatSquashMLP",
     "ConcatSquashConvNet",
 ]
-
-ACTIVATIONS = {
-    "tanh": nn.Tanh,
-    "softplus": nn.Softplus,
-    "relu": nn.ReLU,
-    "elu": nn.ELU,
-    "swish": nn.SiLU,
-}
-
-
-def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        close = difflib.get_close_matches(name, ACTIVATIONS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown activation {name!r}{hint}; accepted: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
-
-
-def _activation_derivative(act: nn.Module, pre: Tensor, post: Tensor) -> Tensor:
-    """d act(pre) / d pre, elementwise, reusing the output where cheaper."""
-    if isinstance(act, nn.Tanh):
-        return 1 - post * post
-    if isinstance(act, nn.Softplus):
-        return torch.sigmoid(pre * act.beta)
-    if isinstance(act, nn.ReLU):
-        return (pre > 0).to(pre.dtype)
-    if isinstance(act, nn.ELU):
-        return torch.where(pre > 0, torch.ones_like(pre), post + act.alpha)
-    if isinstance(act, nn.SiLU):
-        s = torch.sigmoid(pre)
-        return s * (1 + pre * (1 - s))
-    raise TypeError(f"no derivative for activation {type(act).__name__}")
-
 
 def _stack_forward(layers: nn.ModuleList, acts: nn.ModuleList, t: Tensor, z: Tensor) -> Tensor:
     """Concat-squash layers with an activation after every layer but the last."""
@@ -86,7 +54,8 @@ class ConcatSquashLinear(nn.Module):
         self.hyper_bias = nn.Linear(1, dim_out, bias=False)
 
     def gate_and_bias(self, t: Tensor) -> tuple[Tensor, Tensor]:
-        tt = t.reshape(1, 1).to(self.layer.weight.dtype)
+        """Gate and bias for a scalar time (1, out) or one time per example (B, out)."""
+        tt = t.reshape(-1, 1).to(self.layer.weight.dtype)
         return torch.sigmoid(self.hyper_gate(tt)), self.hyper_bias(tt)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
@@ -104,21 +73,24 @@ class ConcatSquashConv2d(nn.Module):
         self.hyper_bias = nn.Linear(1, c_out, bias=False)
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        tt = t.reshape(1, 1).to(self.layer.weight.dtype)
-        gate = torch.sigmoid(self.hyper_gate(tt)).view(1, -1, 1, 1)
-        bias = self.hyper_bias(tt).view(1, -1, 1, 1)
+        tt = t.reshape(-1, 1).to(self.layer.weight.dtype)  # a scalar time, or one per example
+        gate = torch.sigmoid(self.hyper_gate(tt)).view(tt.shape[0], -1, 1, 1)
+        bias = self.hyper_bias(tt).view(tt.shape[0], -1, 1, 1)
         return self.layer(x) * gate + bias
 
 
 class ConcatSquashMLP(nn.Module):
     """FFJORD's toy dynamics: concat-squash layers ``dim -> hidden... -> dim`` with an activation
-    between layers (toy default 64-64-64, tanh)."""
+    between layers (toy default 64-64-64, tanh). ``t`` is a scalar or one time per example (B,)
+    (flow-matching batches)."""
+
+    per_example_time = True
 
     def __init__(self, dim: int, hidden_dims: Sequence[int] = (64, 64, 64), activation: str = "tanh") -> None:
         super().__init__()
         dims = [dim, *hidden_dims, dim]
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.acts = nn.ModuleList(_activation(activation) for _ in hidden_dims)
+        self.acts = nn.ModuleList(make_activation(activation) for _ in hidden_dims)
         self.dim = dim
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
@@ -164,377 +136,29 @@ class ConcatSquashMLP(nn.Module):
 # evaluation.
 
 
-def _layer_params(layer: "ConcatSquashLinear") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return (layer.layer.weight, layer.layer.bias, layer.hyper_gate.weight, layer.hyper_gate.bias,
-            layer.hyper_bias.weight)
-
-
-def _trace_reference(acts, t: Tensor, z: Tensor, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(f, trace)`` by tangent propagation in differentiable torch operations (any depth);
-    ``params`` holds (weight, bias, gate weight, gate bias, time-bias weight) per layer."""
-    b, d = z.shape
-    tt = t.reshape(1, 1).to(params[0].dtype)
-    h = z
-    tan = None  # (B, D, width); the first layer's tangent is W^T scaled by the gate
-    n_layers = len(params) // 5
-    for i in range(n_layers):
-        w, bias, wg, bg, wc = params[5 * i:5 * i + 5]
-        gate = torch.sigmoid(F.linear(tt, wg, bg))
-        h = F.linear(h, w, bias) * gate + F.linear(tt, wc)
-        if tan is None:
-            tan = (w.t() * gate).unsqueeze(0).expand(b, d, -1)
-        else:
-            tan = torch.matmul(tan, w.t()) * gate
-        if i < len(acts):
-            pre = h
-            h = acts[i](pre)
-            tan = tan * _activation_derivative(acts[i], pre, h).unsqueeze(1)
-    trace = torch.diagonal(tan, dim1=1, dim2=2).sum(-1)
-    return h, trace
-
-
-def _act_into(act: nn.Module, pre: Tensor, out: Tensor) -> Tensor:
-    """``out[...] = act(pre)``; returns ``out``."""
-    if isinstance(act, nn.Tanh):
-        return torch.tanh(pre, out=out)
-    return out.copy_(act(pre))
-
-
-def _act_slope(act: nn.Module, pre: Tensor, post: Tensor, one: Tensor) -> Tensor:
-    """``act'(pre)`` elementwise (``post = act(pre)``); torch's own conventions at the kinks."""
-    if isinstance(act, nn.Tanh):
-        return torch.addcmul(one, post, post, value=-1)
-    if isinstance(act, nn.Softplus):  # linear above its threshold: slope 1 there
-        bp = pre * act.beta
-        return torch.where(bp > act.threshold, torch.ones_like(bp), torch.sigmoid(bp))
-    return _activation_derivative(act, pre, post)
-
-
-def _act_grad_pre(act: nn.Module, grad_post: Tensor, slope: Tensor, pre: Tensor, post: Tensor,
-                  grad_slope: Tensor, out: Tensor | None = None) -> Tensor:
-    """Gradient w.r.t. ``pre`` of ``<grad_post, act(pre)> + <grad_slope, act'(pre)>`` (into ``out``)."""
-    if isinstance(act, nn.Tanh):  # act'' = -2 act act'
-        return torch.mul(slope, torch.addcmul(grad_post, post, grad_slope, value=-2), out=out)
-    if isinstance(act, nn.Softplus):
-        bp = pre * act.beta
-        curv = torch.where(bp > act.threshold, torch.zeros_like(bp), act.beta * slope * (1 - slope))
-    elif isinstance(act, nn.ReLU):
-        curv = torch.zeros_like(pre)
-    elif isinstance(act, nn.ELU):
-        curv = torch.where(pre > 0, torch.zeros_like(pre), post + act.alpha)
-    elif isinstance(act, nn.SiLU):
-        sg = torch.sigmoid(pre)
-        curv = sg * (1 - sg) * (2 + pre * (1 - 2 * sg))
-    else:
-        raise TypeError(f"no derivative for activation {type(act).__name__}")
-    grad = grad_post * slope + grad_slope * curv
-    return grad if out is None else out.copy_(grad)
-
-
-class _Packed:
-    """The parameters of a :class:`ConcatSquashMLP` as one flat tensor, for one parameter version.
-
-    Layout: all weights (flattened), all biases, all gate weights, all gate biases, all
-    time-bias weights, layer by layer; so the time gates of every layer come from three
-    contiguous segments. Evaluations take the flat tensor through :attr:`token` (one autograd
-    input instead of five per layer) and add their share of its gradient to one accumulator.
-    """
-
-    def __init__(self, net: "ConcatSquashMLP", grad: bool, slots: list) -> None:
-        layers = list(net.layers)
-        self.grad, self.slots = grad, slots
-        self.params = [m._parameters[n] for m, n in slots]
-        self.versions = [p._version for p in self.params]
-        self.requires_grad = [p.requires_grad for p in self.params]
-        self.first_ptr = self.params[0].data_ptr()
-        self.acts = tuple(net.acts)
-        self.sizes = [layer.layer.out_features for layer in layers]
-        order = ([layer.layer.weight for layer in layers] + [layer.layer.bias for layer in layers]
-                 + [layer.hyper_gate.weight for layer in layers] + [layer.hyper_gate.bias for layer in layers]
-                 + [layer.hyper_bias.weight for layer in layers])
-        self.shapes = [p.shape for p in order]
-        flat = torch.cat([p.reshape(-1) for p in order])
-        self.n_weights = sum(p.numel() for p in order[:len(layers)])
-        self.token = _ParameterToken.apply(flat, self) if flat.requires_grad else None
-        self.one = torch.ones((), dtype=flat.dtype, device=flat.device)
-        self.flat = flat.detach()
-        self.views(self.flat)
-        self.acc: _Accumulator | None = None
-        self.last_index: int | None = None
-        self.count = 0
-
-    def split(self, flat: Tensor) -> list[Tensor]:
-        """The parameters (in layout order, original shapes) as views of ``flat``."""
-        return [v.view(shape) for v, shape in zip(flat.split([math.prod(s) for s in self.shapes]), self.shapes)]
-
-    def views(self, flat: Tensor) -> None:
-        n = len(self.sizes)
-        parts = self.split(flat)
-        self.weights = parts[:n]
-        self.weights_t = [w.t().contiguous() for w in self.weights]  # contiguous: faster products
-        total = sum(self.sizes)
-        start = self.n_weights
-        self.bias_all = flat[start:start + total]
-        self.wg_all = flat[start + total:start + 2 * total]
-        self.bg_all = flat[start + 2 * total:start + 3 * total]
-        self.wc_all = flat[start + 3 * total:start + 4 * total]
-
-    def layer_params(self, flat: Tensor) -> list[Tensor]:
-        """Differentiable per-layer ``(weight, bias, gate weight, gate bias, time-bias weight)``."""
-        n = len(self.sizes)
-        parts = self.split(flat)
-        return [parts[k * n + i] for i in range(n) for k in range(5)]
-
-    def accumulator(self, index: int) -> "_Accumulator":
-        # evaluations run backward in decreasing creation order within one backward pass; a larger
-        # index than the last one means a new pass, after one that did not reach the parameters
-        if self.acc is None or (self.last_index is not None and index > self.last_index):
-            self.acc = _Accumulator(self)
-        self.last_index = index
-        return self.acc
-
-    def take_gradient(self) -> Tensor | None:
-        acc, self.acc, self.last_index = self.acc, None, None
-        return None if acc is None or not acc.rows else acc.flat_gradient(self)
-
-
-def _get_packed(net: "ConcatSquashMLP") -> _Packed:
-    """The packed parameters of ``net`` for their current values and the current grad mode
-    (rebuilt after an optimiser step, a load, a change of dtype or device, a new parameter)."""
-    grad = torch.is_grad_enabled()
-    packed = _PACKED.get(net)
-    if packed is not None and packed.grad == grad and packed.first_ptr == packed.params[0].data_ptr():
-        for (m, n), p, version, requires_grad in zip(packed.slots, packed.params, packed.versions,
-                                                     packed.requires_grad):
-            if m._parameters[n] is not p or p._version != version or p.requires_grad != requires_grad:
-                break
-        else:
-            return packed
-    slots = _SLOTS.get(net)
-    if slots is None:  # (module, name) of every parameter: ``net.parameters()`` walks the module tree
-        slots = [(m, n) for m in net.modules() for n, p in m._parameters.items() if p is not None]
-        _SLOTS[net] = slots
-    packed = _Packed(net, grad, slots)
-    _PACKED[net] = packed
-    return packed
-
-
-_SLOTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictionary()
-
-
-def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
-    """``(f, trace, saved)`` without autograd; ``saved`` holds what the backward pass needs."""
-    n_layers = len(pk.sizes)
-    b, d = z.shape
-    gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))
-    fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)  # b * g + c
-    gates = torch.split_with_sizes(gate_all, pk.sizes)
-    folds = torch.split_with_sizes(fold_all, pk.sizes)
-    # layer 1: the tangents W^T * g do not depend on the example
-    g = gates[0]
-    a = torch.mm(z, pk.weights_t[0])
-    pre = torch.addcmul(folds[0], a, g)
-    tan1 = pk.weights_t[0] * g  # (D, n)
-    s = torch.empty((1 + d, b, pre.shape[1]), dtype=z.dtype, device=z.device)
-    h = _act_into(acts[0], pre, s[0])
-    slope = _act_slope(acts[0], pre, h, pk.one)
-    torch.mul(tan1.unsqueeze(1), slope, out=s[1:])
-    saved = [(z, a, tan1, pre, h, slope)] if save else None
-    # hidden layers 2 .. L-1: s = [h; tangents] goes through W as one matrix product
-    for i in range(1, n_layers - 1):
-        g = gates[i]
-        m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[i]).view(1 + d, b, -1)
-        p = m * g
-        p0 = p[0]
-        p0.add_(folds[i])
-        s_next = torch.empty_like(p)
-        h = _act_into(acts[i], p0, s_next[0])
-        slope = _act_slope(acts[i], p0, h, pk.one)
-        torch.mul(p[1:], slope, out=s_next[1:])
-        if save:
-            saved.append((s, m, p, h, slope))
-        s = s_next
-    # last layer: f from the activations, the trace from the diagonal of the tangent block
-    g = gates[-1]
-    m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[-1]).view(1 + d, b, d)
-    m0 = m[0]
-    f = torch.addcmul(folds[-1], m0, g)
-    diag = torch.diagonal(m[1:], dim1=0, dim2=2)  # (B, D): d f_k / d z_k before the gate
-    trace = torch.mv(diag, g)
-    if save:
-        saved.append((s, m0, diag))
-        saved.append((t, gate_all, gates))
-    return f, trace, saved
-
-
-def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: Tensor, acc: "_Accumulator | None",
-                    need_t: bool) -> tuple[Tensor, Tensor | None]:
-    """The gradients w.r.t. z (and t) of ``<grad_f, f> + <grad_trace, trace>``; the parameters'
-    share is added to ``acc`` (weights in place, the time-gate terms as one row per evaluation)."""
-    t, gate_all, gates = saved[-1]
-    n_layers = len(pk.sizes)
-    row_gate = row_fold = None
-    if acc is not None or need_t:
-        row_gate = torch.empty_like(gate_all)  # d/d gate of every layer
-        row_fold = torch.empty_like(gate_all)  # d/d (b g + c) of every layer
-        rg, rf = torch.split_with_sizes(row_gate, pk.sizes), torch.split_with_sizes(row_fold, pk.sizes)
-    # last layer: f = m0 * g + v, trace = diag(m[1:]) @ g
-    s, m0, diag = saved[-2]
-    g = gates[-1]
-    grad_m = torch.zeros_like(s[:, :, :m0.shape[1]])
-    torch.mul(grad_f, g, out=grad_m[0])
-    torch.diagonal(grad_m[1:], dim1=0, dim2=2).copy_(torch.outer(grad_trace, g))
-    grad_m2 = grad_m.view(-1, grad_m.shape[-1])
-    if row_gate is not None:
-        torch.addmv(torch.sum(grad_f * m0, 0), diag.t(), grad_trace, out=rg[-1])
-        torch.sum(grad_f, 0, out=rf[-1])
-    if acc is not None:
-        acc.weights_t[-1].addmm_(s.view(-1, s.shape[-1]).t(), grad_m2)
-    grad_s = torch.mm(grad_m2, pk.weights[-1]).view(s.shape)
-    # hidden layers, last to first: s_next = [act(p[0]); p[1:] * act'(p[0])],  p = m * g + [v; 0]
-    for i in range(n_layers - 2, 0, -1):
-        s, m, p, h, slope = saved[i]
-        grad_tan = grad_s[1:]
-        grad_p = torch.empty_like(p)
-        torch.mul(grad_tan, slope, out=grad_p[1:])
-        grad_p0 = _act_grad_pre(acts[i], grad_s[0], slope, p[0], h, (grad_tan * p[1:]).sum(0), out=grad_p[0])
-        if row_gate is not None:
-            torch.sum(grad_p * m, (0, 1), out=rg[i])
-            torch.sum(grad_p0, 0, out=rf[i])
-        grad_m2 = grad_p.mul_(gates[i]).view(-1, grad_p.shape[-1])
-        if acc is not None:
-            acc.weights_t[i].addmm_(s.view(-1, s.shape[-1]).t(), grad_m2)
-        grad_s = torch.mm(grad_m2, pk.weights[i]).view(s.shape)
-    # first layer: pre = a * g + v with a = z W^T; tangents tan1 = W^T * g
-    z, a, tan1, pre, h, slope = saved[0]
-    g = gates[0]
-    grad_tan = grad_s[1:]
-    grad_pre = _act_grad_pre(acts[0], grad_s[0], slope, pre, h, (grad_tan * tan1.unsqueeze(1)).sum(0))
-    grad_a = grad_pre * g
-    if row_gate is not None:
-        grad_tan1 = (grad_tan * slope).sum(1)  # (D, n): d/d tan1
-        torch.add(torch.sum(grad_pre * a, 0), (grad_tan1 * pk.weights_t[0]).sum(0), out=rg[0])
-        torch.sum(grad_pre, 0, out=rf[0])
-        if acc is not None:
-            acc.weights_t[0].addmm_(z.t(), grad_a).add_(grad_tan1 * g)
-            acc.add_row(row_gate, row_fold, t, gate_all)
-    grad_z = torch.mm(grad_a, pk.weights[0])
-    grad_t = None
-    if need_t:  # through every layer's gate sigmoid(G t + g0) and time bias H t
-        grad_gate_pre = torch.addcmul(row_gate, row_fold, pk.bias_all) * torch.addcmul(gate_all, gate_all, gate_all,
-                                                                                       value=-1)
-        grad_t = grad_gate_pre @ pk.wg_all + row_fold @ pk.wc_all
-    return grad_z, grad_t
-
-
-class _Accumulator:
-    """The parameter gradient of the evaluations of one backward pass, before it is flattened."""
-
-    def __init__(self, pk: _Packed) -> None:
-        self.weights_t = [torch.zeros_like(w) for w in pk.weights_t]  # transposed weight gradients
-        self.rows: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-
-    def add_row(self, row_gate: Tensor, row_fold: Tensor, t: Tensor, gate_all: Tensor) -> None:
-        self.rows.append((row_gate, row_fold, t, gate_all))
-
-    def flat_gradient(self, pk: _Packed) -> Tensor:
-        """In the packed layout: weights, biases (v = b g + c: d/db = g dL/dv), gate weights and
-        biases (through sigmoid(G t + g0)), time-bias weights (c = H t)."""
-        row_gate, row_fold, times, gate_all = (torch.stack(x) for x in zip(*self.rows))
-        times = times.reshape(-1).to(gate_all.dtype)
-        grad_gate_pre = torch.addcmul(row_gate, row_fold, pk.bias_all) * torch.addcmul(gate_all, gate_all, gate_all,
-                                                                                       value=-1)
-        return torch.cat([*(w.t().reshape(-1) for w in self.weights_t), (row_fold * gate_all).sum(0),
-                          times @ grad_gate_pre, grad_gate_pre.sum(0), times @ row_fold])
-
-
-class _ParameterToken(torch.autograd.Function):
-    """Identity on the flat parameters; its backward, which runs after every evaluation's,
-    adds the parameter gradient of all of them, formed at once."""
-
-    @staticmethod
-    def forward(ctx, flat, packed):  # type: ignore[override]
-        ctx.packed = packed
-        return flat.view_as(flat)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        with torch.no_grad():
-            extra = ctx.packed.take_gradient()
-        if extra is not None:
-            grad = extra if grad is None else grad + extra
-        return grad, None
-
-
-class _ConcatSquashTrace(torch.autograd.Function):
-    """``(f, trace)`` of a concat-squash MLP with the backward pass written out.
-
-    Inputs: the activation modules, the packed parameters, ``t``, ``z`` and the packed
-    parameters' token. A backward pass that must itself be differentiable (``create_graph=True``,
-    e.g. the Jacobian-Frobenius regulariser's vector-Jacobian product) recomputes through
-    :func:`_trace_reference` instead.
-    """
-
-    @staticmethod
-    def forward(ctx, acts, packed, t, z, token):  # type: ignore[override]
-        f, trace, saved = _trace_forward_kernel(acts, packed, t, z, save=True)
-        ctx.acts, ctx.packed, ctx.saved = acts, packed, saved
-        ctx.index = packed.count
-        packed.count += 1
-        # inputs only (no reference cycle); needed by the differentiable (create_graph) backward
-        ctx.inputs = (t, z, token)
-        return f, trace
-
-    @staticmethod
-    def backward(ctx, grad_f, grad_trace):  # type: ignore[override]
-        t, z, token = ctx.inputs
-        need_t, need_z, need_p = ctx.needs_input_grad[2:5]
-        pk = ctx.packed
-        if grad_f is None:
-            grad_f = torch.zeros_like(z)
-        if grad_trace is None:
-            grad_trace = torch.zeros(grad_f.shape[0], dtype=grad_f.dtype, device=grad_f.device)
-        create_graph = torch.is_grad_enabled()
-        if create_graph or ctx.saved is None:
-            # differentiate a differentiable recomputation (create_graph, or a second backward
-            # pass through a retained graph), from fresh aliases of the inputs so that the inner
-            # pass stops at this evaluation (w.r.t. the solver state itself it would walk back
-            # through the whole solve)
-            with torch.enable_grad():
-                t_a, z_a = t.view_as(t), z.view_as(z)
-                flat = token.view_as(token) if token is not None else pk.flat
-                inputs = [x for x, need in zip((t_a, z_a, flat), (need_t, need_z, need_p)) if need]
-                f, trace = _trace_reference(ctx.acts, t_a, z_a, pk.layer_params(flat))
-                grads = iter(torch.autograd.grad((f, trace), inputs, (grad_f, grad_trace),
-                                                 create_graph=create_graph, allow_unused=True))
-            return (None, None, *(next(grads) if need else None for need in (need_t, need_z, need_p)))
-        acc = pk.accumulator(ctx.index) if need_p else None
-        grad_z, grad_t = _trace_backward(ctx.acts, pk, ctx.saved, grad_f, grad_trace, acc, need_t)
-        ctx.saved = None  # freed as autograd frees saved tensors; a retained graph recomputes
-        return None, None, None if grad_t is None else grad_t.reshape(t.shape), grad_z if need_z else None, None
-
-
 class ConcatSquashConvNet(nn.Module):
     """Convolutional dynamics for images: 3x3 concat-squash convolutions ``C -> hidden... -> C``
     (FFJORD / InfoCNF 002 appendix B: 3 layers of 64 filters, softplus).
 
-    ``channels_last``: run the convolutions on channels-last (NHWC) activations; oneDNN's
-    kernels for the 64-channel 3x3 convolutions of FFJORD's image model are ~1.5x faster in that
-    layout on CPU (``benchmarks/results/speed_images_profile.txt``). The output has the layout of
-    the input. ``False`` keeps PyTorch's default (NCHW) layout; the values agree to rounding
+    ``channels_last``: run the convolutions on channels-last (NHWC) activations. oneDNN's kernel
+    for one 64-channel 3x3 convolution at 32x64x28x28 is ~1.5x faster in that layout on CPU, but a
+    whole training iteration of FFJORD's MNIST model was not faster (the layout copies and the
+    double-backward convolutions eat the gain; ``benchmarks/results/speed_images.json``), so it is
+    off by default. The output is contiguous (NCHW) either way; the values agree to rounding
     (``tests/cnf/test_conv_dynamics.py``).
 
     :meth:`forward_with_tangent` gives ``(f, (df/dz) v)`` in one pass, for Hutchinson's
     estimator by forward mode (:class:`~fastcnf.cnf.divergence.Hutchinson` ``mode="jvp"``).
     """
 
+    per_example_time = True
+
     def __init__(self, channels: int, hidden_dims: Sequence[int] = (64, 64, 64), activation: str = "softplus",
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = False) -> None:
         super().__init__()
         dims = [channels, *hidden_dims, channels]
         self.layers = nn.ModuleList(ConcatSquashConv2d(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.acts = nn.ModuleList(_activation(activation) for _ in hidden_dims)
+        self.acts = nn.ModuleList(make_activation(activation) for _ in hidden_dims)
         self.channels_last = channels_last
 
     def _layout(self, h: Tensor) -> Tensor:

@@ -12,8 +12,8 @@ dynamics, ``f(t, z)``, in fastcnf's time convention (data at ``t = 0``, noise at
 trained network is the block's ``net`` with ``end_time = 1`` as it stands.
 
 Per-example times: networks that take ``t`` of shape (B,) declare ``per_example_time = True``
-(e.g. :class:`~fastcnf.cnf.unet.UNetVelocity`) and are called once on the batch. Any other
-network (FFJORD's concat-squash layers take a scalar ``t``) is evaluated through
+(the U-Net and the concat-squash networks) and are called once on the batch. Any other
+network taking a scalar ``t`` (e.g. a user's own) is evaluated through
 ``torch.func.vmap`` over the batch: still one batched evaluation, the same values as calling it
 example by example. A network with an operation vmap cannot batch is evaluated example by example
 (correct, B calls; a warning names the network once).

@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from fastcnf.cnf.divergence import ExactTrace
-from fastcnf.cnf.dynamics import ConcatSquashMLP, _Accumulator, _get_packed, _trace_backward, _trace_forward_kernel
+from fastcnf.cnf.dynamics import ConcatSquashMLP
+from fastcnf.cnf.trace_kernel import _Accumulator, _get_packed, _trace_backward, _trace_forward_kernel
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
 from fastcnf.ode.solve import NFECounter, SolverConfig, forward_counter
 

@@ -33,11 +33,12 @@ High-Resolution Image Synthesis" (logit-normal time sampling).
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import torch
 from torch import Tensor
+
+from fastcnf.config import check_choice
 
 __all__ = [
     "ProbabilityPath",
@@ -61,12 +62,6 @@ def _per_example(t: Tensor, like: Tensor) -> Tensor:
     if t.shape != like.shape[:1]:
         raise ValueError(f"time must be a scalar or have shape ({like.shape[0]},), got {tuple(t.shape)}")
     return t.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _unknown(kind: str, name: str, table: dict) -> ValueError:
-    close = difflib.get_close_matches(name, table, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown {kind} {name!r}{hint}; accepted: {', '.join(table)}")
 
 
 class ProbabilityPath:
@@ -181,8 +176,7 @@ PATHS: dict[str, Callable[..., ProbabilityPath]] = {
 
 def make_path(name: str, **kwargs) -> ProbabilityPath:
     """Build a path by name (``cfm``: ``sigma``; ``ot``: ``sigma_min``); unknown names list the valid ones."""
-    if name not in PATHS:
-        raise _unknown("probability path", name, PATHS)
+    check_choice("probability path", name, PATHS)
     return PATHS[name](**kwargs)
 
 
@@ -236,6 +230,5 @@ TIME_SAMPLERS: dict[str, Callable[..., TimeSampler]] = {
 
 def make_time_sampler(name: str, **kwargs) -> TimeSampler:
     """Build a time sampler by name (``uniform``; ``logit_normal``: ``mean``, ``std``)."""
-    if name not in TIME_SAMPLERS:
-        raise _unknown("time sampler", name, TIME_SAMPLERS)
+    check_choice("time sampler", name, TIME_SAMPLERS)
     return TIME_SAMPLERS[name](**kwargs)

@@ -146,9 +146,13 @@ def make_gate(block: nn.Module, hidden: int, init_log10_tol: float, init_std: fl
     """The gate fitting ``block``'s input: a CNN for convolutional dynamics, an MLP for vectors.
 
     The input size is read from the first ``Conv2d``/``Linear`` of the block's dynamics network
-    (the concat-squash layers take the state itself as input)."""
+    (the concat-squash layers take the state itself as input); a network that states its
+    ``state_size`` (concat layers, whose first layer also takes t) gives it directly."""
     kw = dict(hidden=hidden, init_log10_tol=init_log10_tol, init_std=init_std, min_std=min_std)
+    state_size = getattr(block.net, "state_size", None)  # concat layers: their first layer also sees t
     for m in block.net.modules():
+        if state_size is not None and isinstance(m, (nn.Conv2d, nn.Linear)):
+            return (ConvGate if isinstance(m, nn.Conv2d) else MLPGate)(int(state_size), **kw)
         if isinstance(m, nn.Conv2d):
             return ConvGate(m.in_channels, **kw)
         if isinstance(m, nn.Linear):
@@ -199,6 +203,10 @@ class LearnedTolerance(nn.Module):
         self.records: list[tuple[int, Tensor, float, float, float]] = []
         #: evaluation batches: (block index, mu, sigma)
         self.eval_records: list[tuple[int, float, float]] = []
+        #: keep each block's first sample of a step for the step's later solves (gradient
+        #: accumulation: one tolerance per batch, InfoCNF App. D); the trainer's hook clears
+        #: :attr:`records` at each step
+        self.hold_per_step = False
 
     def clamp(self, tol: float) -> float:
         return min(max(float(tol), self.min_tol), self.max_tol)
@@ -213,6 +221,9 @@ class LearnedTolerance(nn.Module):
         x = x.detach()
         gate = self.gates[index]
         if block.training:
+            held = [r for r in self.records if r[0] == index] if self.hold_per_step else []
+            if held:
+                return block.solver.with_tolerance(held[0][2], held[0][2])
             with torch.enable_grad():
                 mu, sigma = gate(x)
                 dist = torch.distributions.Normal(mu, sigma)

@@ -19,10 +19,15 @@ class ConditioningConfig(Section):
 
     Attributes:
         kind: none, ccnf (class-conditional Gaussian on the whole latent z, eq. 3) or infocnf
-            (on the supervised code z_y only, the first ``supervised_fraction`` of the final latent
-            piece; the rest of z is N(0, I); §2.2).
+            (on the supervised code z_y only, ``supervised_fraction`` of the latent placed by
+            ``placement``; the rest of z is N(0, I); §2.2).
         beta: weight of the classifier's cross-entropy in the loss (eq. 4).
-        supervised_fraction: infocnf: fraction of the final latent piece that forms z_y (0.5).
+        supervised_fraction: infocnf: the size of z_y as a fraction of the whole latent z (§4.1:
+            "half of the latent code", 0.5), or of the final piece with ``placement: final_piece``.
+        placement: infocnf: where z_y lies in the flat latent (factored pieces first, final output
+            last): ``first`` (``z = [z_y, z_u]``, §2.2), ``last`` (the end of z: the final output and
+            the latest factored pieces) or ``final_piece`` (the start of the final output only;
+            fastcnf before issue 17, for old runs).
         dropout: dropout rate on the linear classifier's input during training (§4.1: 0.5).
         learn_scale: learn log sigma(y) as well as mu(y); false fixes sigma = 1.
         label_prior: p(y) of the marginal likelihood and of unlabelled sampling: uniform or
@@ -33,6 +38,7 @@ class ConditioningConfig(Section):
     kind: Literal["none", "ccnf", "infocnf"] = "none"
     beta: float = 1.0
     supervised_fraction: float = 0.5
+    placement: Literal["first", "last", "final_piece"] = "first"
     dropout: float = 0.5
     learn_scale: bool = True
     label_prior: Literal["uniform", "empirical"] = "uniform"
@@ -58,6 +64,10 @@ class TolerancesConfig(Section):
     Attributes:
         policy: fixed, per_block or learned.
         atol, rtol: per_block: forward tolerances (rtol empty: equal to atol).
+        layout: per_block: ``blocks`` (one value per CNF block, forward order, or one for all) or
+            ``stacks`` (two values: the first CNF block of each scale's stack, then every other
+            block; Mixed Conditional FFJORD §3: "the first CNF in each stacked CNF ... cannot
+            tolerate a lot of error"). The adjoint lists follow the same layout.
         adjoint_atol, adjoint_rtol: per_block or learned: adjoint tolerances per block (empty:
             ``solver.adjoint_*``, else the forward tolerance).
         init_tol: learned: initial gate mean tolerance (0: solver.atol).
@@ -79,6 +89,7 @@ class TolerancesConfig(Section):
     policy: TolerancePolicyName = "fixed"
     atol: list[float] = field(default_factory=list)
     rtol: list[float] = field(default_factory=list)
+    layout: Literal["blocks", "stacks"] = "blocks"
     adjoint_atol: list[float] = field(default_factory=list)
     adjoint_rtol: list[float] = field(default_factory=list)
     init_tol: float = 0.0
@@ -116,6 +127,12 @@ class TolerancesConfig(Section):
         if self.policy == "fixed" and (self.atol or self.rtol):
             raise ConfigError("tolerances.atol/rtol are per-block lists (tolerances.policy=per_block); "
                               "the fixed policy uses solver.atol and solver.rtol")
+        if self.layout == "stacks":
+            for key in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
+                n = len(getattr(self, key))
+                if n not in (0, 2) or (key == "atol" and n != 2):
+                    raise ConfigError(f"tolerances.layout=stacks takes two values in tolerances.{key} (the first "
+                                      f"block of each stack, then the others), got {list(getattr(self, key))}")
         if self.policy == "per_block" and not self.atol:
             raise ConfigError("tolerances.policy=per_block needs tolerances.atol, a list with one "
                               "tolerance per CNF block (forward order), e.g. [1e-3, 1e-5]")
@@ -137,6 +154,10 @@ class EndTimeConfig(Section):
         alpha: toflow: weight of the temporal regulariser alpha * |T| (eq. 15-16: 0.1).
         clip_eps: toflow: eps of the clipping T in [eps, 2 T0 - eps] (eq. 17: 0.1); 0 < eps < T0.
         steer_b: steer: half-width b of the uniform end-time interval; 0 < b < T0.
+        order: toflow: ``algorithm1`` (TO-FLOW Algorithm 1: T steps after the weights' update, on
+            eq. 12-13's gradient at this iteration's end states evaluated with the updated
+            weights; one network evaluation per block, no extra solve) or ``simultaneous`` (T and
+            the weights step on the gradients of one backward pass; fastcnf before issue 17).
     """
 
     _key = "endtime"
@@ -145,6 +166,7 @@ class EndTimeConfig(Section):
     alpha: float = 0.1
     clip_eps: float = 0.1
     steer_b: float = 0.25
+    order: Literal["algorithm1", "simultaneous"] = "algorithm1"
 
     def check(self) -> None:
         self._positive("lr", "clip_eps", "steer_b")

@@ -41,6 +41,8 @@ class DataConfig(Section):
         n_test: the same for the test split.
         train_fraction: fraction used for training where the split is ours (``digits``: 0.8 of a
             fixed permutation; ``mnist-test-split``: 0.9 in file order); None: that set's default.
+        hflip: flip each training image left-right with probability 1/2 (InfoCNF §4.1 on CIFAR-10);
+            images only, test batches are never flipped.
     """
 
     _key = "data"
@@ -49,6 +51,7 @@ class DataConfig(Section):
     n_train: int = 0
     n_test: int = 0
     train_fraction: float | None = None
+    hflip: bool = False
 
     def check(self) -> None:
         for a in ("n_train", "n_test"):
@@ -118,6 +121,9 @@ class ModelConfig(Section):
             or ``unet`` (one CNF block whose dynamics is a U-Net over the whole image, after
             centring x - 0.5; the image architecture of flow matching).
         hidden_dims: hidden widths of each dynamics network (FFJORD: 64-64-64).
+        layer_type: how time enters the dynamics network: ``concatsquash`` (``(W x + b) *
+            sigmoid(G t + g) + H t``, FFJORD's toy model) or ``concat`` (t as an extra input
+            feature / channel, FFJORD's multiscale image model, ``--layer_type concat``).
         activation: tanh, softplus, relu, elu or swish (FFJORD toy: tanh; images: softplus).
         num_blocks: ``mlp``: stacked CNF blocks; ``multiscale``: blocks before and after each squeeze.
         n_scales: multiscale scales (0: FFJORD's automatic choice).
@@ -141,6 +147,7 @@ class ModelConfig(Section):
     _key = "model"
     arch: Literal["mlp", "multiscale", "glow", "unet"] = "mlp"
     hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
+    layer_type: Literal["concatsquash", "concat"] = "concatsquash"
     activation: Literal["tanh", "softplus", "relu", "elu", "swish"] = "tanh"
     num_blocks: int = 1
     n_scales: int = 0

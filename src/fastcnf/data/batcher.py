@@ -8,7 +8,15 @@ from torch import Tensor
 from fastcnf.config import ConfigError
 from fastcnf.data.base import DataBundle
 
-__all__ = ["Batcher", "shard_rows"]
+__all__ = ["Batcher", "shard_rows", "flip_horizontally"]
+
+
+def flip_horizontally(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Each image of ``x`` (B, C, H, W) mirrored left-right with probability 1/2 (a copy)."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    out = x.clone()
+    out[flip] = x[flip].flip(-1)
+    return out
 
 
 def shard_rows(x: Tensor, y: Tensor | None, rank: int, world_size: int):
@@ -27,6 +35,9 @@ class Batcher:
     Under data-parallel training every rank draws the same global batch (same seeds, like
     ``DistributedSampler``) and keeps its rows (:func:`shard_rows`).
 
+    ``hflip``: each training image (B, C, H, W) is flipped left-right with probability 1/2
+    (InfoCNF §4.1, CIFAR-10), drawn from the batcher's own generator (checkpointed).
+
     Example:
         >>> from fastcnf.data import DataConfig, load_data
         >>> batcher = Batcher(load_data(DataConfig(name="digits")), batch_size=32, seed=0)
@@ -35,12 +46,17 @@ class Batcher:
         (torch.Size([32, 1, 8, 8]), torch.Size([32]))
     """
 
-    def __init__(self, bundle: DataBundle, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, bundle: DataBundle, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 hflip: bool = False) -> None:
         self.bundle = bundle
         self.batch_size = batch_size
         self.rank, self.world_size = rank, world_size
         self.rng = np.random.default_rng(seed + 7919)
         self.gen = torch.Generator().manual_seed(seed + 104729)
+        self.hflip = bool(hflip)
+        if self.hflip and len(bundle.shape) != 3:
+            raise ConfigError(f"data.hflip needs images (C, H, W); {bundle.name!r} has examples of shape {bundle.shape}")
+        self.flip_gen = torch.Generator().manual_seed(seed + 15485863)
         self.perm: Tensor | None = None
         self.pos = 0
         self.epoch = 0
@@ -52,7 +68,10 @@ class Batcher:
 
     def next(self) -> tuple[Tensor, Tensor | None]:
         """This rank's shard of the next global batch (the whole batch in one process)."""
-        return shard_rows(*self._next_global(), self.rank, self.world_size)
+        x, y = self._next_global()
+        if self.hflip:
+            x = flip_horizontally(x, self.flip_gen)
+        return shard_rows(x, y, self.rank, self.world_size)
 
     def _next_global(self) -> tuple[Tensor, Tensor | None]:
         b = self.bundle
@@ -70,9 +89,11 @@ class Batcher:
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state(),
-                "perm": self.perm, "pos": self.pos, "epoch": self.epoch}
+                "perm": self.perm, "pos": self.pos, "epoch": self.epoch, "flip_gen": self.flip_gen.get_state()}
 
     def load_state_dict(self, s: dict) -> None:
         self.rng.bit_generator.state = s["rng"]
         self.gen.set_state(s["gen"])
         self.perm, self.pos, self.epoch = s["perm"], int(s["pos"]), int(s["epoch"])
+        if "flip_gen" in s:  # checkpoints before data.hflip have none
+            self.flip_gen.set_state(s["flip_gen"])

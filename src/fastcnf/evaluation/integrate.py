@@ -10,14 +10,18 @@ at solver tolerances from 1e-8 (machine precision) to 1e-1; ``|integral - 1|`` m
 solver's bias on the density. The model is evaluated in float64 (float32 cannot resolve 1e-8).
 Conditional models (CCNF / InfoCNF) integrate their marginal ``sum_y p(x | y) p(y)``.
 
-``fastcnf eval DIR --integrate`` writes ``integrate.json`` and ``figures/integrate.png``.
+A model with learned tolerances is also integrated at the tolerances its gates choose (InfoCNF
+App. D: each block at its gate's mean tolerance ``10**mu_i``), reported under ``"learned"`` with
+the tolerances used. ``fastcnf eval DIR --integrate`` writes ``integrate.json`` and
+``figures/integrate.png``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -62,15 +66,32 @@ def _log_density(model, x: torch.Tensor) -> torch.Tensor:
     return prior.log_prob(z) + logdet
 
 
+@contextlib.contextmanager
+def _at_gate_means(model) -> Iterator[None]:
+    """Every block at its learned gate's mean tolerance (the policy's ``mean`` evaluation mode)."""
+    policy = model.tolerance_policy
+    saved = policy.eval_mode
+    policy.eval_mode = "mean"
+    try:
+        yield
+    finally:
+        policy.eval_mode = saved
+
+
 @torch.no_grad()
-def integrate_density(model, points: torch.Tensor, cell: float, tolerance: float,
+def integrate_density(model, points: torch.Tensor, cell: float, tolerance: float | None,
                       batch_size: int = 4096) -> tuple[float, float]:
     """Riemann sum of ``model``'s density over ``points`` at solver tolerance ``tolerance``
-    (atol = rtol). Returns ``(integral, mean forward NFE per batch)``."""
-    tolerance = check_tolerance(tolerance, "integration tolerance")
+    (atol = rtol; None: at the learned gates' mean tolerances). Returns ``(integral, mean forward
+    NFE per batch)``."""
     blocks = model.cnf_blocks()
+    if tolerance is None:
+        context = _at_gate_means(model)
+    else:
+        tolerance = check_tolerance(tolerance, "integration tolerance")
+        context = pinned_tolerance(blocks, tolerance, tolerance)
     total, nfe, batches = 0.0, 0, 0
-    with pinned_tolerance(blocks, tolerance, tolerance):
+    with context:
         for start in range(0, points.shape[0], batch_size):
             x = points[start:start + batch_size].to(next(model.parameters()).device)
             lp = _log_density(model, x)
@@ -111,16 +132,28 @@ def integrate_run(model: torch.nn.Module, bundle: DataBundle, run_dir: str | Pat
     model.eval()
     model.double()
     results: dict[str, dict[str, float]] = {}
+    learned: dict[str, Any] | None = None
     try:
         for tol in tolerances:
             integral, nfe = integrate_density(model, points, cell, tol)
             results[f"{tol:.0e}"] = {"tolerance": tol, "integral": integral,
                                      "abs_error": abs(integral - 1.0), "nfe_forward": nfe}
+        policy = getattr(model, "tolerance_policy", None)
+        if policy is not None and hasattr(policy, "eval_mode"):  # learned tolerances (InfoCNF App. D)
+            policy.eval_records = []
+            integral, nfe = integrate_density(model, points, cell, None)
+            chosen: dict[str, list[float]] = {}
+            for i, mu, _ in policy.eval_records:
+                chosen.setdefault(policy.names[i], []).append(policy.clamp(10.0 ** mu))
+            learned = {"integral": integral, "abs_error": abs(integral - 1.0), "nfe_forward": nfe,
+                       "tolerances": {k: float(np.mean(v)) for k, v in chosen.items()}}
     finally:
         model.to(dtype)
         model.train(was_training)
     out = {"dim": dim, "grid": {"bounds": bounds, "points_per_axis": n_points, "cell": cell},
            "results": results}
+    if learned is not None:
+        out["learned"] = learned
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "integrate.json", "w") as fh:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from fastcnf.cnf.block import CNFBlock
+from fastcnf.cnf.concat import ConcatConvNet, ConcatMLP
 from fastcnf.cnf.divergence import ExactTrace, Hutchinson
 from fastcnf.cnf.dynamics import ConcatSquashConvNet, ConcatSquashMLP
 from fastcnf.cnf.endtime import END_TIME_POLICIES, EndTimePolicy
@@ -28,8 +29,8 @@ from fastcnf.flows.sequential import SequentialFlow
 from fastcnf.models.flow_model import FlowModel
 from fastcnf.priors import CONDITIONED_SLICES, LABEL_PRIORS, ClassConditionalGaussian, Prior, StandardNormal
 
-__all__ = ["build_model", "build_flow", "make_block_factory", "ARCHITECTURES", "PRIORS", "TOLERANCE_POLICIES",
-           "REGULARIZERS"]
+__all__ = ["build_model", "build_flow", "make_block_factory", "ARCHITECTURES", "LAYER_TYPES", "PRIORS",
+           "TOLERANCE_POLICIES", "REGULARIZERS"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,6 +48,13 @@ REGULARIZERS: dict[str, Callable[[float, str], Regularizer]] = {
 }
 
 
+#: ``model.layer_type`` -> ``(vector network, image network)``, each ``(size, hidden_dims, activation)``
+LAYER_TYPES: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
+    "concatsquash": (ConcatSquashMLP, ConcatSquashConvNet),
+    "concat": (ConcatMLP, ConcatConvNet),
+}
+
+
 def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = None) -> Callable[[int, str], CNFBlock]:
     """CNF blocks for ``cfg``; ``per_dim_loss`` (the loss is bits/dim) resolves
     ``model.regularizer_reduction=auto`` to ``mean`` (default: ``image``)."""
@@ -57,10 +65,7 @@ def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = Non
     eval_solver = cfg.solver.with_tolerance(cfg.eval.atol, cfg.eval.rtol)
 
     def make(channels: int, name: str) -> CNFBlock:
-        if image:
-            net: nn.Module = ConcatSquashConvNet(channels, m.hidden_dims, m.activation)
-        else:
-            net = ConcatSquashMLP(channels, m.hidden_dims, m.activation)
+        net: nn.Module = LAYER_TYPES[m.layer_type][1 if image else 0](channels, m.hidden_dims, m.activation)
         div = ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise)
         regs = [cls(getattr(m, f"{key}_weight"), reduction) for key, cls in REGULARIZERS.items()
                 if getattr(m, f"{key}_weight") > 0]
@@ -126,7 +131,7 @@ def _class_conditional(cfg: Config, flow: SequentialFlow, bundle: DataBundle) ->
     if not bundle.num_classes or bundle.train.y is None:
         raise ConfigError(f"conditioning.kind={c.kind} needs a labelled data set; {bundle.name!r} has no labels "
                           "(use e.g. digits, mnist, mnist-test-split, cifar10, mix1d)")
-    start, size = CONDITIONED_SLICES[c.kind](list(flow.latent_sizes), c.supervised_fraction)
+    start, size = CONDITIONED_SLICES[c.kind](list(flow.latent_sizes), c.supervised_fraction, c.placement)
     log_py = LABEL_PRIORS[c.label_prior](bundle.num_classes, bundle.train.y)
     prior = ClassConditionalGaussian(flow.latent_dim, bundle.num_classes, start, size, flow.latent_sizes,
                                      dropout=c.dropout, label_log_prior=log_py, learn_scale=c.learn_scale)
@@ -149,9 +154,19 @@ def _fixed_tolerance(cfg: Config, blocks: list[CNFBlock]) -> nn.Module | None:
     return None  # every block keeps solver.atol / solver.rtol
 
 
+def _stack_position(blocks: list[CNFBlock]) -> list[int]:
+    """0 for the first CNF block of each scale's stack (``scale{i}.cnf0``; the first block of a
+    flow without scales), 1 for the others."""
+    return [0 if i == 0 or b.name.endswith(".cnf0") else 1 for i, b in enumerate(blocks)]
+
+
 def _per_block_tolerance(cfg: Config, blocks: list[CNFBlock]) -> nn.Module | None:
     t = cfg.tolerances
-    solvers = per_block_solvers(cfg.solver, len(blocks), t.atol, t.rtol, t.adjoint_atol, t.adjoint_rtol)
+    lists = [t.atol, t.rtol, t.adjoint_atol, t.adjoint_rtol]
+    if t.layout == "stacks":  # Mixed Conditional FFJORD §3: a tight first block in each stack
+        where = _stack_position(blocks)
+        lists = [[values[k] for k in where] if values else [] for values in lists]
+    solvers = per_block_solvers(cfg.solver, len(blocks), *lists)
     for b, s in zip(blocks, solvers):
         b.solver = s
     return None

@@ -10,6 +10,12 @@ subtracts a moving-average baseline (per block for the NFE part; one for the los
 own momentum ``tolerances.loss_baseline_momentum``) and takes one step of the gates' **own Adam
 optimiser** on the REINFORCE surrogate (under torchrun the gate gradients are averaged over the
 ranks, so every rank keeps the same gates). The gates are not in the model's optimiser.
+
+With gradient accumulation (``train.accumulation_steps > 1``) a block's tolerance is sampled once
+per optimiser step, on the first micro-batch, and reused for the others (InfoCNF App. D: one
+tolerance per batch); its reward is the NFE per micro-batch, averaged over the step. When only
+some blocks run (training by parts), the returns of that set of blocks get their own
+moving-average baselines, built from past steps only, so the REINFORCE estimate stays unbiased.
 Figures: ``tolerances.png`` and ``tolerance_distribution.png`` (InfoCNF Figure 2b).
 """
 from __future__ import annotations
@@ -40,6 +46,14 @@ class StaticToleranceHook(Hook):
         return {f"tol.{b.name}": b.solver.atol for b in trainer.model.cnf_blocks()}
 
 
+def _cumulative_nfe(block) -> float:
+    """Forward + backward evaluations of every solve of ``block`` since its counter's last reset
+    (the committed solves and the current one)."""
+    c = block.nfe
+    active = c._active  # the counter commits a solve to its sums when the next one begins
+    return float(c._sum_forward + c._sum_backward + ((c.forward + c.backward) if active else 0))
+
+
 class LearnedToleranceHook(Hook):
     """``learned``: REINFORCE on -NFE for the model's tolerance gates (InfoCNF eq. 6-7)."""
 
@@ -50,8 +64,12 @@ class LearnedToleranceHook(Hook):
         self.alpha = float(t.alpha)
         self.include_loss = bool(t.include_loss)
         self.gate_lr = float(t.gate_lr)
-        self.baseline = ReturnBaseline(t.baseline_momentum, t.loss_baseline_momentum)
+        self.momenta = (t.baseline_momentum, t.loss_baseline_momentum)
+        self.baseline = ReturnBaseline(*self.momenta)
+        #: baselines of partial passes, one per set of blocks that ran (key: their indices)
+        self.partial_baselines: dict[str, ReturnBaseline] = {}
         self.last: dict[str, Any] = {}
+        self._nfe_before: list[float] = []
 
     def setup(self, trainer: TrainerView) -> None:
         self.policy = trainer.model.tolerance_policy
@@ -59,19 +77,24 @@ class LearnedToleranceHook(Hook):
         ddp.broadcast_tensors(list(self.policy.parameters()))
         self.optimizer = torch.optim.Adam(self.policy.parameters(), lr=self.gate_lr)
         self.names = list(self.policy.names)
+        # InfoCNF App. D: one tolerance per batch, also when the batch is accumulated in micro-batches
+        self.policy.hold_per_step = trainer.cfg.train.accumulation_steps > 1
+        self.micro_batches = int(trainer.cfg.train.accumulation_steps)
 
     def excluded_parameters(self, trainer: TrainerView) -> list[Tensor]:
         return list(self.policy.parameters())
 
     def before_step(self, trainer: TrainerView, ctx: StepContext) -> None:
         self.policy.records = []
+        self._nfe_before = [_cumulative_nfe(b) for b in trainer.model.cnf_blocks()]
 
     def after_backward(self, trainer: TrainerView, ctx: StepContext) -> None:
         records, self.policy.records = self.policy.records, []
         if not records:
             return
         blocks = trainer.model.cnf_blocks()
-        nfe = [blocks[i].nfe.forward + blocks[i].nfe.backward for i, *_ in records]
+        # NFE per micro-batch of this step (every solve since before_step, averaged)
+        nfe = [(_cumulative_nfe(blocks[i]) - self._nfe_before[i]) / self.micro_batches for i, *_ in records]
         loss = float(ctx["loss"].detach()) if self.include_loss else 0.0
         # r_i = -L + alpha/N sum_{j>=i} R_j, split in its loss part and its NFE part, each with its
         # own moving-average baseline (the sum of two baselines from past steps is a baseline)
@@ -79,8 +102,9 @@ class LearnedToleranceHook(Hook):
         returns = nfe_part - loss
         if len(records) == len(blocks):
             baseline = self.baseline(loss, nfe_part)
-        else:  # a partial pass (e.g. training by parts): no per-block baseline
-            baseline = returns.mean().expand_as(returns)
+        else:  # a partial pass (training by parts): a baseline of its own, from past steps only
+            key = ",".join(str(i) for i, *_ in records)
+            baseline = self.partial_baselines.setdefault(key, ReturnBaseline(*self.momenta))(loss, nfe_part)
         surrogate = reinforce_loss([r[1] for r in records], returns, baseline)
         self.optimizer.zero_grad(set_to_none=True)
         surrogate.backward()
@@ -100,7 +124,8 @@ class LearnedToleranceHook(Hook):
                           self.policy.min_tol, self.policy.max_tol)
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline.state_dict()}
+        return {"optimizer": self.optimizer.state_dict(), "baseline": self.baseline.state_dict(),
+                "partial_baselines": {k: b.state_dict() for k, b in self.partial_baselines.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -109,3 +134,5 @@ class LearnedToleranceHook(Hook):
             self.policy.load_state_dict(state["gates"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.baseline.load_state_dict(state["baseline"])
+        for key, b in state.get("partial_baselines", {}).items():
+            self.partial_baselines.setdefault(key, ReturnBaseline(*self.momenta)).load_state_dict(b)

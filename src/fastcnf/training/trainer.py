@@ -76,7 +76,8 @@ class Trainer:
             check_finite(split.x, f"{split_name} of {self.bundle.name!r}")
         self.task = TASKS[cfg.task](cfg, self.bundle)
         self.model = self.task.build_model().to(self.device, self.dtype)
-        self.batcher = Batcher(self.bundle, cfg.train.batch_size, cfg.seed, self.dist.rank, self.dist.world_size)
+        self.batcher = Batcher(self.bundle, cfg.train.batch_size, cfg.seed, self.dist.rank, self.dist.world_size,
+                               hflip=cfg.data.hflip)
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.iteration = 0
         self.hooks = build_hooks(cfg)

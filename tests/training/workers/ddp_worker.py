@@ -32,6 +32,13 @@ def main(out: Path, steps: int) -> None:
     d = Trainer(det_cfg(f"train.iterations={steps}", "train.accumulation_steps=2"), out / "accum", progress=False)
     run_steps(d, steps)
     results["accum"] = params(d)
+    # flow matching under data parallelism: each rank draws its own noise and times for its shard
+    fm = Trainer(det_cfg(f"train.iterations={steps}", "train.objective=flow_matching", "model.end_time=1.0",
+                         "flow_matching.coupling=exact"), out / "fm", progress=False)
+    start = params(fm)
+    results["fm_losses"] = run_steps(fm, steps)
+    results["fm_params"] = params(fm)
+    results["fm_start"] = start
     results["rank"] = a.dist.rank
     results["world"] = a.dist.world_size
     torch.save(results, out / f"rank{a.dist.rank}.pt")
