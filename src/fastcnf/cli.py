@@ -62,8 +62,8 @@ def cmd_recipes(args) -> int:
 
 
 def _print_metrics(metrics: dict, out_dir: Path) -> None:
-    keys = ["test_nll_nats", "test_bits_per_dim", "test_error", "nfe_forward_mean", "nfe_backward_mean",
-            "train_seconds", "iterations"]
+    keys = ["test_nll_nats", "test_bits_per_dim", "test_error", "sample_accuracy", "nfe_forward_mean",
+            "nfe_backward_mean", "train_seconds", "iterations"]
     parts = []
     for k in keys:
         v = metrics.get(k)

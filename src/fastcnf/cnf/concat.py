@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from fastcnf.cnf.dynamics import ACTIVATIONS
+from fastcnf.cnf.activations import make_activation
 
 __all__ = ["ConcatLinear", "ConcatConv2d", "ConcatMLP", "ConcatConvNet"]
 
@@ -57,19 +57,13 @@ class ConcatConv2d(nn.Module):
         return self.layer(torch.cat([_time_channel(t, x), x], 1))
 
 
-def _activation(name: str) -> nn.Module:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; accepted: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]()
-
-
 class _ConcatStack(nn.Module):
     """Concat layers ``state -> hidden... -> state`` with an activation between layers."""
 
     def __init__(self, layers: list[nn.Module], activation: str, n_hidden: int, state_size: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
-        self.acts = nn.ModuleList(_activation(activation) for _ in range(n_hidden))
+        self.acts = nn.ModuleList(make_activation(activation) for _ in range(n_hidden))
         #: size of the state (features or channels), without the time input; read by the tolerance gates
         self.state_size = int(state_size)
 

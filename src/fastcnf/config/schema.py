@@ -130,6 +130,8 @@ class ModelConfig(Section):
         divergence: ``exact`` or ``hutchinson``.
         exact_mode: exact trace implementation: auto (network forward-mode trace when available), loop, vmap.
         noise: Hutchinson noise: gaussian or rademacher.
+        hutchinson_mode: how the Hutchinson estimate ``e^T (df/dz) e`` is formed: ``vjp`` (reverse mode,
+            FFJORD) or ``jvp`` (forward mode: back-propagating through it needs first derivatives only).
         end_time: T0 of every block (FFJORD toy 0.5, images 1.0).
         logit_alpha: alpha of the logit transform at the input of image models.
         kinetic_weight: weight of the kinetic-energy regulariser (Finlay et al. 2020; 0: off).
@@ -154,6 +156,7 @@ class ModelConfig(Section):
     divergence: Literal["exact", "hutchinson"] = "exact"
     exact_mode: Literal["auto", "loop", "vmap"] = "auto"
     noise: Literal["gaussian", "rademacher"] = "gaussian"
+    hutchinson_mode: Literal["vjp", "jvp"] = "vjp"
     end_time: float = 0.5
     logit_alpha: float = 1e-6
     kinetic_weight: float = 0.0

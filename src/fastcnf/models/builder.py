@@ -55,6 +55,10 @@ LAYER_TYPES: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]
 }
 
 
+def _divergence(m) -> ExactTrace | Hutchinson:
+    return ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise, mode=m.hutchinson_mode)
+
+
 def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = None) -> Callable[[int, str], CNFBlock]:
     """CNF blocks for ``cfg``; ``per_dim_loss`` (the loss is bits/dim) resolves
     ``model.regularizer_reduction=auto`` to ``mean`` (default: ``image``)."""
@@ -66,7 +70,7 @@ def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = Non
 
     def make(channels: int, name: str) -> CNFBlock:
         net: nn.Module = LAYER_TYPES[m.layer_type][1 if image else 0](channels, m.hidden_dims, m.activation)
-        div = ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise)
+        div = _divergence(m)
         regs = [cls(getattr(m, f"{key}_weight"), reduction) for key, cls in REGULARIZERS.items()
                 if getattr(m, f"{key}_weight") > 0]
         return CNFBlock(net, div, cfg.solver, _end_time(cfg, name), regs, eval_solver=eval_solver, name=name)
@@ -106,8 +110,7 @@ def _unet(cfg: Config, bundle: DataBundle) -> SequentialFlow:
         raise ConfigError(f"model.arch=unet needs images (C, H, W), got shape {bundle.shape}")
     m = cfg.model
     net = UNetVelocity(bundle.shape[0], m.unet_channels, m.unet_levels)
-    div = ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise)
-    block = CNFBlock(net, div, cfg.solver, _end_time(cfg, "cnf"), eval_solver=cfg.solver.with_tolerance(
+    block = CNFBlock(net, _divergence(m), cfg.solver, _end_time(cfg, "cnf"), eval_solver=cfg.solver.with_tolerance(
         cfg.eval.atol, cfg.eval.rtol), name="cnf")
     return SequentialFlow([Shift(-0.5), block], bundle.shape)
 

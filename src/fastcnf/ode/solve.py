@@ -82,6 +82,12 @@ class NFECounter:
     def record(self) -> dict[str, int]:
         return {"forward": self.forward, "backward": self.backward}
 
+    @property
+    def total(self) -> int:
+        """Forward + backward evaluations of every solve since the last :meth:`reset`."""
+        current = (self.forward + self.backward) if self._active else 0
+        return self._sum_forward + self._sum_backward + current
+
 
 def _budget_error(name: str, phase: str, max_nfe: int, t: float, dt: float) -> SolverBudgetExceeded:
     return SolverBudgetExceeded(

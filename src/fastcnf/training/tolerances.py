@@ -49,9 +49,7 @@ class StaticToleranceHook(Hook):
 def _cumulative_nfe(block) -> float:
     """Forward + backward evaluations of every solve of ``block`` since its counter's last reset
     (the committed solves and the current one)."""
-    c = block.nfe
-    active = c._active  # the counter commits a solve to its sums when the next one begins
-    return float(c._sum_forward + c._sum_backward + ((c.forward + c.backward) if active else 0))
+    return float(block.nfe.total)
 
 
 class LearnedToleranceHook(Hook):
