@@ -14,15 +14,14 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
   ``model.num_blocks=1``, data set and data root set from the options) as the builder makes it;
 * ``fastcnf-cl``: the same with the conv dynamics in channels-last layout
   (``ConcatSquashConvNet(channels_last=True)``; off by default);
-* ``fastcnf-jvp``: the same with Hutchinson by forward mode (``Hutchinson(mode="jvp")``). Until
-  the CNF block calls ``DivergenceEstimator.evaluate`` itself, this side replaces the block ODE's
-  ``forward`` in its own worker by one that does (``_use_estimator_evaluate``; the JSON records
-  whether the replacement was needed).
+* ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``).
 
-fastcnf's ``mnist-ffjord`` uses concat-squash layers (FFJORD's multiscale model uses concat): the
-architectures differ by 5,874 weights (FFJORD: the time as an input channel, 9 weights per output
-channel and layer; fastcnf: a gate and a bias per output channel, 3), so ``ffjord`` and
-``fastcnf`` share the seed, not the weights.
+Since issue 17 fastcnf's ``mnist-ffjord`` uses FFJORD's concat layers (``model.layer_type: concat``):
+with one block per scale the two sides build the same model (400,318 trained parameters; FFJORD's
+400,323 include 5 untrained end-time scalars). The rows recorded before that change (JSON
+``speed_images.json``) compared concat (FFJORD) with concat-squash (fastcnf), which differ by 5,874
+weights (FFJORD: the time as an input channel, 9 weights per output channel and layer; fastcnf then: a
+gate and a bias per output channel, 3), sharing the seed, not the weights.
 
 Part (a), per iteration: the same batches (``--batch-size`` images of the training split, drawn
 and dequantised from a seed per iteration) on every side, ``--iterations`` interleaved training
@@ -45,78 +44,34 @@ Run, e.g. (see ``benchmarks/README.md`` for the recorded commands)::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import inspect
 import json
 import multiprocessing as mp
 import os
-import platform
 import resource
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-for _path in (ROOT / "src", HERE):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from common import commit, load_average, machine, run_metadata  # noqa: E402  (puts src/ on the path)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ffjord_multiscale_baseline as baseline  # noqa: E402
 
-# ---- fastcnf's API, imported in this one place (the package is being restructured) ---------------
-try:
-    from fastcnf.config import load_recipe  # noqa: E402
-except ImportError:  # pragma: no cover - during the config/ package move
-    from fastcnf.config.loader import load_recipe  # noqa: E402
-from fastcnf.cnf import block as _block_module  # noqa: E402
-from fastcnf.cnf.divergence import Hutchinson  # noqa: E402
+# ---- fastcnf's API, imported in this one place ---------------------------------------------------
+from fastcnf import build_model as build_fastcnf_model  # noqa: E402
+from fastcnf import load_data, load_recipe  # noqa: E402
 from fastcnf.cnf.dynamics import ConcatSquashConvNet  # noqa: E402
-from fastcnf.data.registry import load_data  # noqa: E402
-from fastcnf.models.builder import build_model as build_fastcnf_model  # noqa: E402
 
 SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp")
 TARGETS = {"per_iteration_speedup": 2.0}
-
-
-# ---- environment --------------------------------------------------------------------------------
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def machine(device: str) -> dict:
-    import torchdiffeq
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torchdiffeq": getattr(torchdiffeq, "__version__", "?"),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return info
-
-
-def load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
 
 
 # ---- batches: identical on every side -----------------------------------------------------------
@@ -135,53 +90,17 @@ def fastcnf_config(args):
     return load_recipe(args.recipe, cfg_overrides(args))
 
 
-def _use_estimator_evaluate() -> bool:
-    """Make the block ODE obtain ``(f, divergence)`` from ``DivergenceEstimator.evaluate`` (the
-    change proposed for ``cnf/block.py``) if it does not already; returns whether it replaced it.
-    Only the ``fastcnf-jvp`` worker calls this."""
-    cls = getattr(_block_module, "_SolveODE", None) or getattr(_block_module, "_BlockODE")
-    if ".evaluate(" in inspect.getsource(cls.forward):
-        return False
-    from fastcnf.cnf.divergence import DivergenceResult, ExactTrace
-
-    def forward(self, s, state):
-        z = state[0]
-        T = self.end_time
-        t = s * T
-        if not self.with_logdet:
-            return (self.net(t, z) * T,)
-        create_graph = torch.is_grad_enabled()
-        est = getattr(self, "divergence", None) or self._block[0].divergence
-        with torch.enable_grad():
-            if not (create_graph and z.requires_grad):
-                z = z.detach().requires_grad_(True)
-            if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
-                f, div = self.net.trace_forward(t, z)
-                result = DivergenceResult(div)
-            else:
-                f, result = est.evaluate(self.net, t, z, self.noise, create_graph=create_graph)
-            rates = [r.rate(f, z, result, self.noise, create_graph) for r in self.regularizers]
-        return (f * T, result.div * T, *(r * T for r in rates))
-
-    cls.forward = forward
-    return True
-
-
 def build_fastcnf_side(args, side: str):
-    cfg = fastcnf_config(args)
+    extra = ["model.hutchinson_mode=jvp"] if side == "fastcnf-jvp" else []
+    cfg = load_recipe(args.recipe, cfg_overrides(args) + extra)
     bundle = load_data(cfg.data, cfg.seed)
     torch.manual_seed(args.seed)
     model = build_fastcnf_model(cfg, bundle)
-    info = {"recipe": args.recipe, "overrides": list(cfg_overrides(args))}
-    for m in model.modules():
-        if isinstance(m, ConcatSquashConvNet):
-            if side == "fastcnf-cl":
-                m.channels_last = True
-    if side == "fastcnf-jvp":
+    info = {"recipe": args.recipe, "overrides": list(cfg_overrides(args)) + extra}
+    if side == "fastcnf-cl":  # the concat-squash conv network's layout switch (no config key)
         for m in model.modules():
-            if isinstance(getattr(m, "divergence", None), Hutchinson):
-                m.divergence = Hutchinson(m.divergence.noise, mode="jvp")
-        info["block_forward_replaced"] = _use_estimator_evaluate()
+            if isinstance(m, ConcatSquashConvNet):
+                m.channels_last = True
     return model, info, bundle.levels
 
 
@@ -415,8 +334,8 @@ def _profile_side(args, side: str, out: Path) -> None:
     fwd, bwd = nfe_fastcnf(model)
     ka = prof.key_averages()
     header = (f"# speed_images profile: side {side}, recipe {args.recipe} {' '.join(cfg_overrides(args))}\n"
-              f"# batch {args.batch_size}, {args.threads} thread(s), {machine(args.device)}\n"
-              f"# commit {_git('rev-parse', '--short', 'HEAD')} (working tree may differ), load {load_average()}\n"
+              f"# batch {args.batch_size}, {args.threads} thread(s), {machine()}\n"
+              f"# commit {commit()[:7]} (working tree may differ), load {load_average()}\n"
               f"# one training iteration under the profiler: {total_s:.2f} s wall (forward solve {forward_s:.2f} s),"
               f" NFE {fwd} forward / {bwd} backward, {sum(p.numel() for p in model.parameters()):,} parameters\n")
     with open(out, "a") as fh:
@@ -454,9 +373,7 @@ def main(argv=None) -> dict:
     if args.profile:
         profile(args, Path(args.profile))
         return {}
-    result = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "commit": _git("rev-parse", "HEAD"), "tree_dirty": bool(_git("status", "--porcelain")),
-              "date": _dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(args.device),
+    result = {**run_metadata(__file__, argv),
               "threads_per_side": args.threads, "device": args.device, "targets": TARGETS,
               "settings": {k: v for k, v in vars(args).items() if k not in ("json",)},
               "note": "2 CPU cores shared with other engineers' jobs: all sides ran concurrently with "
