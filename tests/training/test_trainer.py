@@ -28,9 +28,16 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("data", ["8gaussians", "digits"])
+@pytest.mark.parametrize("data", ["8gaussians", "digits", "flow-matching"])
 def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
-    if data == "digits":  # a multiscale CNF with Hutchinson noise and dequantisation noise
+    if data == "flow-matching":  # times, noise and OT pairs are drawn from the checkpointed RNG
+        def make(n: int):
+            return load_recipe("digits-fm-conditional", [
+                f"train.iterations={n}", "model.unet_channels=8", "model.unet_levels=1", "train.batch_size=16",
+                "data.n_test=16", "eval.batch_size=16", "eval.atol=1e-2", "eval.rtol=1e-2", "train.checkpoint_every=3",
+                "eval.figures=false", "data.n_train=64", "eval.sample_accuracy_per_class=0", "train.warmup_iterations=0",
+                "train.schedule=constant"])  # a cosine schedule would depend on the run length
+    elif data == "digits":  # a multiscale CNF with Hutchinson noise and dequantisation noise
         def make(n: int):
             return load_recipe("digits-cnf", [
                 f"train.iterations={n}", "model.hidden_dims=[4]", "train.batch_size=16", "data.n_test=32",
