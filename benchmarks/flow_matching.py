@@ -449,6 +449,27 @@ def run_jobs(jobs: list[dict], work: Path, concurrency: int, on_done) -> None:
             on_done(job, json.loads(Path(job["result"]).read_text()), job["launched"], ended)
 
 
+def merge_earlier_runs(section: dict, earlier: dict | None, rerun: set[str]) -> None:
+    """Keep ``earlier``'s runs whose keys are not rerun now, each stamped with the command and commit
+    that produced it (the section's own command is this invocation's)."""
+    if not earlier:
+        return
+    kept = []
+    for key, run in earlier.get("runs", {}).items():
+        if key in rerun:
+            continue
+        stamp = {"command": earlier.get("command"), "commit": earlier.get("commit"), "date": earlier.get("date")}
+        if isinstance(run, dict) and all(isinstance(v, dict) for v in run.values()) and "methods" not in run:
+            run = {m: {**stamp, **r} for m, r in run.items()}  # digits: method -> run
+        else:
+            run = {**stamp, **run}
+        section["runs"][key] = run
+        kept.append(key)
+    if kept:
+        section["kept_from_earlier_invocation"] = {"runs": kept, "command": earlier.get("command"),
+                                                   "commit": earlier.get("commit"), "date": earlier.get("date")}
+
+
 def digits_section_summary(section: dict, seeds: list[int]) -> dict:
     """Targets per seed (flow matching vs the same seed's digits-cnf) and their mean ± std."""
     summary: dict = {"per_seed": {}}
@@ -470,6 +491,13 @@ def digits_section_summary(section: dict, seeds: list[int]) -> dict:
                                                 ref["cnf_wall_seconds_excluding_monitoring"], ref["cnf_cpu_seconds"],
                                                 ref["cnf_cpu_seconds_excluding_monitoring"])
         summary["per_seed"][f"seed{seed}"] = entry
+    per_it = {}
+    for method in ("cnf", "cfm", "otcfm"):
+        vals = [r[method]["train_seconds"] / r[method]["iterations"] for r in section["runs"].values() if method in r]
+        per_it[method] = mean_std(vals)
+    summary["train_seconds_per_iteration"] = per_it
+    if per_it.get("cfm") and per_it.get("otcfm"):
+        summary["otcfm_over_cfm_seconds_per_iteration"] = per_it["otcfm"]["mean"] / per_it["cfm"]["mean"]
     entries = list(summary["per_seed"].values())
     summary["seeds_complete"] = len(entries)
     summary["target_bits_per_dim"] = mean_std(e["reference"]["target_bits_per_dim"] for e in entries)
@@ -489,21 +517,35 @@ def torchcfm_section_summary(section: dict) -> dict:
     """Per-iteration cost ratios (targets: fastcnf / torchcfm <= 1, OT / independent <= 1.3)."""
     out = {}
     for seed_key, r in section["runs"].items():
-        v = r["variants"]
-        med = {n: x["median_step_seconds_first_window"] for n, x in v.items()}
         ratios = {}
-        for pairing in ("independent", "ot"):
-            if f"fastcnf/{pairing}" in med and f"torchcfm/{pairing}" in med:
-                ratios[f"fastcnf_over_torchcfm_mlp/{pairing}"] = med[f"fastcnf/{pairing}"] / med[f"torchcfm/{pairing}"]
-            if f"fastcnf/{pairing}" in med and f"torchcfm_same_net/{pairing}" in med:
-                ratios[f"fastcnf_over_torchcfm_same_net/{pairing}"] = (
-                    med[f"fastcnf/{pairing}"] / med[f"torchcfm_same_net/{pairing}"])
-        for side in ("fastcnf", "torchcfm", "torchcfm_same_net"):
-            if f"{side}/ot" in med and f"{side}/independent" in med:
-                ratios[f"ot_over_independent/{side}"] = med[f"{side}/ot"] / med[f"{side}/independent"]
+        for clock, field in (("", "median_step_seconds_first_window"), ("cpu:", "median_step_cpu_seconds_first_window")):
+            ratios.update({clock + k: v for k, v in _step_ratios(r["variants"], field).items()})
         out[seed_key] = ratios
     keys = sorted({k for r in out.values() for k in r})
-    return {"per_seed": out, "mean_std": {k: mean_std(r.get(k) for r in out.values()) for k in keys}}
+    names = sorted({n for r in section["runs"].values() for n in r["variants"]})
+    per_variant = {n: {k: mean_std(r["variants"][n][k] for r in section["runs"].values() if n in r["variants"])
+                       for k in ("median_step_seconds_first_window", "median_step_cpu_seconds_first_window",
+                                 "test_nll_nats", "eval_nfe")} for n in names}
+    return {"per_seed": out, "mean_std": {k: mean_std(r.get(k) for r in out.values()) for k in keys},
+            "variants_mean_std": per_variant, "seeds": len(section["runs"]),
+            "keys": "ratios of median wall seconds per step; cpu: the same of median process CPU seconds (the "
+                    "steadier measure on a shared machine: a step longer than a scheduler slice waits for the "
+                    "CPU, which inflates the wall time of the long OT steps more than the short ones)"}
+
+
+def _step_ratios(v: dict, field: str) -> dict:
+    med = {n: x[field] for n, x in v.items()}
+    ratios = {}
+    for pairing in ("independent", "ot"):
+        if f"fastcnf/{pairing}" in med and f"torchcfm/{pairing}" in med:
+            ratios[f"fastcnf_over_torchcfm_mlp/{pairing}"] = med[f"fastcnf/{pairing}"] / med[f"torchcfm/{pairing}"]
+        if f"fastcnf/{pairing}" in med and f"torchcfm_same_net/{pairing}" in med:
+            ratios[f"fastcnf_over_torchcfm_same_net/{pairing}"] = (
+                med[f"fastcnf/{pairing}"] / med[f"torchcfm_same_net/{pairing}"])
+    for side in ("fastcnf", "torchcfm", "torchcfm_same_net"):
+        if f"{side}/ot" in med and f"{side}/independent" in med:
+            ratios[f"ot_over_independent/{side}"] = med[f"{side}/ot"] / med[f"{side}/independent"]
+    return ratios
 
 
 def run_toys(args, work: Path) -> dict:
@@ -516,12 +558,14 @@ def run_toys(args, work: Path) -> dict:
                                                                 "eval_every", "max_iterations", "test_size",
                                                                 "nfe_samples", "set")},
                      "targets": TARGETS, "runs": {}}
+    merge_earlier_runs(section, args.previous.get("toys"), {f"{d}/seed{s}" for d in args.data for s in args.seeds})
     reduced = []
     if args.baseline_iterations != 1000:
         reduced.append(f"the baseline ran {args.baseline_iterations} iterations (issue 19 asks for 1,000), so the "
                        f"target NLL is that of a {args.baseline_iterations}-iteration baseline")
-    if len(args.seeds) < 3:
-        reduced.append(f"{len(args.seeds)} seed(s) (issue 19 asks for 3)")
+    seeds_present = {k.split("/seed")[1] for k in section["runs"]} | {str(s) for s in args.seeds}
+    if len(seeds_present) < 3:
+        reduced.append(f"{len(seeds_present)} seed(s) (issue 19 asks for 3)")
     if args.test_size:
         reduced.append(f"{args.test_size} test points (the data set's default is 20,000)")
     if reduced:
@@ -551,24 +595,66 @@ def run_toys(args, work: Path) -> dict:
             section["runs"][key] = entry
             args.save("toys", section)  # partial results survive an interruption
     summary = {}
-    for data in args.data:
-        entries = [section["runs"][f"{data}/seed{s}"] for s in args.seeds]
+    datas = sorted({k.split("/seed")[0] for k in section["runs"]})
+    for data in datas:
+        entries = [e for k, e in sorted(section["runs"].items()) if k.split("/seed")[0] == data]
         s = {"baseline_wall_seconds": mean_std(e["baseline"]["whole_run_seconds"] for e in entries),
              "target_nll_nats": mean_std(e["target_nll_nats"] for e in entries)}
+        s["seeds"] = len(entries)
         for method in args.methods:
-            ms = [e["methods"][method] for e in entries]
+            ms = [e["methods"][method] for e in entries if method in e["methods"]]
             s[method] = {k: mean_std(m[k] for m in ms) for k in (
                 "wall_to_target_seconds", "wall_to_target_excluding_monitoring_seconds",
                 "wall_to_target_fraction_of_baseline", "wall_to_target_excluding_monitoring_fraction_of_baseline",
                 "reached_at_iteration", "sampling_nfe")}
             s[method]["reached"] = f"{sum(m['reached_at_iteration'] is not None for m in ms)}/{len(ms)}"
         if "cfm" in args.methods and "otcfm" in args.methods:
-            ratios = [e["methods"]["otcfm"]["sampling_nfe"] / e["methods"]["cfm"]["sampling_nfe"] for e in entries]
+            ratios = [e["methods"]["otcfm"]["sampling_nfe"] / e["methods"]["cfm"]["sampling_nfe"] for e in entries
+                      if "otcfm" in e["methods"] and "cfm" in e["methods"]]
             s["otcfm_vs_cfm_sampling_nfe_ratio"] = mean_std(ratios)
         summary[data] = s
     section["summary"] = summary
     section["load_average_end"] = load_average()
     return section
+
+
+def verdicts(report: dict) -> dict:
+    """Issue 19's targets against this file's figures (means over seeds; lower is better)."""
+    out = {}
+    toys = report.get("toys", {}).get("summary", {})
+    for data, s in toys.items():
+        for method in ("cfm", "otcfm"):
+            f = (s.get(method) or {}).get("wall_to_target_fraction_of_baseline")
+            fx = (s.get(method) or {}).get("wall_to_target_excluding_monitoring_fraction_of_baseline")
+            out[f"toys/{data}/{method}: wall to baseline NLL / baseline wall <= 0.1"] = {
+                "value": f and f["mean"], "excluding_monitoring": fx and fx["mean"],
+                "reached": (s.get(method) or {}).get("reached"), "met": bool(f and f["mean"] <= 0.1)}
+        r = s.get("otcfm_vs_cfm_sampling_nfe_ratio")
+        if r:
+            out[f"toys/{data}: OT-CFM / CFM sampling NFE <= 0.7"] = {"value": r["mean"], "met": r["mean"] <= 0.7}
+    digits = report.get("digits", {}).get("summary", {})
+    for method in ("cfm", "otcfm"):
+        if method in digits:
+            f = digits[method]["wall_seconds_fraction_of_cnf"]
+            fx = digits[method]["wall_seconds_excluding_monitoring_fraction_of_cnf"]
+            out[f"digits/{method}: wall to digits-cnf's 400-it bits/dim / its wall <= 0.25"] = {
+                "value": f and f["mean"], "excluding_monitoring": fx and fx["mean"], "reached": digits[method]["reached"],
+                "seeds": digits.get("seeds_complete"), "met": bool(f and f["mean"] <= 0.25 and
+                                                                   digits[method]["reached"].split("/")[0] ==
+                                                                   digits[method]["reached"].split("/")[1])}
+    ratios = report.get("torchcfm", {}).get("summary", {}).get("mean_std", {})
+    for pairing in ("independent", "ot"):
+        r = ratios.get(f"cpu:fastcnf_over_torchcfm_same_net/{pairing}")
+        if r:
+            out[f"torchcfm/{pairing}: fastcnf step / torchcfm step, same network, CPU s <= 1"] = {
+                "value": r["mean"], "std": r["std"], "met": r["mean"] <= 1.0,
+                "vs_torchcfm_tutorial_mlp": (ratios.get(f"cpu:fastcnf_over_torchcfm_mlp/{pairing}") or {}).get("mean")}
+    r = ratios.get("cpu:ot_over_independent/fastcnf")
+    if r:
+        out["torchcfm/fastcnf: OT-CFM step / CFM step at batch 256 (8gaussians), CPU s <= 1.3"] = {
+            "value": r["mean"], "std": r["std"], "met": r["mean"] <= 1.3,
+            "torchcfm_tutorial": (ratios.get("cpu:ot_over_independent/torchcfm") or {}).get("mean")}
+    return out
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -619,11 +705,12 @@ def digits_table(section: dict) -> str:
 
 
 def torchcfm_table(section: dict) -> str:
-    lines = ["| seed | variant | median s/iteration (first window) | median s/it (all) | test NLL (nats) | eval NFE |",
-             "|---|---|---|---|---|---|"]
-    for seed_key, r in section["runs"].items():
+    lines = ["| seed | variant | median wall s/iteration (first window) | median CPU s/it (first window) | "
+             "median wall s/it (all) | test NLL (nats) | eval NFE |", "|---|---|---|---|---|---|---|"]
+    for seed_key, r in sorted(section["runs"].items()):
         for n, v in r["variants"].items():
             lines.append(f"| {seed_key[4:]} | {n} | {v['median_step_seconds_first_window'] * 1e3:.2f} ms | "
+                         f"{v['median_step_cpu_seconds_first_window'] * 1e3:.2f} ms | "
                          f"{v['median_step_seconds_all'] * 1e3:.2f} ms | {v['test_nll_nats']:.4f} | {v['eval_nfe']} |")
     ratios = section.get("summary", {}).get("mean_std", {})
     if ratios:
@@ -666,6 +753,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfm-timing-window", type=int, default=200, help="(c): iterations in the median (after 10)")
     p.add_argument("--cfm-test-size", type=int, default=5000)
     p.add_argument("--cfm-sides", nargs="+", default=["torchcfm", "torchcfm_same_net", "fastcnf"])
+    p.add_argument("--summarize-only", action="store_true",
+                   help="recompute the summaries, tables and verdicts of --out from its runs; run nothing")
     p.add_argument("--work", default="/tmp/fastcnf-bench-flow-matching", help="run directories and logs")
     p.add_argument("--out", default=str(RESULTS / "flow_matching.json"))
     args = p.parse_args(argv)
@@ -686,12 +775,23 @@ def main(argv: list[str] | None = None) -> None:
     for part in ("toys", "digits", "torchcfm"):
         if part in previous:
             report[part] = previous[part]
+    if args.summarize_only:
+        report = {**previous, "resummarized_by": run_metadata(__file__, argv)}
+        args.parts = []
+        if "digits" in report:
+            d = report["digits"]
+            d.setdefault("seeds_present", sorted(int(k[4:]) for k in d["runs"]))
+            d["summary"] = digits_section_summary(d, d["seeds_present"])
+            d["table"] = digits_table(d)
+            if len(d["seeds_present"]) < 3:
+                d["note"] = f"reduced size: {len(d['seeds_present'])} seed(s) (issue 19 asks for 3)"
 
     def save(part: str, section: dict) -> None:
         report[part] = section
         write_json(out, report)
 
     args.save = save
+    args.previous = previous
     pool_jobs, sections = [], {}
     if "digits" in args.parts:
         d = {**run_metadata(__file__, argv), "load_average_start": load_average(),
@@ -706,8 +806,11 @@ def main(argv: list[str] | None = None) -> None:
              "timing": "wall_seconds: from process launch to the end of the evaluation; *_excluding_monitoring: "
                        "less every earlier evaluation; cpu_seconds: the process's CPU time at that point (steadier "
                        "on a shared machine)", "runs": {}}
-        if len(args.digits_seeds) < 3:
-            d["note"] = f"reduced size: {len(args.digits_seeds)} seed(s) (issue 19 asks for 3)"
+        merge_earlier_runs(d, previous.get("digits"), {f"seed{s}" for s in args.digits_seeds})
+        d["seeds_present"] = sorted(int(k[4:]) for k in d["runs"]) or list(args.digits_seeds)
+        d["seeds_present"] = sorted(set(d["seeds_present"]) | set(args.digits_seeds))
+        if len(d["seeds_present"]) < 3:
+            d["note"] = f"reduced size: {len(d['seeds_present'])} seed(s) (issue 19 asks for 3)"
         sections["digits"] = d
         for seed in args.digits_seeds:
             for method in args.digits_methods:
@@ -736,6 +839,7 @@ def main(argv: list[str] | None = None) -> None:
                       "median_step_seconds_first_window: median over iterations 10..10+window; the step is "
                       "noise draw + pairing + path + loss + backward + Adam step (the data batch drawn outside)",
             "targets": {"fastcnf_over_torchcfm": 1.0, "ot_over_independent": 1.3}, "runs": {}}
+        merge_earlier_runs(sections["torchcfm"], previous.get("torchcfm"), {f"seed{s}" for s in args.cfm_seeds})
         for seed in args.cfm_seeds:
             tag = f"torchcfm-seed{seed}"
             pool_jobs.append({"kind": "torchcfm", "part": "torchcfm", "seed": seed, "tag": tag, "data": "8gaussians",
@@ -754,7 +858,8 @@ def main(argv: list[str] | None = None) -> None:
             run = digits_summary(result, launched, ended)
             run.update(recipe=job["recipe"], overrides=job["overrides"])
             section["runs"].setdefault(f"seed{job['seed']}", {})[job["method"]] = run
-            section["summary"] = digits_section_summary(section, args.digits_seeds)
+            run.update(command=section["command"], commit=section["commit"])
+            section["summary"] = digits_section_summary(section, section["seeds_present"])
             section["table"] = digits_table(section)
         else:
             section["runs"][f"seed{job['seed']}"] = result
@@ -772,12 +877,18 @@ def main(argv: list[str] | None = None) -> None:
         save("toys", section)
     if "toys" in report and "table" not in report["toys"]:
         report["toys"]["table"] = toys_table(report["toys"])
+    if "torchcfm" in report:  # summaries in this version's form, also for kept results
+        report["torchcfm"]["summary"] = torchcfm_section_summary(report["torchcfm"])
+        report["torchcfm"]["table"] = torchcfm_table(report["torchcfm"])
+    report["verdicts"] = verdicts(report)
     write_json(out, report)
     for part in ("toys", "digits", "torchcfm"):
         if part in report and report[part].get("table"):
             print(f"\n## {part}: {report['sections'][part]}\n\n{report[part]['table']}")
             if report[part].get("note"):
                 print("\nNote: " + report[part]["note"])
+    for name, v in report["verdicts"].items():
+        print(f"{'MET   ' if v['met'] else 'MISSED'} {name}: {v['value']}")
     print(f"wrote {out}")
 
 
