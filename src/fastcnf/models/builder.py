@@ -59,9 +59,11 @@ def _divergence(m) -> ExactTrace | Hutchinson:
     return ExactTrace(m.exact_mode) if m.divergence == "exact" else Hutchinson(m.noise, mode=m.hutchinson_mode)
 
 
-def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = None) -> Callable[[int, str], CNFBlock]:
+def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = None,
+                       network: Callable[[int], nn.Module] | None = None) -> Callable[[int, str], CNFBlock]:
     """CNF blocks for ``cfg``; ``per_dim_loss`` (the loss is bits/dim) resolves
-    ``model.regularizer_reduction=auto`` to ``mean`` (default: ``image``)."""
+    ``model.regularizer_reduction=auto`` to ``mean`` (default: ``image``); ``network(channels)``
+    replaces the ``model.layer_type`` network (e.g. the U-Net)."""
     m = cfg.model
     reduction = m.regularizer_reduction
     if reduction == "auto":
@@ -69,7 +71,8 @@ def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = Non
     eval_solver = cfg.solver.with_tolerance(cfg.eval.atol, cfg.eval.rtol)
 
     def make(channels: int, name: str) -> CNFBlock:
-        net: nn.Module = LAYER_TYPES[m.layer_type][1 if image else 0](channels, m.hidden_dims, m.activation)
+        net: nn.Module = network(channels) if network is not None else \
+            LAYER_TYPES[m.layer_type][1 if image else 0](channels, m.hidden_dims, m.activation)
         div = _divergence(m)
         regs = [cls(getattr(m, f"{key}_weight"), reduction) for key, cls in REGULARIZERS.items()
                 if getattr(m, f"{key}_weight") > 0]
@@ -109,9 +112,9 @@ def _unet(cfg: Config, bundle: DataBundle) -> SequentialFlow:
     if len(bundle.shape) != 3:
         raise ConfigError(f"model.arch=unet needs images (C, H, W), got shape {bundle.shape}")
     m = cfg.model
-    net = UNetVelocity(bundle.shape[0], m.unet_channels, m.unet_levels)
-    block = CNFBlock(net, _divergence(m), cfg.solver, _end_time(cfg, "cnf"), eval_solver=cfg.solver.with_tolerance(
-        cfg.eval.atol, cfg.eval.rtol), name="cnf")
+    make = make_block_factory(cfg, image=True, per_dim_loss=bundle.is_image,
+                              network=lambda c: UNetVelocity(c, m.unet_channels, m.unet_levels))
+    block = make(bundle.shape[0], "cnf")
     return SequentialFlow([Shift(-0.5), block], bundle.shape)
 
 
