@@ -64,6 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ffjord_multiscale_baseline as baseline  # noqa: E402
+import speed_images_ttq as ttq  # noqa: E402
 
 # ---- fastcnf's API, imported in this one place ---------------------------------------------------
 from fastcnf import build_model as build_fastcnf_model  # noqa: E402
@@ -285,12 +286,14 @@ def training_run(args) -> dict:
     sides = start_sides(args.train_sides, sub)
     curves: dict[str, list] = {s.name: [] for s in sides}
     times = {s.name: 0.0 for s in sides}
+    cpu = {s.name: 0.0 for s in sides}
     try:
         for i in range(args.train_iterations + 1):
             if i % args.eval_every == 0 or i == args.train_iterations:
                 for s in sides:
                     r = s.ask("eval", args.eval_size)
-                    curves[s.name].append({"iteration": i, "train_seconds": times[s.name], **r})
+                    curves[s.name].append({"iteration": i, "train_seconds": times[s.name],
+                                           "train_cpu_seconds": cpu[s.name], **r})
                     print(f"[b] {s.name:13s} it {i:4d} train {times[s.name]:8.1f} s "
                           f"test bpd {r['test_bits_per_dim']:.4f}", flush=True)
             if i == args.train_iterations:
@@ -298,6 +301,7 @@ def training_run(args) -> dict:
             for s in (sides if i % 2 == 0 else sides[::-1]):
                 row = s.ask("iter", (i, args.train_batch_size))
                 times[s.name] += row["seconds"]
+                cpu[s.name] += row["cpu_seconds"]
     finally:
         for s in sides:
             s.stop()
@@ -367,6 +371,20 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fast-recipe", default=None,
+                   help="(c) time to quality of this recipe (default: digits-fast / mnist-fast for --train-data)")
+    p.add_argument("--fast-set", nargs="*", default=[], help="(c) extra --set overrides of the fast recipe")
+    p.add_argument("--ttq", action="store_true",
+                   help="(c) time to quality: the fast recipe until it reaches the baseline's bits/dim at N")
+    p.add_argument("--ttq-from", default=None,
+                   help="(c) take the target (the ffjord side's last bits/dim) and its train seconds from this "
+                        "JSON's part (b) instead of running (b)")
+    p.add_argument("--ttq-max-iterations", type=int, default=2000)
+    p.add_argument("--ttq-eval-every", type=int, default=10)
+    p.add_argument("--ablation", action="store_true",
+                   help="(c) also one run per fast-recipe setting reverted to FFJORD's (leave one out)")
+    p.add_argument("--ablation-max-fraction", type=float, default=0.5,
+                   help="(c) stop an ablation run after this fraction of the baseline's train seconds")
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one fastcnf iteration here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -385,6 +403,19 @@ def main(argv=None) -> dict:
             args.weights_file = str(Path(tmp) / "weights_b.pt")
         if args.train_iterations:
             result["training_run"] = training_run(args)
+    if args.ttq:
+        source = result if args.train_iterations else json.loads(Path(args.ttq_from).read_text())
+        if args.ttq_from and not args.train_iterations:
+            result["ttq_from"] = {"file": args.ttq_from, "command": source.get("command")}
+            for key in ("dims", "num_blocks", "seed", "root", "eval_size"):  # the same model, seed and test subset
+                setattr(args, key, source["settings"][key])
+        run = source["training_run"]
+        ref = run["curves"]["ffjord"][-1]
+        result["time_to_quality"] = ttq.run(args, run["data"], ref["test_bits_per_dim"], ref["train_seconds"])
+        fast = result["time_to_quality"]["fast"]
+        print(f"time to quality: {fast['recipe']} reached {fast['target_bits_per_dim']:.4f} bits/dim: "
+              f"{fast['reached']}, {fast['train_seconds']} s of the baseline's {ref['train_seconds']:.1f} s "
+              f"(ratio {fast['time_ratio']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     if "per_iteration" in result:

@@ -143,3 +143,22 @@ def test_safetensors_store_each_tensor_once(tmp_path, overrides):
     assert not any("odefunc" in k for k in stored)
     unique = {id(t): t.numel() for t in [*model.parameters(), *model.buffers()]}
     assert sum(v.numel() for v in stored.values()) == sum(unique.values())
+
+
+@pytest.mark.parametrize("recipe, shape", [("digits-fast", (1, 8, 8)), ("mnist-fast", MNIST)])
+def test_fast_presets_train_ffjords_model(recipe, shape):
+    """digits-fast / mnist-fast (issue 18) change how FFJORD's one-block model is trained, never the
+    model: same parameter shapes and count as FFJORD's code and the same initial weights as
+    mnist-ffjord with one block per scale under one seed."""
+    fast_cfg = load_recipe(recipe, ["seed=3"])
+    ffjord_cfg = load_recipe("mnist-ffjord-1block", ["seed=3", f"data.name={fast_cfg.data.name}"])
+    torch.manual_seed(3)
+    fast = build_model(fast_cfg, fake_bundle(shape))
+    torch.manual_seed(3)
+    ffjord = build_model(ffjord_cfg, fake_bundle(shape))
+    assert trained_parameters(fast) == ffjord_odenvp_count(shape, 1) - (5 if shape == MNIST else 3)
+    for (n1, p1), (n2, p2) in zip(fast.state_dict().items(), ffjord.state_dict().items(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    # what the presets change is training only: back-propagation, schedule, training tolerance, regularisers
+    assert fast_cfg.model.layer_type == "concat" and fast_cfg.model.num_blocks == 1
+    assert (fast_cfg.eval.atol, fast_cfg.eval.rtol) == (1e-5, 1e-5)

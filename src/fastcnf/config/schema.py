@@ -62,6 +62,10 @@ class DataConfig(Section):
             raise ConfigError(f"data.train_fraction must be in (0, 1), got {self.train_fraction!r}")
 
 
+#: the methods of the lean solvers (``fastcnf.ode.fast_solvers.LEAN_METHODS``; tests/ode/test_recompute.py)
+_LEAN_METHODS = ("dopri5", "bosh3")
+
+
 @dataclass
 class SolverConfig(Section):
     """How a block integrates its ODE.
@@ -81,6 +85,12 @@ class SolverConfig(Section):
         fused: with the ``fastcnf`` backend, a block whose dynamics compute their exact trace
             themselves (concat-squash MLP, no regularisers) solves as one autograd node with a
             hand-written discrete adjoint: the same solution and gradient, less overhead.
+        recompute: direct back-propagation through the lean solver (``adjoint=false``, ``backend=
+            fastcnf``, dopri5 or bosh3) by per-step recomputation: the forward solve records
+            nothing and the backward pass re-evaluates one accepted step at a time from its stored
+            start state (a checkpointed discrete adjoint; Gholami et al. 2019, "ANODE"). The same
+            gradient with about one step's graph of memory instead of the whole solve's, for one
+            more evaluation of every accepted step. Fused solves (``fused``) keep their own backward.
     """
 
     _key = "solver"
@@ -94,10 +104,16 @@ class SolverConfig(Section):
     max_nfe: int = 10000
     backend: Literal["fastcnf", "torchdiffeq"] = "fastcnf"
     fused: bool = True
+    recompute: bool = False
 
     def check(self) -> None:
         for a in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
             check_tolerance(getattr(self, a), f"solver.{a}", allow_none=True)
+        if self.recompute and self.adjoint:
+            raise ConfigError("solver.recompute=true recomputes direct back-propagation: it needs solver.adjoint=false")
+        if self.recompute and (self.backend != "fastcnf" or self.method not in _LEAN_METHODS):
+            raise ConfigError(f"solver.recompute=true needs solver.backend=fastcnf and solver.method in "
+                              f"{', '.join(_LEAN_METHODS)} (got {self.backend}, {self.method})")
         if not 0.0 < float(self.step_size) <= 1.0:
             raise ConfigError(f"solver.step_size must be in (0, 1], got {self.step_size!r}")
         if int(self.max_nfe) < 0:

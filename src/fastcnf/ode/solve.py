@@ -8,7 +8,9 @@ function evaluations (NFE) of the forward solve and of the backward pass separat
 Two backends integrate: torchdiffeq (the reference; every method, the adjoint) and fastcnf's
 lean dopri5/bosh3 (:mod:`fastcnf.ode.fast_solvers`: the same steps and solutions as torchdiffeq
 in fewer operations), used by default wherever it applies: an adaptive method it implements,
-with direct back-propagation or without gradients. See ``benchmarks/README.md`` (speed).
+with direct back-propagation or without gradients. See ``benchmarks/README.md`` (speed). With
+``solver.recompute`` its direct back-propagation recomputes one step at a time instead of keeping
+the graph of the whole solve (:mod:`fastcnf.ode.recompute`).
 
 References: Chen et al. 2018 (neural ODEs, adjoint method); Grathwohl et al. 2019 (FFJORD).
 """
@@ -23,6 +25,7 @@ from torchdiffeq import odeint, odeint_adjoint
 
 from fastcnf.config.schema import SolverConfig
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
+from fastcnf.ode.recompute import recomputed_solve
 
 __all__ = [
     "SolverConfig",
@@ -189,7 +192,8 @@ def solve(
         config: method, tolerances, adjoint choice and NFE cap.
         counter: receives the NFE of this solve (``counter.begin()`` is called here).
         name: names the block in errors.
-        adjoint_params: parameters the adjoint solve differentiates (default: ``func``'s).
+        adjoint_params: parameters the adjoint solve (and ``config.recompute``'s backward pass)
+            differentiates (default: ``func``'s).
 
     Returns:
         the solution at every time point (leading dimension ``len(t)``), structured as ``state``.
@@ -201,7 +205,7 @@ def solve(
     counter.begin()
     use_adjoint = config.adjoint and torch.is_grad_enabled()
     if config.backend == "fastcnf" and config.method in LEAN_METHODS and not use_adjoint:
-        return _solve_lean(func, state, t, config, counter, name)
+        return _solve_lean(func, state, t, config, counter, name, adjoint_params)
     wrapped = _CountedFunc(func, counter, config.max_nfe, name, direct=not config.adjoint)
     kwargs: dict = {"method": config.method}
     if config.adaptive:
@@ -240,14 +244,31 @@ def forward_counter(counter: NFECounter, max_nfe: int, name: str) -> Callable[[f
     return before_eval
 
 
-def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str):
-    """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad)."""
+def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str,
+                adjoint_params: Sequence[Tensor] | None = None):
+    """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad);
+    with ``config.recompute`` and gradients, through :func:`fastcnf.ode.recompute.recomputed_solve`
+    (backward NFE: the evaluations it makes again)."""
     is_tuple = isinstance(state, tuple)
     y0 = state if is_tuple else (state,)
     rhs = func if is_tuple else (lambda tt, y: (func(tt, y[0]),))
     before_eval = forward_counter(counter, config.max_nfe, name)
     times = t.detach().cpu().tolist()
-    solution, graph_evals = solve_adaptive(rhs, y0, times, LEAN_METHODS[config.method], float(config.rtol),
+    tableau = LEAN_METHODS[config.method]
+    if config.recompute and torch.is_grad_enabled():
+        if adjoint_params is not None:
+            params = tuple(adjoint_params)
+        else:
+            params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
+        params = tuple(p for p in params if p.requires_grad)
+        if params or any(s.requires_grad for s in y0):
+            if t.requires_grad:
+                raise ValueError(f"{name}: solver.recompute=true does not differentiate through the time "
+                                 "points t (they require grad); pass them detached or set solver.recompute=false")
+            solution = recomputed_solve(rhs, y0, times, tableau, float(config.rtol), float(config.atol),
+                                        before_eval, params, counter)
+            return tuple(solution) if is_tuple else solution[0]
+    solution, graph_evals = solve_adaptive(rhs, y0, times, tableau, float(config.rtol),
                                            float(config.atol), before_eval)
     if torch.is_grad_enabled() and any(s.requires_grad for s in solution):
         solution = _CountGraphBackward.apply(counter, graph_evals, *solution)

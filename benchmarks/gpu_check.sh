@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# GPU check for issue 18 (image speed): about 8 minutes on one GPU.
+#   (a) per iteration, side by side: FFJORD's MNIST model (one block per scale, 400,323 parameters) with
+#       FFJORD's engine (benchmarks/ffjord_multiscale_baseline.py) against fastcnf (direct back-propagation,
+#       and direct with per-step recomputation), batch 200 on mnist-test-split, same weights, same batches;
+#   (b)+(c) a short digits run (full-width 64-64-64 model, batch 200, N=100) with bits/dim curves for both
+#       sides, then digits-fast until it reaches the baseline's bits/dim at N (time to quality);
+#   then the tests, which use CUDA where they can (tests/package/test_cuda.py).
+# Needs a CUDA build of torch and `pip install -e .[test]` in $PYTHON's environment (the project's
+# `make` set-up installs the CPU build). Results go to $OUT (default benchmarks/results/gpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+ROOT=${MNIST_ROOT:-../shared/data/mnist}
+OUT=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT"
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name(0))"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" || true
+# (a) ~2 minutes
+timeout 200 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" --sides ffjord fastcnf \
+    --fastcnf-set solver.adjoint=false --iterations 5 --batch-size 200 --json "$OUT/speed_images_a.json"
+timeout 150 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" --sides ffjord fastcnf \
+    --fastcnf-set solver.adjoint=false solver.recompute=true --iterations 4 --batch-size 200 \
+    --json "$OUT/speed_images_a_recompute.json"
+# (b) + (c) ~3 minutes
+timeout 240 "$PY" benchmarks/speed_images.py --device cuda --iterations 0 --train-iterations 100 \
+    --train-data digits --dims 64,64,64 --train-sides ffjord fastcnf --fastcnf-set solver.adjoint=false \
+    --eval-every 25 --ttq --ttq-max-iterations 300 --json "$OUT/speed_images_bc.json"
+# the suite (CUDA-aware tests included), ~1.5 minutes
+timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/package/test_cuda.py tests/ode tests/cnf
+echo "gpu_check: results in $OUT"
