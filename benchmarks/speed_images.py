@@ -14,7 +14,10 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
   ``model.num_blocks=1``, data set and data root set from the options) as the builder makes it;
 * ``fastcnf-cl``: the same with the conv dynamics in channels-last layout
   (``ConcatSquashConvNet(channels_last=True)``; off by default);
-* ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``).
+* ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``);
+* ``fastcnf-direct``: direct back-propagation through the lean dopri5 (``solver.adjoint=false``);
+* ``fastcnf-recompute``: the same by per-stage recomputation (``solver.recompute=true``: the
+  same gradient, about one evaluation's graph of memory).
 
 Since issue 17 fastcnf's ``mnist-ffjord`` uses FFJORD's concat layers (``model.layer_type: concat``):
 with one block per scale the two sides build the same model (400,318 trained parameters; FFJORD's
@@ -71,7 +74,11 @@ from fastcnf import build_model as build_fastcnf_model  # noqa: E402
 from fastcnf import load_data, load_recipe  # noqa: E402
 from fastcnf.cnf.dynamics import ConcatSquashConvNet  # noqa: E402
 
-SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp")
+SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute")
+#: overrides a fastcnf side adds to the recipe (and ``--fastcnf-set``)
+SIDE_OVERRIDES = {"fastcnf-jvp": ["model.hutchinson_mode=jvp"],
+                  "fastcnf-direct": ["solver.adjoint=false"],
+                  "fastcnf-recompute": ["solver.adjoint=false", "solver.recompute=true"]}
 TARGETS = {"per_iteration_speedup": 2.0}
 
 
@@ -92,7 +99,7 @@ def fastcnf_config(args):
 
 
 def build_fastcnf_side(args, side: str):
-    extra = ["model.hutchinson_mode=jvp"] if side == "fastcnf-jvp" else []
+    extra = SIDE_OVERRIDES.get(side, [])
     cfg = load_recipe(args.recipe, cfg_overrides(args) + extra)
     bundle = load_data(cfg.data, cfg.seed)
     torch.manual_seed(args.seed)
@@ -269,7 +276,7 @@ def per_iteration(args) -> dict:
             summary[s.name]["cuda_peak_mib"] = max(x["cuda_peak_mib"] for x in r)
     ratios = {}
     for ref in ("ffjord", "ffjord-cs"):
-        for fast in ("fastcnf", "fastcnf-cl", "fastcnf-jvp"):
+        for fast in ("fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute"):
             if ref in summary and fast in summary:
                 ratios[f"{ref}/{fast}"] = {
                     "wall": summary[ref]["median_seconds"] / summary[fast]["median_seconds"],

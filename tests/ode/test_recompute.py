@@ -1,11 +1,12 @@
-"""Direct back-propagation by per-step recomputation (``solver.recompute``, fastcnf.ode.recompute).
+"""Direct back-propagation by per-stage recomputation (``solver.recompute``, fastcnf.ode.recompute).
 
 The reference is direct back-propagation through the recorded lean solve (``recompute=false``):
 autograd differentiates every operation of every step, an independent route to the gradient of
 the discrete solution. Recompute mode must give the same solution, forward NFE and gradients (initial
 state, every parameter, the learned end time) on a nonlinear tuple ODE and on conv CNFs built as the
 library builds them, with a backward NFE equal to the evaluations the backward pass makes again,
-while keeping only one state per step for the backward pass.
+while keeping only states (no activations) across the forward solve and the graph of one
+evaluation at a time in the backward pass.
 """
 from __future__ import annotations
 
@@ -322,40 +323,168 @@ def test_recompute_on_mlp_blocks_with_the_packed_exact_trace():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-# ---- memory: what the forward solve keeps for the backward pass -----------------------------------
+# ---- memory: what the forward solve keeps, what the backward pass holds at once ------------------
 
-def _saved_bytes_alive(model, x) -> tuple[int, object]:
-    """Bytes of the tensors saved for backward during ``model``'s forward that are still held once it
-    returned (distinct storages, parameters excluded): what the backward pass keeps alive."""
-    saved: list = []
+class _Holder:
+    """What autograd keeps of a saved tensor while :class:`_SavedBytes` counts: dies with the graph."""
 
-    def pack(t):
-        saved.append(weakref.ref(t))
-        return t
+    __slots__ = ("t", "__weakref__")
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model.log_prob(x).mean()
-    gc.collect()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages = {}
-    for ref in saved:
-        t = ref()
-        if t is not None and t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return sum(storages.values()), out
+    def __init__(self, t) -> None:
+        self.t = t
 
 
-def test_recompute_keeps_one_state_per_step_where_the_recorded_solve_keeps_every_stage():
+class _SavedBytes:
+    """Bytes of the tensors autograd saves for backward while :meth:`hooks` is active and that the
+    graphs still hold (distinct storages, ``exclude``'s excluded): ``now``, and the ``peak`` of
+    what was held at once. Counts storage bytes, never times."""
+
+    def __init__(self, exclude=()) -> None:
+        self.exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self.held: dict[int, list] = {}  # storage -> [holders, bytes, shape]
+        self.now = self.peak = 0
+
+    def _pack(self, t):
+        holder = _Holder(t)
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in self.exclude:
+            entry = self.held.setdefault(ptr, [0, t.untyped_storage().nbytes(), tuple(t.shape)])
+            if entry[0] == 0:
+                self.now += entry[1]
+                self.peak = max(self.peak, self.now)
+            entry[0] += 1
+            weakref.finalize(holder, self._release, ptr)
+        return holder
+
+    def _release(self, ptr: int) -> None:
+        entry = self.held[ptr]
+        entry[0] -= 1
+        if entry[0] == 0:
+            self.now -= entry[1]
+            del self.held[ptr]
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda holder: holder.t)
+
+
+def _hutchinson_model():
+    """The conv model with Hutchinson's estimator; records every block's input (its state ``z``)."""
     model, _ = _conv_model(["model.divergence=hutchinson"])
+    inputs: dict = {}
+    for b in model.cnf_blocks():
+        b.register_forward_pre_hook(lambda m, args, name=b.name: inputs.__setitem__(name, args[0].detach()))
     x = (torch.rand(3, 1, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(1)) * 0.8 + 0.1)
-    bytes_by_mode = {}
+    return model, inputs, x
+
+
+def _one_evaluation_bytes(block, z, exclude) -> int:
+    """Saved bytes of one evaluation ``f(s, (z, logdet))`` of ``block``'s right-hand side as its
+    solves build it, with the graph a differentiated evaluation has (Hutchinson's VJP with
+    create_graph)."""
+    from fastcnf.cnf.block import _SolveODE
+
+    func = _SolveODE(block.net, block.divergence, block.end_time_policy(), block.divergence.sample_noise(z), True,
+                     block.active_regularizers)
+    y = (z.clone().requires_grad_(True), torch.zeros(len(z), dtype=z.dtype, requires_grad=True))
+    counter = _SavedBytes(exclude)
+    with counter.hooks():
+        out = func(torch.tensor(0.5, dtype=z.dtype), y)
+    gc.collect()
+    assert out[0].requires_grad and out[1].requires_grad
+    return counter.now
+
+
+def test_recompute_keeps_states_across_the_forward_solve_where_the_recorded_solve_keeps_every_activation():
+    model, inputs, x = _hutchinson_model()
+    params = list(model.parameters())
+    stages = len(LEAN_METHODS["dopri5"].alpha)
+    saved = {}
     for recompute in (False, True):
         _set_recompute(model, recompute)
         torch.manual_seed(7)
-        bytes_by_mode[recompute], out = _saved_bytes_alive(model, x.clone().requires_grad_(True))
-        steps = sum(b.nfe.forward for b in model.cnf_blocks()) // 6  # attempted dopri5 steps, an upper bound
+        counter = _SavedBytes(params)
+        with counter.hooks():
+            out = model.log_prob(x.clone().requires_grad_(True)).mean()
+        gc.collect()
+        saved[recompute] = counter.now
         out.backward()
-    state_bytes = x.numel() * x.element_size() + 3 * 8  # z and logdet of a block's solve
-    # the checkpoints: one state per accepted step (the multiscale model's blocks work on at most x's size)
-    assert 0 < bytes_by_mode[True] <= (steps + 10) * state_bytes
-    assert bytes_by_mode[False] > 20 * bytes_by_mode[True], bytes_by_mode
+    # accepted steps per block: the backward pass evaluates every accepted step's stages, and the
+    # last stage once more (the output at s = 1 is interpolated inside the last step)
+    bound = 0
+    for b in model.cnf_blocks():
+        accepted, interpolated = divmod(b.nfe.backward, stages)
+        assert accepted >= 2 and interpolated <= 1
+        z = inputs[b.name]
+        state_bytes = (z.numel() + z.shape[0]) * z.element_size()  # z and logdet
+        bound += ((stages + 1) * accepted + 1) * state_bytes  # y0 and the stages' k of each step, the end state
+    # what the forward solves keep: (stages + 1) states per accepted step, plus the model's graph
+    # outside the solves (a few data-sized tensors); no network activation
+    outside = 10 * (x.numel() + x.shape[0]) * x.element_size()
+    assert 0 < saved[True] <= bound + outside, (saved, bound)
+    assert saved[False] > 10 * saved[True], saved
+
+
+def test_recompute_holds_one_evaluations_graph_at_a_time_in_the_backward_pass():
+    """The peak of the bytes saved for backward that the backward pass holds at once is one
+    evaluation's graph (of the largest block), not one step's (the per-step replay held ~7 times as
+    much here: every stage of a dopri5 step) nor the solve's."""
+    model, inputs, x = _hutchinson_model()
+    params = list(model.parameters())
+    _set_recompute(model, True)
+    torch.manual_seed(7)
+    out = model.log_prob(x.clone().requires_grad_(True)).mean()
+    counter = _SavedBytes(params)
+    with counter.hooks():
+        out.backward()
+    gc.collect()
+    assert counter.now == 0  # every recomputed graph was freed
+    torch.manual_seed(0)
+    one = max(_one_evaluation_bytes(b, inputs[b.name], params) for b in model.cnf_blocks())
+    assert all(b.nfe.backward > 12 for b in model.cnf_blocks())
+    assert 0.9 * one <= counter.peak <= 1.5 * one, (counter.peak, one)
+
+
+# ---- fused MLP blocks ------------------------------------------------------------------------------
+
+def test_a_fused_eligible_block_with_recompute_takes_the_recompute_path(monkeypatch):
+    """A concat-squash MLP block with exact trace solves fused by default; with recompute=true and a
+    gradient it takes the per-stage recomputation instead (the fused solve keeps every
+    evaluation's activations) with the same loss and gradients; without a gradient it stays fused."""
+    import importlib
+
+    block_module = importlib.import_module("fastcnf.cnf.block")
+    solve_module = importlib.import_module("fastcnf.ode.solve")  # fastcnf.ode.solve is also the function
+
+    calls = {"fused": 0, "recompute": 0}
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(block_module, "fused_solve", counting("fused", block_module.fused_solve))
+    monkeypatch.setattr(solve_module, "recomputed_solve", counting("recompute", solve_module.recomputed_solve))
+    cfg = load_recipe("toy-ffjord", ["model.hidden_dims=[16,16]", "model.num_blocks=2",
+                                     "solver.atol=1e-6", "solver.rtol=1e-6"])
+    assert cfg.solver.fused
+    x = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(2)) * 1.5
+    results, used = [], []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = build_model(replace(cfg, solver=replace(cfg.solver, recompute=recompute)),
+                            DataBundle(name="fake", train=DataSplit(x.float()), test=DataSplit(x.float()), shape=(2,),
+                                       num_classes=None, levels=None, split="fake")).to(F64)
+        calls.update(fused=0, recompute=0)
+        xx = x.clone().requires_grad_(True)
+        loss = -model.log_prob(xx).mean()
+        loss.backward()
+        used.append(dict(calls))
+        results.append([loss.detach(), xx.grad, *(p.grad for p in model.parameters() if p.requires_grad)])
+        calls.update(fused=0, recompute=0)
+        with torch.no_grad():
+            model.log_prob(x)
+        assert calls == {"fused": 2, "recompute": 0}
+    assert used == [{"fused": 2, "recompute": 0}, {"fused": 0, "recompute": 2}]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

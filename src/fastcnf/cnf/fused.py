@@ -24,6 +24,11 @@ dynamics, so its cotangent is constant along the solve. ``dL/dT`` (TO-FLOW) foll
 
 Step sizes are constants of the backward pass (as in direct back-propagation through the lean
 solver). The solution, the NFE and the gradients equal the unfused path's (``tests/engine``).
+
+With ``solver.recompute=true`` a block whose gradient is needed does not take this path but the
+unfused per-stage recomputation (:mod:`fastcnf.ode.recompute`): this solve keeps every evaluation's
+activations for its backward pass, memory growing with the NFE, where recompute promises one
+evaluation's graph.
 """
 from __future__ import annotations
 
@@ -48,6 +53,8 @@ def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], wit
         and solver.backend == "fastcnf"
         and solver.method in LEAN_METHODS
         and not (solver.adjoint and torch.is_grad_enabled())
+        # recompute promises one evaluation's graph; this solve keeps every evaluation's activations
+        and not (solver.recompute and torch.is_grad_enabled())
         and len(state) == 2  # no regulariser states
         and type(net) is ConcatSquashMLP
         and len(net.layers) >= 2

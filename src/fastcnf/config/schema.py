@@ -86,11 +86,14 @@ class SolverConfig(Section):
             themselves (concat-squash MLP, no regularisers) solves as one autograd node with a
             hand-written discrete adjoint: the same solution and gradient, less overhead.
         recompute: direct back-propagation through the lean solver (``adjoint=false``, ``backend=
-            fastcnf``, dopri5 or bosh3) by per-step recomputation: the forward solve records
-            nothing and the backward pass re-evaluates one accepted step at a time from its stored
-            start state (a checkpointed discrete adjoint; Gholami et al. 2019, "ANODE"). The same
-            gradient with about one step's graph of memory instead of the whole solve's, for one
-            more evaluation of every accepted step. Fused solves (``fused``) keep their own backward.
+            fastcnf``, dopri5 or bosh3) by per-stage recomputation: the forward solve records
+            nothing and keeps every accepted step's start state and stage derivatives; the backward
+            pass re-evaluates one stage at a time and back-propagates through it (the discrete
+            adjoint of the Runge-Kutta steps taken; Gholami et al. 2019, "ANODE"; Zhuang et al.
+            2020, "ACA"). The same gradient with the memory of about one evaluation's graph (plus
+            the kept states) instead of the whole solve's, for one more evaluation of every
+            accepted step. Takes precedence over ``fused`` when a gradient is needed (a fused solve
+            keeps every evaluation's activations).
     """
 
     _key = "solver"

@@ -9,8 +9,8 @@ Two backends integrate: torchdiffeq (the reference; every method, the adjoint) a
 lean dopri5/bosh3 (:mod:`fastcnf.ode.fast_solvers`: the same steps and solutions as torchdiffeq
 in fewer operations), used by default wherever it applies: an adaptive method it implements,
 with direct back-propagation or without gradients. See ``benchmarks/README.md`` (speed). With
-``solver.recompute`` its direct back-propagation recomputes one step at a time instead of keeping
-the graph of the whole solve (:mod:`fastcnf.ode.recompute`).
+``solver.recompute`` its direct back-propagation recomputes one stage evaluation at a time instead
+of keeping the graph of the whole solve (:mod:`fastcnf.ode.recompute`).
 
 References: Chen et al. 2018 (neural ODEs, adjoint method); Grathwohl et al. 2019 (FFJORD).
 """
