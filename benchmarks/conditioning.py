@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="digits", help="comma list of: digits, mnist")
     p.add_argument("--mnist-root", default="/work/shared/data/mnist")
     p.add_argument("--set", action="append", default=[], help="extra KEY=VALUE overrides for every run")
+    p.add_argument("--kinds", default=",".join(KINDS), help="comma list of: " + ", ".join(KINDS))
     p.add_argument("--runs", default="runs/bench-conditioning")
     p.add_argument("--out", default=str(RESULTS / "conditioning.json"))
     p.add_argument("--from-log", default=None,
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for r in rows if r["seed"] in complete]
         args.seeds = complete
     else:
-        rows = [run_one(ds, kind, seed, args) for ds in datasets for seed in args.seeds for kind in KINDS]
+        kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+        rows = [run_one(ds, kind, seed, args) for ds in datasets for seed in args.seeds for kind in kinds]
     summary = summarise(rows)
     out = Path(args.out)
     fig_path = out.with_suffix(".png")
