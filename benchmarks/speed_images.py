@@ -89,15 +89,7 @@ def make_batch(train: np.ndarray, levels: int, batch_size: int, seed: int, itera
     return baseline.dequantize_batch(train[idx], levels, rng)
 
 
-def test_subset(test: np.ndarray, levels: int, n: int, seed: int) -> torch.Tensor:
-    return baseline.dequantize_batch(test[:n], levels, np.random.RandomState(seed + 1))
-
-
 # ---- fastcnf side -------------------------------------------------------------------------------
-def fastcnf_config(args):
-    return load_recipe(args.recipe, cfg_overrides(args))
-
-
 def build_fastcnf_side(args, side: str):
     extra = SIDE_OVERRIDES.get(side, [])
     cfg = load_recipe(args.recipe, cfg_overrides(args) + extra)
@@ -113,9 +105,7 @@ def build_fastcnf_side(args, side: str):
 
 
 def cfg_overrides(args) -> list[str]:
-    out = [f"data.name={args.data}", "model.num_blocks=%d" % args.num_blocks, f"model.hidden_dims=[{args.dims}]",
-           f"seed={args.seed}", *args.fastcnf_set]
-    return out + ([f"data.root={args.root}"] if args.data != "digits" else [])
+    return ttq.model_overrides(args, args.data) + list(args.fastcnf_set)
 
 
 def _cnf_nets_fastcnf(model) -> list[torch.Tensor]:
@@ -203,17 +193,13 @@ def _worker(conn, side: str, args) -> None:
             conn.send(row)
         elif cmd == "eval":
             if x_test is None:
-                x_test = test_subset(test, levels, value, args.seed).to(device)
+                x_test = ttq.test_subset(test, levels, value, args.seed).to(device)
             start = time.perf_counter()
-            torch.manual_seed(args.seed + 7)
             if side.startswith("ffjord"):
+                torch.manual_seed(args.seed + 7)
                 bpd = baseline.evaluate_bits_per_dim(model, x_test, levels)
             else:
-                model.eval()
-                with torch.no_grad():
-                    bpd = float(torch.cat([model.bits_per_dim(x_test[i:i + 200])
-                                           for i in range(0, len(x_test), 200)]).mean())
-                model.train()
+                bpd = ttq.fastcnf_bits_per_dim(model, x_test, args.seed)
             conn.send({"test_bits_per_dim": bpd, "eval_seconds": time.perf_counter() - start})
     conn.close()
 

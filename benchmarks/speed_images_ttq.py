@@ -36,12 +36,24 @@ IGNORED = ("description", "recipe", "train.iterations", "train.checkpoint_every"
            "threads", "seed", "data.")
 
 
-def fast_overrides(args, data: str) -> list[str]:
-    """Data, size and run-keeping overrides shared by the fast recipe and the faithful one."""
+def model_overrides(args, data: str) -> list[str]:
+    """The benchmark's data set, model size and seed, as ``--set`` overrides of a fastcnf recipe
+    (every fastcnf side of ``speed_images.py`` builds its model from these)."""
     out = [f"data.name={data}", f"model.num_blocks={args.num_blocks}", f"model.hidden_dims=[{args.dims}]",
-           f"seed={args.seed}", f"threads={args.threads}", "train.checkpoint_every=0", "eval.figures=false",
-           f"train.iterations={args.ttq_max_iterations}", f"device={args.device}"]
+           f"seed={args.seed}"]
     return out + ([f"data.root={args.root}"] if data != "digits" else [])
+
+
+def fast_overrides(args, data: str) -> list[str]:
+    """:func:`model_overrides` plus the run-keeping ones of a time-to-quality run."""
+    return model_overrides(args, data) + [f"threads={args.threads}", "train.checkpoint_every=0",
+                                          "eval.figures=false", f"train.iterations={args.ttq_max_iterations}",
+                                          f"device={args.device}"]
+
+
+def test_subset(test: np.ndarray, levels: int, n: int, seed: int) -> torch.Tensor:
+    """The fixed test images every side is evaluated on: the first ``n``, dequantised with a fixed seed."""
+    return baseline.dequantize_batch(test[:n], levels, np.random.RandomState(seed + 1))
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -72,7 +84,8 @@ def ingredients(recipe: str, args, data: str) -> dict[str, list[str]]:
     return out
 
 
-def _bits_per_dim(model, x_test: torch.Tensor, seed: int) -> float:
+def fastcnf_bits_per_dim(model, x_test: torch.Tensor, seed: int) -> float:
+    """A fastcnf model's test bits/dim (eval mode, no gradients, fixed Hutchinson noise)."""
     state = torch.get_rng_state()  # the evaluation's noise must not shift the training's stream
     torch.manual_seed(seed + 7)
     model.eval()
@@ -94,8 +107,7 @@ def time_to_quality(args, data: str, recipe: str, extra: list[str], target: floa
     cfg = load_recipe(recipe, fast_overrides(args, data) + list(extra))
     _, test, levels = baseline.load_images(data, args.root)
     device = torch.device(args.device)
-    x_test = baseline.dequantize_batch(test[:args.eval_size], levels,
-                                       np.random.RandomState(args.seed + 1)).to(device)
+    x_test = test_subset(test, levels, args.eval_size, args.seed).to(device)
     curve, nfe, seconds, cpu, reached = [], [], 0.0, 0.0, None
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, tmp, progress=False)
@@ -103,7 +115,7 @@ def time_to_quality(args, data: str, recipe: str, extra: list[str], target: floa
         n_params = sum(p.numel() for p in model.parameters())
         for i in range(cfg.train.iterations + 1):
             if i % args.ttq_eval_every == 0 or i == cfg.train.iterations:
-                bpd = _bits_per_dim(model, x_test, args.seed)
+                bpd = fastcnf_bits_per_dim(model, x_test, args.seed)
                 curve.append({"iteration": i, "train_seconds": seconds, "cpu_seconds": cpu, "test_bits_per_dim": bpd})
                 print(f"[c] {recipe} {' '.join(extra)} it {i:4d} train {seconds:8.1f} s test bpd {bpd:.4f} "
                       f"(target {target:.4f})", flush=True)

@@ -218,8 +218,8 @@ def solve(
             if config.adaptive:
                 kwargs["adjoint_atol"] = config.adjoint_atol if config.adjoint_atol is not None else config.atol
                 kwargs["adjoint_rtol"] = config.adjoint_rtol if config.adjoint_rtol is not None else config.rtol
-            params = tuple(adjoint_params) if adjoint_params is not None else tuple(func.parameters())
-            out = odeint_adjoint(wrapped, state, t, adjoint_params=params, **kwargs)
+            out = odeint_adjoint(wrapped, state, t, adjoint_params=differentiated_params(func, adjoint_params),
+                                 **kwargs)
         else:
             out = odeint(wrapped, state, t, **kwargs)
     finally:
@@ -244,6 +244,14 @@ def forward_counter(counter: NFECounter, max_nfe: int, name: str) -> Callable[[f
     return before_eval
 
 
+def differentiated_params(func, adjoint_params: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+    """The tensors a solve's backward pass differentiates besides the state (adjoint and
+    ``config.recompute`` alike): ``adjoint_params`` if given, else ``func``'s parameters."""
+    if adjoint_params is not None:
+        return tuple(adjoint_params)
+    return tuple(func.parameters()) if isinstance(func, nn.Module) else ()
+
+
 def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str,
                 adjoint_params: Sequence[Tensor] | None = None):
     """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad);
@@ -256,12 +264,8 @@ def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounte
     times = t.detach().cpu().tolist()
     tableau = LEAN_METHODS[config.method]
     if config.recompute and torch.is_grad_enabled():
-        if adjoint_params is not None:
-            params = tuple(adjoint_params)
-        else:
-            params = tuple(func.parameters()) if isinstance(func, nn.Module) else ()
-        params = tuple(p for p in params if p.requires_grad)
-        if params or any(s.requires_grad for s in y0):
+        params = differentiated_params(func, adjoint_params)
+        if any(p.requires_grad for p in params) or any(s.requires_grad for s in y0):
             if t.requires_grad:
                 raise ValueError(f"{name}: solver.recompute=true does not differentiate through the time "
                                  "points t (they require grad); pass them detached or set solver.recompute=false")
