@@ -33,7 +33,10 @@ not by its trainer), median wall seconds and process CPU seconds per iteration, 
 backward per iteration (summed over blocks), peak memory (``resource.getrusage(RUSAGE_SELF).
 ru_maxrss`` of each worker, i.e. peak resident set size including the interpreter, torch and the
 data; the increase over the RSS before the first iteration is reported too; on CUDA
-``torch.cuda.max_memory_allocated``).
+``torch.cuda.max_memory_allocated``). With ``--memory`` each side then runs one more iteration
+under ``torch.profiler`` and reports the peak bytes of live tensors during it
+(:func:`peak_live_tensor_bytes`): what the method keeps alive, without the allocator's cached and
+fragmented pages that RSS also counts.
 
 Part (b), ``--train-iterations N``: N interleaved training iterations of ``--train-sides`` on ``--train-data`` with bits/dim on a fixed, fixed-noise test subset every
 ``--eval-every`` iterations (eval mode, no gradients, dopri5 1e-5).
@@ -126,6 +129,42 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def peak_live_tensor_bytes(fn) -> int:
+    """The largest number of bytes held by live tensors while ``fn()`` runs, above what was live
+    before it: the running sum of the allocations and frees that ``torch.profiler``
+    (``profile_memory=True``) records, in time order. Unlike peak RSS it does not count the
+    allocator's cached or fragmented pages, so it measures what a method keeps alive."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _train_iteration(side: str, model, optimizer, x: torch.Tensor, itr: int, levels: int) -> dict:
+    """One training iteration of either engine (FFJORD's schedule, Adam): loss, NFE, wall seconds."""
+    if side.startswith("ffjord"):
+        return baseline.train_step(model, optimizer, x, itr, levels)
+    start = time.perf_counter()
+    baseline.update_lr(optimizer, itr)
+    optimizer.zero_grad()
+    loss = model.bits_per_dim(x).mean()
+    nfe_forward = nfe_fastcnf(model)[0]
+    loss.backward()
+    optimizer.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return {"loss": float(loss.detach()), "nfe_forward": nfe_forward,
+            "nfe_backward": nfe_fastcnf(model)[1], "seconds": time.perf_counter() - start}
+
+
 def _worker(conn, side: str, args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -167,25 +206,16 @@ def _worker(conn, side: str, args) -> None:
         cmd, value = conn.recv()
         if cmd == "stop":
             break
-        if cmd == "iter":
+        if cmd in ("iter", "memory"):
             itr, batch_size = value
             x = make_batch(train, levels, batch_size, args.seed, itr).to(device)
             torch.manual_seed(args.seed * 1000 + itr)  # Hutchinson noise stream
+            if cmd == "memory":
+                peak = peak_live_tensor_bytes(lambda: _train_iteration(side, model, optimizer, x, itr, levels))
+                conn.send({"peak_live_tensor_mib": peak / 2**20})
+                continue
             cpu0 = time.process_time()
-            if side.startswith("ffjord"):
-                row = baseline.train_step(model, optimizer, x, itr, levels)
-            else:
-                start = time.perf_counter()
-                baseline.update_lr(optimizer, itr)
-                optimizer.zero_grad()
-                loss = model.bits_per_dim(x).mean()
-                nfe_forward = nfe_fastcnf(model)[0]
-                loss.backward()
-                optimizer.step()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                row = {"loss": float(loss.detach()), "nfe_forward": nfe_forward,
-                       "nfe_backward": nfe_fastcnf(model)[1], "seconds": time.perf_counter() - start}
+            row = _train_iteration(side, model, optimizer, x, itr, levels)
             row["cpu_seconds"] = time.process_time() - cpu0
             row["rss_peak_mib"] = _rss_mib()
             if device.type == "cuda":
@@ -244,6 +274,11 @@ def per_iteration(args) -> dict:
                       f"NFE {row['nfe_forward']}+{row['nfe_backward']} bpd {row['loss']:.4f} "
                       f"rss {row['rss_peak_mib']:.0f} MiB", flush=True)
             loads.append(load_average())
+        memory = {}
+        if args.memory:  # one more iteration per side, under the profiler (not timed)
+            for s in sides:
+                memory[s.name] = s.ask("memory", (args.iterations, args.batch_size))["peak_live_tensor_mib"]
+                print(f"[a] memory {s.name:13s} peak live tensors {memory[s.name]:.1f} MiB", flush=True)
     finally:
         for s in sides:
             s.stop()
@@ -258,6 +293,8 @@ def per_iteration(args) -> dict:
             "rss_setup_mib": s.info["rss_setup_mib"], "rss_peak_mib": max(x["rss_peak_mib"] for x in r),
             "rss_increase_mib": max(x["rss_peak_mib"] for x in r) - s.info["rss_setup_mib"],
             "iterations": r}
+        if s.name in memory:
+            summary[s.name]["peak_live_tensor_mib"] = memory[s.name]
         if "cuda_peak_mib" in r[0]:
             summary[s.name]["cuda_peak_mib"] = max(x["cuda_peak_mib"] for x in r)
     ratios = {}
@@ -354,6 +391,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dims", default="64,64,64")
     p.add_argument("--iterations", type=int, default=3, help="(a) interleaved iterations per side (0: skip)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--memory", action="store_true",
+                   help="(a) also one iteration per side under torch.profiler: peak bytes of live tensors")
     p.add_argument("--train-iterations", type=int, default=0, help="(b) training-run length N (0: skip)")
     p.add_argument("--train-sides", nargs="+", default=["ffjord", "fastcnf"], choices=SIDES)
     p.add_argument("--train-data", default="digits", choices=["mnist-test-split", "digits"])
