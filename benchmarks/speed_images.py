@@ -420,6 +420,8 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one fastcnf iteration here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.memory and args.device != "cpu":
+        p.error("--memory counts CPU tensors; on CUDA every row reports torch.cuda.max_memory_allocated")
     if args.profile:
         profile(args, Path(args.profile))
         return {}
