@@ -2,7 +2,8 @@
 # GPU check for issue 18 (image speed): about 8 minutes on one GPU.
 #   (a) per iteration, side by side: FFJORD's MNIST model (one block per scale, 400,323 parameters) with
 #       FFJORD's engine (benchmarks/ffjord_multiscale_baseline.py) against fastcnf (direct back-propagation,
-#       and direct with per-step recomputation), batch 200 on mnist-test-split, same weights, same batches;
+#       and direct with per-stage recomputation, in float32 and with a bfloat16 backward pass), batch 200 on
+#       mnist-test-split, same weights, same batches;
 #   (b)+(c) a short digits run (full-width 64-64-64 model, batch 200, N=100) with bits/dim curves for both
 #       sides, then digits-fast until it reaches the baseline's bits/dim at N (time to quality);
 #   then the tests, which use CUDA where they can (tests/package/test_cuda.py).
@@ -19,8 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvi
 # (a) ~2 minutes
 timeout 200 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" --sides ffjord fastcnf \
     --fastcnf-set solver.adjoint=false --iterations 5 --batch-size 200 --json "$OUT/speed_images_a.json"
-timeout 150 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" --sides ffjord fastcnf \
-    --fastcnf-set solver.adjoint=false solver.recompute=true --iterations 4 --batch-size 200 \
+timeout 150 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" \
+    --sides ffjord fastcnf-recompute fastcnf-recompute-bf16 --iterations 4 --batch-size 200 \
     --json "$OUT/speed_images_a_recompute.json"
 # (b) + (c) ~3 minutes
 timeout 240 "$PY" benchmarks/speed_images.py --device cuda --iterations 0 --train-iterations 100 \

@@ -17,7 +17,9 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
 * ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``);
 * ``fastcnf-direct``: direct back-propagation through the lean dopri5 (``solver.adjoint=false``);
 * ``fastcnf-recompute``: the same by per-stage recomputation (``solver.recompute=true``: the
-  same gradient, about one evaluation's graph of memory).
+  same gradient, about one evaluation's graph of memory);
+* ``fastcnf-recompute-bf16``: the same with the backward pass's re-evaluations in bfloat16
+  (``solver.backward_precision=bfloat16``: the same forward solve, the gradient rounded).
 
 Since issue 17 fastcnf's ``mnist-ffjord`` uses FFJORD's concat layers (``model.layer_type: concat``):
 with one block per scale the two sides build the same model (400,318 trained parameters; FFJORD's
@@ -77,11 +79,14 @@ from fastcnf import build_model as build_fastcnf_model  # noqa: E402
 from fastcnf import load_data, load_recipe  # noqa: E402
 from fastcnf.cnf.dynamics import ConcatSquashConvNet  # noqa: E402
 
-SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute")
+SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute",
+         "fastcnf-recompute-bf16")
 #: overrides a fastcnf side adds to the recipe (and ``--fastcnf-set``)
 SIDE_OVERRIDES = {"fastcnf-jvp": ["model.hutchinson_mode=jvp"],
                   "fastcnf-direct": ["solver.adjoint=false"],
-                  "fastcnf-recompute": ["solver.adjoint=false", "solver.recompute=true"]}
+                  "fastcnf-recompute": ["solver.adjoint=false", "solver.recompute=true"],
+                  "fastcnf-recompute-bf16": ["solver.adjoint=false", "solver.recompute=true",
+                                             "solver.backward_precision=bfloat16"]}
 TARGETS = {"per_iteration_speedup": 2.0}
 
 
@@ -299,7 +304,7 @@ def per_iteration(args) -> dict:
             summary[s.name]["cuda_peak_mib"] = max(x["cuda_peak_mib"] for x in r)
     ratios = {}
     for ref in ("ffjord", "ffjord-cs"):
-        for fast in ("fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute"):
+        for fast in [n for n in SIDES if n.startswith("fastcnf")]:
             if ref in summary and fast in summary:
                 ratios[f"{ref}/{fast}"] = {
                     "wall": summary[ref]["median_seconds"] / summary[fast]["median_seconds"],

@@ -36,6 +36,13 @@ First same as last: the first stage of a step, ``f(t0, y0)``, is the previous st
 the step's first stage; the last stage ``f(t1, y1)`` of a step is evaluated as well only when an
 output is interpolated inside that step (its only use). The gradient w.r.t. ``y0`` is the same.
 
+Mixed precision (``backward_dtype=torch.bfloat16``, ``solver.backward_precision``): the backward
+pass re-evaluates each stage under ``torch.autocast`` (convolutions and matrix products in bfloat16),
+while the forward solve, its step-size control and the kept states stay in the state's precision, and
+the cotangents and gradients are accumulated there; the gradient then carries bfloat16 rounding
+(Micikevicius et al. 2018, "Mixed Precision Training"). Only this backward pass can do so: it has no
+error control, whereas a forward or adjoint solve in bfloat16 would take many more steps.
+
 Step sizes and the times of the evaluations are constants, as in the recorded solve, so the
 gradient equals direct back-propagation's up to float rounding; the price is one more evaluation
 of every accepted step's ``s`` stages (one more in a step that holds an interpolated output),
@@ -90,8 +97,10 @@ class _Run:
     """One solve: the forward solve, its accepted steps and the per-stage backward pass."""
 
     def __init__(self, func: Callable, times: Sequence[float], tableau: ButcherTableau, rtol: float, atol: float,
-                 before_eval: Callable[[float, float], None] | None, counter) -> None:
+                 before_eval: Callable[[float, float], None] | None, counter,
+                 backward_dtype: torch.dtype | None = None) -> None:
         self.func, self.tableau, self.rtol, self.atol = func, tableau, rtol, atol
+        self.backward_dtype = backward_dtype
         self.before_eval, self.counter = before_eval, counter
         self.times = [float(v) for v in times]
         self.direction = -1.0 if len(self.times) > 1 and self.times[1] < self.times[0] else 1.0
@@ -129,7 +138,10 @@ class _Run:
         self.counter.backward += 1
         time = torch.scalar_tensor(self.direction * tau, dtype=self.real_dtype, device=self.device)
         with torch.enable_grad():
-            k = tuple(self.func(time, leaves))
+            with torch.autocast(self.device.type, dtype=self.backward_dtype or torch.bfloat16,
+                                enabled=self.backward_dtype is not None):
+                k = self.func(time, leaves)
+            k = tuple(kc.to(yc.dtype) for kc, yc in zip(k, y))  # autocast's outputs back to the state's
         outs, cots = [], []
         for kc, g in zip(k, kbar):
             if g is not None and kc.requires_grad:
@@ -260,7 +272,7 @@ class _RecomputedSolve(torch.autograd.Function):
 
 def recomputed_solve(func: Callable[[Tensor, State], State], y0: State, t: Sequence[float], tableau: ButcherTableau,
                      rtol: float, atol: float, before_eval: Callable[[float, float], None] | None,
-                     params: Sequence[Tensor], counter) -> State:
+                     params: Sequence[Tensor], counter, backward_dtype: torch.dtype | None = None) -> State:
     """:func:`solve_adaptive`'s solution, differentiable by per-stage recomputation (module docstring).
 
     Args:
@@ -269,10 +281,12 @@ def recomputed_solve(func: Callable[[Tensor, State], State], y0: State, t: Seque
         params: the tensors ``func`` depends on that receive a gradient (those not requiring
             grad are skipped).
         counter: its ``backward`` attribute grows by one per evaluation of the backward pass.
+        backward_dtype: None (default): the backward pass re-evaluates in the state's precision;
+            ``torch.bfloat16``: under autocast to it (module docstring).
 
     Returns:
         per component of ``y0``, the values at every time of ``t`` stacked along a new first dimension.
     """
-    run = _Run(func, t, tableau, rtol, atol, before_eval, counter)
+    run = _Run(func, t, tableau, rtol, atol, before_eval, counter, backward_dtype)
     params = list({id(p): p for p in params if p.requires_grad}.values())  # each once
     return tuple(_RecomputedSolve.apply(run, len(y0), *y0, *params))

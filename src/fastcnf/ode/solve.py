@@ -252,6 +252,10 @@ def differentiated_params(func, adjoint_params: Sequence[Tensor] | None) -> tupl
     return tuple(func.parameters()) if isinstance(func, nn.Module) else ()
 
 
+#: ``solver.backward_precision`` -> the autocast dtype of the recomputed backward pass (float32: none)
+LOWER_PRECISION = {"bfloat16": torch.bfloat16}
+
+
 def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str,
                 adjoint_params: Sequence[Tensor] | None = None):
     """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad);
@@ -270,7 +274,8 @@ def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounte
                 raise ValueError(f"{name}: solver.recompute=true does not differentiate through the time "
                                  "points t (they require grad); pass them detached or set solver.recompute=false")
             solution = recomputed_solve(rhs, y0, times, tableau, float(config.rtol), float(config.atol),
-                                        before_eval, params, counter)
+                                        before_eval, params, counter,
+                                        backward_dtype=LOWER_PRECISION.get(config.backward_precision))
             return tuple(solution) if is_tuple else solution[0]
     solution, graph_evals = solve_adaptive(rhs, y0, times, tableau, float(config.rtol),
                                            float(config.atol), before_eval)
