@@ -95,11 +95,12 @@ class SolverConfig(Section):
             accepted step. Takes precedence over ``fused`` when a gradient is needed (a fused solve
             keeps every evaluation's activations).
         backward_precision: ``float32`` (default: the state's own precision) or ``bfloat16``: with
-            ``recompute``, the precision of the backward pass's re-evaluations (autocast: convolutions and matrix products in
-            bfloat16, cotangents and gradients accumulated in the state's precision). The forward
-            solve, its error control, NFE and the likelihood are untouched; the gradient carries
-            bfloat16 rounding (mixed-precision training, Micikevicius et al. 2018, "Mixed Precision
-            Training"), for ~2x cheaper convolutions where the hardware has bfloat16 units.
+            ``recompute``, the precision of the backward pass's re-evaluations (autocast:
+            convolutions and matrix products in bfloat16, cotangents and gradients accumulated in
+            the state's precision). The forward solve, its error control, NFE and the likelihood
+            are untouched; the gradient carries bfloat16 rounding (Micikevicius et al. 2018,
+            "Mixed Precision Training"), for ~2x cheaper convolutions where the hardware has
+            bfloat16 units.
     """
 
     _key = "solver"
