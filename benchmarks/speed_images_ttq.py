@@ -25,6 +25,7 @@ import torch
 import ffjord_multiscale_baseline as baseline
 from fastcnf import Trainer, load_recipe
 from fastcnf.config import config_to_dict
+from fastcnf.evaluation.metrics import fork_rng
 
 FAST_RECIPES = {"digits": "digits-fast", "mnist-test-split": "mnist-fast"}
 FAITHFUL_RECIPE = "mnist-ffjord"
@@ -86,13 +87,10 @@ def ingredients(recipe: str, args, data: str) -> dict[str, list[str]]:
 
 def fastcnf_bits_per_dim(model, x_test: torch.Tensor, seed: int) -> float:
     """A fastcnf model's test bits/dim (eval mode, no gradients, fixed Hutchinson noise)."""
-    state = torch.get_rng_state()  # the evaluation's noise must not shift the training's stream
-    torch.manual_seed(seed + 7)
     model.eval()
-    with torch.no_grad():
+    with fork_rng(seed + 7), torch.no_grad():  # the evaluation's noise must not shift the training's stream
         bpd = float(torch.cat([model.bits_per_dim(x_test[i:i + 200]) for i in range(0, len(x_test), 200)]).mean())
     model.train()
-    torch.set_rng_state(state)
     return bpd
 
 

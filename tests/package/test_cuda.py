@@ -20,9 +20,9 @@ def _loss_and_grads(cfg, device):
     model = build_model(cfg, bundle).to(device, torch.float64)
     x = (bundle.train.x[:16].double() + 0.5) / bundle.levels
     torch.manual_seed(1)
-    noise_free = model.bits_per_dim(x.to(device)).mean()
-    noise_free.backward()
-    return float(noise_free), [p.grad.detach().cpu() for p in model.parameters() if p.grad is not None]
+    loss = model.bits_per_dim(x.to(device)).mean()
+    loss.backward()
+    return float(loss), [p.grad.detach().cpu() for p in model.parameters() if p.grad is not None]
 
 
 @pytest.mark.parametrize("adjoint", [False, True])

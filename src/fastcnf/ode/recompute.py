@@ -54,6 +54,7 @@ capture from outside that is not among the parameters receives none.
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import torch
@@ -137,9 +138,10 @@ class _Run:
         leaves = _leaves(y)
         self.counter.backward += 1
         time = torch.scalar_tensor(self.direction * tau, dtype=self.real_dtype, device=self.device)
+        lower = (torch.autocast(self.device.type, dtype=self.backward_dtype) if self.backward_dtype is not None
+                 else nullcontext())
         with torch.enable_grad():
-            with torch.autocast(self.device.type, dtype=self.backward_dtype or torch.bfloat16,
-                                enabled=self.backward_dtype is not None):
+            with lower:
                 k = self.func(time, leaves)
             k = tuple(kc.to(yc.dtype) for kc, yc in zip(k, y))  # autocast's outputs back to the state's
         outs, cots = [], []
