@@ -13,7 +13,8 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
 * ``fastcnf``: fastcnf's recipe (``--recipe``, default ``mnist-ffjord`` with
   ``model.num_blocks=1``, data set and data root set from the options) as the builder makes it;
 * ``fastcnf-cl``: the same with the conv dynamics in channels-last layout
-  (``ConcatSquashConvNet(channels_last=True)``; off by default);
+  (``ConcatSquashConvNet(channels_last=True)``; off by default; needs ``--fastcnf-set
+  model.layer_type=concatsquash``, as ``mnist-ffjord`` builds FFJORD's concat layers);
 * ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``);
 * ``fastcnf-direct``: direct back-propagation through the lean dopri5 (``solver.adjoint=false``);
 * ``fastcnf-recompute``: the same by per-stage recomputation (``solver.recompute=true``: the
@@ -425,6 +426,10 @@ def main(argv=None) -> dict:
     p.add_argument("--profile", default=None, help="write a torch.profiler table of one fastcnf iteration here")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if "fastcnf-cl" in args.sides + args.train_sides and \
+            load_recipe(args.recipe, cfg_overrides(args)).model.layer_type != "concatsquash":
+        # mnist-ffjord builds FFJORD's concat layers since issue 17: the layout switch would do nothing
+        p.error("side fastcnf-cl needs concat-squash conv dynamics: add --fastcnf-set model.layer_type=concatsquash")
     if args.memory and args.device != "cpu":
         p.error("--memory counts CPU tensors; on CUDA every row reports torch.cuda.max_memory_allocated")
     if args.profile:
