@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import RESULTS, Timer, load_average, mean_std, pyplot, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.trainer import Trainer
 
 KINDS = ("ccnf", "infocnf")

@@ -24,7 +24,7 @@ import torch
 
 from common import RESULTS, Timer, mean_std, pyplot, read_log, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.trainer import Trainer
 
 #: variant -> overrides on top of the data set's base recipe

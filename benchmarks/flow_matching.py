@@ -97,7 +97,7 @@ def toy_worker(spec: dict) -> None:
     times, ``time.time()``) and the sampling NFE to ``spec["result"]``."""
     import torch
 
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -190,7 +190,7 @@ def digits_worker(spec: dict) -> dict:
     process's CPU seconds at each evaluation's start and end."""
     import torch
 
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.training.trainer import Trainer
 
     torch.set_num_threads(1)
@@ -268,12 +268,12 @@ def torchcfm_worker(spec: dict) -> dict:
                                                     ExactOptimalTransportConditionalFlowMatcher)
     from torchcfm.models import MLP
 
-    from fastcnf.cnf.coupling import ExactOTCoupling, IndependentCoupling
+    from fastcnf.flow_matching.pairing import ExactOTCoupling, IndependentCoupling
     from fastcnf.cnf.dynamics import ConcatSquashMLP
-    from fastcnf.cnf.flow_matching import flow_matching_loss
+    from fastcnf.flow_matching.loss import flow_matching_loss
     from fastcnf.cnf.likelihood import log_prob
-    from fastcnf.cnf.paths import IndependentCFMPath, UniformTime
-    from fastcnf.config import load_recipe
+    from fastcnf.flow_matching.paths import IndependentCFMPath, UniformTime
+    from fastcnf.methods import load_recipe
     from fastcnf.data.registry import load_data
 
     torch.set_num_threads(1)
@@ -374,7 +374,7 @@ def torchcfm_worker(spec: dict) -> dict:
     cost_profile = {}
     x = train_x[:batch]
     eps = torch.randn_like(x)
-    from fastcnf.cnf.coupling import squared_distances
+    from fastcnf.flow_matching.pairing import squared_distances
     from scipy.optimize import linear_sum_assignment
     import ot as pot
     reps = spec["timing_window"]

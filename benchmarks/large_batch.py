@@ -31,7 +31,7 @@ import torch
 from common import (RESULTS, ROOT, Timer, mean_std, pyplot, run_metadata, save_figure, source_env, time_to_target,
                     write_json)
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.trainer import Trainer
 
 SHRINK = ["model.hidden_dims=[8]", "eval.atol=1e-3", "eval.rtol=1e-3", "train.checkpoint_every=0", "threads=1"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import Timer, mean_std, pyplot, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.trainer import Trainer
 
 RECIPES = {"latentode": "spirals-latentode", "partitioned": "spirals-latentode-partitioned"}

@@ -29,7 +29,7 @@ import torch
 
 from common import RESULTS, Timer, load_average, run_metadata, time_to_target, write_json
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.trainer import Trainer
 
 

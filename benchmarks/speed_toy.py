@@ -77,7 +77,7 @@ def fastcnf_overrides(data: str, iterations: int, seed: int, extra: list[str]) -
 
 def write_test_split(data: str, seed: int, overrides: list[str], path: Path) -> int:
     """fastcnf's test split of ``data`` (what its trainer evaluates on) as a .npy file."""
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.data.registry import load_data
 
     cfg = load_recipe("toy-ffjord", overrides=fastcnf_overrides(data, 1, seed, overrides))
@@ -132,7 +132,7 @@ def _read_log(run_dir: Path) -> dict[str, list[float]]:
 
 
 def run_fastcnf_inprocess(data: str, iterations: int, seed: int, tail: int, overrides: list[str], work: Path) -> dict:
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.training.trainer import Trainer
 
     out = work / f"fastcnf-{data}"
@@ -185,7 +185,7 @@ def run_fastcnf_cli(data: str, iterations: int, seed: int, overrides: list[str],
 def run_to_quality(data: str, seed: int, target_nll: float, overrides: list[str], eval_every: int,
                    max_iterations: int, work: Path) -> dict:
     """Train fastcnf until its test NLL is at most ``target_nll``; evaluations are not timed."""
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.training.trainer import Trainer
 
     out = work / f"fastcnf-quality-{data}"
@@ -240,7 +240,7 @@ def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats
     import copy
 
     import ffjord_baseline as fb
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
     from fastcnf.ode.solve import SolverConfig
     from fastcnf.training.checkpoint import load_checkpoint
     from fastcnf.training.trainer import Trainer

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import RESULTS, ROOT, Timer, mean_std, pyplot, read_log, run_metadata, save_figure, write_json
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.evaluation.integrate import integrate_run
 from fastcnf.training.trainer import Trainer
 

@@ -17,10 +17,11 @@ __version__ = "0.1.0"
 
 #: public name -> module that defines it
 _EXPORTS = {
-    "Config": "fastcnf.config",
+    "Config": "fastcnf.methods",
     "ConfigError": "fastcnf.config",
     "SolverConfig": "fastcnf.config",
-    "load_recipe": "fastcnf.config",
+    "load_recipe": "fastcnf.methods",
+    "METHODS": "fastcnf.methods",
     "list_recipes": "fastcnf.config",
     "DataConfig": "fastcnf.config",
     "load_data": "fastcnf.data",
@@ -32,13 +33,13 @@ _EXPORTS = {
     "Hutchinson": "fastcnf.cnf.divergence",
     "SequentialFlow": "fastcnf.flows.sequential",
     "FlowModel": "fastcnf.models.flow_model",
-    "build_model": "fastcnf.models.builder",
+    "build_model": "fastcnf.methods",
     "evaluate_density": "fastcnf.evaluation.metrics",
     "Trainer": "fastcnf.training.trainer",
     "log_prob": "fastcnf.cnf.likelihood",
     "LogProbResult": "fastcnf.cnf.likelihood",
     "UNetVelocity": "fastcnf.cnf.unet",
-    "flow_matching_loss": "fastcnf.cnf.flow_matching",
+    "flow_matching_loss": "fastcnf.flow_matching.loss",
 }
 
 __all__ = sorted(_EXPORTS)

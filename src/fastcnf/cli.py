@@ -32,10 +32,10 @@ def _load_run(run_dir: str, overrides: list[str]):
     and the weights of its checkpoint (no trainer, optimiser or process group)."""
     import torch
 
-    from fastcnf.config import load_run_config
+    from fastcnf.methods import load_run_config
     from fastcnf.data import load_data
     from fastcnf.training.checkpoint import load_checkpoint
-    from fastcnf.training.features import TASKS
+    from fastcnf.training.trainer import TASKS
 
     cfg = load_run_config(run_dir, overrides)
     if cfg.threads > 0:
@@ -77,7 +77,8 @@ def _print_metrics(metrics: dict, out_dir: Path) -> None:
 def cmd_train(args) -> int:
     import yaml
 
-    from fastcnf.config import config_to_dict, load_recipe
+    from fastcnf.config import config_to_dict
+    from fastcnf.methods import load_recipe
     from fastcnf.training.trainer import Trainer
 
     bare = [item for item in args.set if "=" not in item]

@@ -12,9 +12,8 @@ linear classifier on ``z_c``:
 * **CCNF** (eq. 3): ``z_c`` is the whole latent ``z``.
 * **InfoCNF** (§2.2, §4.1): ``z = [z_y, z_u]``; ``z_y`` (the supervised code) is
   ``supervised_fraction`` (half, "we use half of the latent code for conditioning") of the *whole*
-  latent, across scales; ``z_u`` is ``N(0, I)``. Where z_y lies is :data:`INFOCNF_PLACEMENTS`:
-  ``first`` (the paper's ``[z_y, z_u]``), ``last``, or ``final_piece`` (the start of the final
-  latent piece only: fastcnf before issue 17, kept for old runs).
+  latent, across scales; ``z_u`` is ``N(0, I)``. Where z_y lies (the slice ``[start, start + size)``
+  given to :class:`ClassConditionalGaussian`) is chosen by :mod:`fastcnf.conditioning.prior`.
 
 ``mu(y)`` and ``log sigma(y)`` come from one linear layer ``q_phi`` of the one-hot label; the
 classifier ``q_theta`` is one linear layer with dropout on its input (§4.1: rate 0.5). Both are
@@ -24,7 +23,6 @@ The marginal ``log p(z) = logsumexp_y [log p(z | y) + log p(y)]`` uses the label
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +30,7 @@ from torch import Tensor, nn
 
 from fastcnf.config import ConfigError
 
-__all__ = ["Prior", "StandardNormal", "standard_normal_logprob", "ClassConditionalGaussian", "LabelError",
-           "CONDITIONED_SLICES", "INFOCNF_PLACEMENTS", "LABEL_PRIORS"]
+__all__ = ["Prior", "StandardNormal", "standard_normal_logprob", "ClassConditionalGaussian", "LabelError"]
 
 
 def standard_normal_logprob(z: Tensor) -> Tensor:
@@ -241,62 +238,3 @@ class ClassConditionalGaussian(Prior):
 # ---------------------------------------------------------------------------------------------
 # which slice each kind conditions, and the label prior
 # ---------------------------------------------------------------------------------------------
-
-def _supervised_size(total: int, fraction: float, where: str) -> int:
-    size = int(round(total * fraction))
-    if size < 1 or size > total:
-        raise ConfigError(f"conditioning.supervised_fraction={fraction} leaves no supervised code in {where} "
-                          f"of size {total}")
-    return size
-
-
-def _first(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
-    return 0, _supervised_size(sum(latent_sizes), fraction, "the latent")
-
-
-def _last(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
-    total = sum(latent_sizes)
-    size = _supervised_size(total, fraction, "the latent")
-    return total - size, size
-
-
-def _final_piece(latent_sizes: list[int], fraction: float) -> tuple[int, int]:
-    return sum(latent_sizes[:-1]), _supervised_size(latent_sizes[-1], fraction, "the final latent piece")
-
-
-#: ``conditioning.placement`` -> ``(latent_sizes, supervised_fraction) -> (start, size)`` of InfoCNF's z_y
-INFOCNF_PLACEMENTS: dict[str, Callable[[list[int], float], tuple[int, int]]] = {
-    "first": _first, "last": _last, "final_piece": _final_piece,
-}
-
-
-def _ccnf_slice(latent_sizes: list[int], fraction: float, placement: str = "first") -> tuple[int, int]:
-    return 0, sum(latent_sizes)
-
-
-def _infocnf_slice(latent_sizes: list[int], fraction: float, placement: str = "first") -> tuple[int, int]:
-    return INFOCNF_PLACEMENTS[placement](list(latent_sizes), fraction)
-
-
-#: kind -> ``(latent_sizes, supervised_fraction, placement) -> (start, size)`` of the conditioned slice
-CONDITIONED_SLICES: dict[str, Callable[..., tuple[int, int]]] = {
-    "ccnf": _ccnf_slice,
-    "infocnf": _infocnf_slice,
-}
-
-
-def _uniform(num_classes: int, labels: Tensor | None) -> Tensor:
-    return torch.full((num_classes,), -math.log(num_classes))
-
-
-def _empirical(num_classes: int, labels: Tensor | None) -> Tensor:
-    if labels is None:
-        raise ConfigError("conditioning.label_prior=empirical needs training labels")
-    counts = torch.bincount(labels.long().reshape(-1), minlength=num_classes).double()
-    if (counts == 0).any():
-        raise ConfigError("conditioning.label_prior=empirical: some classes never occur in the training split")
-    return (counts / counts.sum()).log().float()
-
-
-#: ``conditioning.label_prior`` -> ``(num_classes, train labels) -> log p(y)``
-LABEL_PRIORS: dict[str, Callable[[int, Tensor | None], Tensor]] = {"uniform": _uniform, "empirical": _empirical}

@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastcnf.cnf import (CNFBlock, ConcatSquashMLP, ExactTrace, FixedEndTime, Hutchinson,
-                         JacobianFrobenius, KineticEnergy)
-from fastcnf.cnf.endtime import RandomEndTime
+from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace, FixedEndTime, Hutchinson, JacobianFrobenius, KineticEnergy
+from fastcnf.endtime.policy import RandomEndTime
 from fastcnf.flows import SequentialFlow
 from fastcnf.models import FlowModel
 from fastcnf.ode import SolverConfig

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace
-from fastcnf.cnf.endtime import LearnedEndTime
+from fastcnf.endtime.policy import LearnedEndTime
 from fastcnf.cnf.fused import fused_applicable
 from fastcnf.ode import SolverBudgetExceeded, SolverConfig
 

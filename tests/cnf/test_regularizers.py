@@ -12,7 +12,7 @@ from torch import nn
 from torchdiffeq import odeint
 
 from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace, Hutchinson
-from fastcnf.cnf.endtime import LearnedEndTime, RandomEndTime
+from fastcnf.endtime.policy import LearnedEndTime, RandomEndTime
 from fastcnf.cnf.regularizers import JacobianFrobenius, KineticEnergy
 from fastcnf.ode.solve import SolverConfig
 from reference_models import simpson, trajectory

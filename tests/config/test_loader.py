@@ -8,8 +8,8 @@ import warnings
 import pytest
 import yaml
 
-from fastcnf.config import (ConfigError, DeprecatedOption, config_from_dict, config_to_dict, list_recipes,
-                            load_recipe, load_run_config)
+from fastcnf.config import ConfigError, DeprecatedOption, config_to_dict, list_recipes
+from fastcnf.methods import config_from_dict, load_recipe, load_run_config
 
 
 def _load_warning(load):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fastcnf.config import ConfigError, DataConfig, SolverConfig, check_choice, check_tolerance, load_recipe
+from fastcnf.config import ConfigError, DataConfig, SolverConfig, check_choice, check_tolerance
+from fastcnf.methods import load_recipe
 from fastcnf.config.schema import SOLVER_METHODS
 
 

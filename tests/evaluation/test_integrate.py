@@ -81,7 +81,7 @@ def test_integrate_rejects_image_models_and_bad_tolerances(tmp_path):
 def test_learned_tolerance_model_is_integrated_at_its_gates_mean_tolerances(tmp_path):
     """InfoCNF App. D: the density at the learned tolerances. With the gates' mean at 1e-5 the
     integral equals the one pinned at 1e-5 (same solves), and the tolerances used are reported."""
-    from fastcnf.cnf.tolerances import LearnedTolerance
+    from fastcnf.tolerances.gates import LearnedTolerance
 
     model, bundle = _trained_mix1d_model()
     policy = LearnedTolerance(model.cnf_blocks(), hidden=4, init_log10_tol=-5.0)

@@ -10,12 +10,13 @@ import math
 import pytest
 import torch
 
-from fastcnf.config import EvalConfig, load_recipe
+from fastcnf.config import EvalConfig
+from fastcnf.methods import load_recipe
 from fastcnf.data import load_data
 from fastcnf.data.base import DataBundle, DataSplit, dequantize
 from fastcnf.evaluation import metrics as eval_metrics
 from fastcnf.evaluation.metrics import evaluate_density
-from fastcnf.models.builder import build_model
+from fastcnf.methods import build_model
 
 BATCH = 50
 TIGHT_EVAL = ["eval.atol=1e-10", "eval.rtol=1e-10"]
@@ -24,7 +25,7 @@ TIGHT_EVAL = ["eval.atol=1e-10", "eval.rtol=1e-10"]
 @pytest.fixture(scope="module")
 def digits_glow():
     """A small Glow on digits (images with 17 levels; no ODE, so log p is exact and fast)."""
-    cfg = load_recipe("digits-glow", ["model.glow_levels=2", "model.glow_steps=1", "model.glow_hidden=8"])
+    cfg = load_recipe("digits-glow", ["model.glow.levels=2", "model.glow.steps=1", "model.glow.hidden=8"])
     bundle = load_data(cfg.data, 0)
     torch.manual_seed(0)
     model = build_model(cfg, bundle)
@@ -102,7 +103,7 @@ def _labelled_bundle(image: bool) -> DataBundle:
 def test_conditional_metrics_equal_brute_force_sums_over_classes(image):
     bundle = _labelled_bundle(image)
     if image:
-        cfg = load_recipe("digits-glow", ["model.glow_levels=1", "model.glow_steps=1", "model.glow_hidden=4",
+        cfg = load_recipe("digits-glow", ["model.glow.levels=1", "model.glow.steps=1", "model.glow.hidden=4",
                                           "conditioning.kind=ccnf", "dtype=float64"])
     else:
         cfg = load_recipe("toy-ffjord", ["model.hidden_dims=[8]", "conditioning.kind=infocnf", "dtype=float64",

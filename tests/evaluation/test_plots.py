@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.data import load_data
 from fastcnf.evaluation.plots import class_conditional_samples, plot_samples, read_log
-from fastcnf.models.builder import build_model
+from fastcnf.methods import build_model
 
 
 def test_read_log_gives_one_array_per_column_with_blanks_as_nan(tmp_path):

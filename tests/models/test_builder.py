@@ -8,12 +8,15 @@ import typing
 import pytest
 import torch
 
-from fastcnf.cnf.endtime import END_TIME_POLICIES, FixedEndTime, LearnedEndTime, RandomEndTime
-from fastcnf.cnf.tolerances import LearnedTolerance
-from fastcnf.config import ConfigError, ModelConfig, config_from_dict, load_recipe
+from fastcnf.cnf.endtime import FixedEndTime
+from fastcnf.endtime.policy import LearnedEndTime, RandomEndTime
+from fastcnf.tolerances.gates import LearnedTolerance
+from fastcnf.config import ConfigError, ModelConfig
+from fastcnf.methods import config_from_dict, load_recipe
 from fastcnf.data import load_data
 from fastcnf.data.base import DataBundle, DataSplit
-from fastcnf.models.builder import ARCHITECTURES, PRIORS, REGULARIZERS, TOLERANCE_POLICIES, build_model
+from fastcnf.models.builder import ARCHITECTURES, REGULARIZERS
+from fastcnf.methods import build_model
 from fastcnf.priors import ClassConditionalGaussian, StandardNormal
 from reference_models import labelled_vectors
 
@@ -30,12 +33,16 @@ def _cfg(**sections):
 
 
 def test_tables_cover_every_configured_choice():
-    from fastcnf.config import ConditioningConfig, EndTimeConfig, TolerancesConfig
+    from fastcnf import endtime, tolerances
+    from fastcnf.conditioning.config import ConditioningConfig
+    from fastcnf.conditioning.prior import CONDITIONED_SLICES
+    from fastcnf.endtime.config import EndTimeConfig
+    from fastcnf.tolerances.config import TolerancesConfig
 
     assert {"mlp", "multiscale", "glow"} <= set(ARCHITECTURES) <= _choices(ModelConfig, "arch")
-    assert set(PRIORS) == _choices(ConditioningConfig, "kind")
-    assert set(TOLERANCE_POLICIES) == _choices(TolerancesConfig, "policy")
-    assert set(END_TIME_POLICIES) == _choices(EndTimeConfig, "policy")
+    assert set(CONDITIONED_SLICES) | {"none"} == _choices(ConditioningConfig, "kind")
+    assert set(tolerances.POLICIES) == _choices(TolerancesConfig, "policy")
+    assert set(endtime.POLICIES) == _choices(EndTimeConfig, "policy")
     assert {f"{name}_weight" for name in REGULARIZERS} <= {f.name for f in __import__("dataclasses").fields(ModelConfig)}
 
 
@@ -112,7 +119,7 @@ def test_infocnf_conditions_half_of_the_whole_latent():
                         test=DataSplit(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.arange(2)),
                         shape=(1, 8, 8), num_classes=10, levels=17, split="fake")
     model = build_model(cfg, bundle)
-    flow = ARCHITECTURES[cfg.model.arch](cfg, bundle)
+    flow = ARCHITECTURES[cfg.model.arch](cfg, bundle, ())
     assert (model.prior.cond_start, model.prior.cond_size) == (0, flow.latent_dim // 2)  # z = [z_y, z_u]
     last = build_model(load_recipe("digits-infocnf", ["conditioning.placement=last"]), bundle)
     assert (last.prior.cond_start, last.prior.cond_size) == (flow.latent_dim // 2, flow.latent_dim // 2)

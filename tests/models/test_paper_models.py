@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from fastcnf.cnf.concat import ConcatConv2d, ConcatConvNet, ConcatLinear, ConcatMLP
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.data.base import DataBundle, DataSplit
-from fastcnf.models.builder import build_model
+from fastcnf.methods import build_model
 from fastcnf.training.checkpoint import export_safetensors
 
 MNIST, CIFAR = (1, 28, 28), (3, 32, 32)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from fastcnf import build_model
-from fastcnf.config import ConfigError, load_recipe
+from fastcnf.config import ConfigError
+from fastcnf.methods import load_recipe
 from fastcnf.config import schema
 from fastcnf.data.base import DataBundle, DataSplit
 from fastcnf.ode import NFECounter, SolverBudgetExceeded, SolverConfig, solve

@@ -1,5 +1,6 @@
 """The package's imports go one way: config < ode, data < cnf, flows, priors < models < evaluation
-< training < cli, with no cycle between modules.
+< method (the protocol) < the method packages < methods (the one table) < training < cli, with no
+cycle between modules. No core module imports a method package.
 
 Every import statement counts, at module level or inside a function, under ``TYPE_CHECKING`` or
 not: the files are read with :mod:`ast`, nothing is imported.
@@ -22,10 +23,16 @@ LAYERS = {
     "cnf": 2, "flows": 2, "priors": 2,
     "models": 3,
     "evaluation": 4,
-    "training": 5,
-    "cli": 6,
-    "__main__": 7,
+    "method": 5,
+    "flow_matching": 6, "endtime": 6, "tolerances": 6, "conditioning": 6, "parts": 6,
+    "methods": 7,
+    "training": 8,
+    "cli": 9,
+    "__main__": 10,
 }
+
+#: the method packages: each may import the core layers and the protocol, never another method
+METHOD_PACKAGES = {name for name, layer in LAYERS.items() if layer == 6}
 
 
 def _module_name(path: Path) -> str:
@@ -79,6 +86,13 @@ def test_no_import_goes_up_a_layer(module):
     own = _layer(module)
     bad = [t for t in _imports(MODULES[module]) if t != "fastcnf" and (_layer(t) or 0) > own]
     assert not bad, f"{module} (layer {own}) imports from higher layers: {sorted(bad)}"
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.split(".")[1:2] and m.split(".")[1] in METHOD_PACKAGES])
+def test_a_method_package_imports_no_other_method(module):
+    own = module.split(".")[1]
+    bad = [t for t in _imports(MODULES[module]) if t.split(".")[1:2] and t.split(".")[1] in METHOD_PACKAGES - {own}]
+    assert not bad, f"{module} imports another method's package: {sorted(bad)}"
 
 
 def test_the_top_level_package_imports_nothing_eagerly():

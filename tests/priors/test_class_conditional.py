@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from fastcnf.config import config_from_dict
-from fastcnf.models.builder import build_model
+from fastcnf.methods import config_from_dict
+from fastcnf.methods import build_model
 from fastcnf.models.flow_model import InputError
 from fastcnf.priors import ClassConditionalGaussian, LabelError, StandardNormal
 from reference_models import labelled_vectors

@@ -16,8 +16,9 @@ from ddp_common import det_cfg, launch_two_ranks, params, run_steps  # noqa: E40
 
 from fastcnf.config import ConfigError  # noqa: E402
 from fastcnf.training import distributed as ddp  # noqa: E402
-from fastcnf.training.distributed import merge_contexts, scaled_lr, split_micro  # noqa: E402
-from fastcnf.training.hooks import StepContext  # noqa: E402
+from fastcnf.training.accumulation import merge_contexts, split_micro  # noqa: E402
+from fastcnf.training.schedules import large_batch_summary, scaled_lr  # noqa: E402
+from fastcnf.method import StepContext  # noqa: E402
 from fastcnf.training.trainer import Trainer  # noqa: E402
 
 STEPS = 4
@@ -78,7 +79,7 @@ def test_effective_lr_and_batch_sizes_are_reported(tmp_path: Path) -> None:
     t = Trainer(cfg, tmp_path, progress=False)
     ctx = t.train_step()
     assert ctx["lr"] == pytest.approx(4e-3)
-    m = ddp.large_batch_summary(t.cfg, t.dist.world_size, t.base_lr, 2, 2.0)
+    m = large_batch_summary(t.cfg, t.dist.world_size, t.base_lr, 2, 2.0)
     assert m["effective_lr"] == pytest.approx(4e-3) and m["base_lr"] == pytest.approx(1e-3)
     assert (m["global_batch_size"], m["micro_batch_size"], m["world_size"]) == (16, 8, 1)
     assert m["examples_per_second"] == pytest.approx(16.0)

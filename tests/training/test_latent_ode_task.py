@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 from torchdiffeq import odeint
 
-from fastcnf.config import ConfigError, load_recipe
-from fastcnf.training.hooks import StepContext
+from fastcnf.config import ConfigError
+from fastcnf.methods import load_recipe
+from fastcnf.method import StepContext
 from fastcnf.training.trainer import Trainer
 
 TINY = ["train.iterations=3", "data.n_train=20", "data.n_test=10", "train.batch_size=10",

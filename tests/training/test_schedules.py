@@ -41,7 +41,7 @@ def test_cosine_decays_from_the_base_rate_to_min_lr() -> None:
 
 
 def test_decay_in_epochs_is_converted_with_steps_per_epoch() -> None:
-    from fastcnf.config import load_recipe
+    from fastcnf.methods import load_recipe
 
     cfg = load_recipe("toy-ffjord", ["train.schedule=step", "train.decay_unit=epochs", "train.decay_at=[2,5]"])
     s = LRSchedule.from_config(cfg.train, steps_per_epoch=7, base_lr=1e-2)
@@ -65,22 +65,19 @@ def test_optimizer_leaves_out_excluded_parameters_and_keeps_unscheduled_group_ra
     import torch
 
     from fastcnf.config import TrainConfig
-    from fastcnf.training.hooks import Hook
+    from fastcnf.method import Hook
     from fastcnf.training.schedules import build_optimizer
 
     model = torch.nn.Linear(2, 2)
     extra = torch.nn.Parameter(torch.zeros(1))
 
     class _Hook(Hook):
-        def excluded_parameters(self, trainer):
-            return [model.bias]
-
         def param_groups(self, trainer):
             return [{"params": [extra], "name": "extra", "lr": 0.5},
                     {"params": [torch.nn.Parameter(torch.zeros(1))], "name": "scaled", "lr_scale": 0.1,
                      "follow_schedule": True}]
 
-    opt = build_optimizer(TrainConfig(lr=1e-3), model, [_Hook()], None)
+    opt = build_optimizer(TrainConfig(lr=1e-3), model, [_Hook()], None, excluded=[model.bias])
     groups = {g["name"]: g for g in opt.param_groups}
     assert [id(p) for p in groups["model"]["params"]] == [id(model.weight)]
     assert set_group_lrs(opt, 2e-3) == 2e-3

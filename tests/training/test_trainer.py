@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 from fastcnf.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fastcnf.training.trainer import Trainer, TrainingDiverged
 
@@ -33,7 +33,7 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
     if data == "flow-matching":  # times, noise and OT pairs are drawn from the checkpointed RNG
         def make(n: int):
             return load_recipe("digits-fm-conditional", [
-                f"train.iterations={n}", "model.unet_channels=8", "model.unet_levels=1", "train.batch_size=16",
+                f"train.iterations={n}", "model.unet.channels=8", "model.unet.levels=1", "train.batch_size=16",
                 "data.n_test=16", "eval.batch_size=16", "eval.atol=1e-2", "eval.rtol=1e-2", "train.checkpoint_every=3",
                 "eval.figures=false", "data.n_train=64", "eval.sample_accuracy_per_class=0", "train.warmup_iterations=0",
                 "train.schedule=constant"])  # a cosine schedule would depend on the run length

@@ -13,7 +13,8 @@ solver. ``forward`` maps data to latent and returns the log-determinant; ``inver
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +23,10 @@ from fastcnf.cnf.divergence import DivergenceEstimator, DivergenceResult, ExactT
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
 from fastcnf.cnf.fused import fused_applicable, fused_solve
 from fastcnf.cnf.regularizers import Regularizer
+from fastcnf.config import check_tolerance
 from fastcnf.ode.solve import NFECounter, SolverConfig, solve
 
-__all__ = ["CNFBlock", "ToleranceChoice"]
+__all__ = ["CNFBlock", "ToleranceChoice", "pinned_tolerance"]
 
 #: a per-solve solver choice: ``(block, block input) -> SolverConfig`` or None (the default solver)
 ToleranceChoice = Callable[["CNFBlock", Tensor], "SolverConfig | None"]
@@ -103,7 +105,7 @@ class CNFBlock(nn.Module):
         eval_solver: solver configuration in eval mode (default: ``solver``).
         name: names the block in NFE records and errors.
         tolerance: a per-solve tolerance choice (``(block, x) -> SolverConfig | None``, e.g. a
-            learned gate of :mod:`fastcnf.cnf.tolerances`), consulted by :meth:`forward`.
+            learned gate of :mod:`fastcnf.tolerances`), consulted by :meth:`forward`.
 
     Example:
         >>> from fastcnf.cnf import CNFBlock, ConcatSquashMLP, ExactTrace
@@ -131,7 +133,7 @@ class CNFBlock(nn.Module):
         self.name = name
         self.nfe = NFECounter(name)
         self.tolerance: ToleranceChoice | None = None
-        #: set by :func:`fastcnf.cnf.tolerances.pinned_tolerance`: overrides every other solver
+        #: set by :func:`pinned_tolerance`: overrides every other solver
         self.pinned_solver: SolverConfig | None = None
         #: regulariser integrals of the last forward (name -> per-example value); outputs, not inputs
         self.reg_states: dict[str, Tensor] = {}
@@ -200,4 +202,21 @@ class CNFBlock(nn.Module):
         return shape
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, divergence={self.divergence!r}, T0={self.end_time_policy.t0}"
+        return f"name={self.name!r}, divergence={self.divergence!r}, T0={self.end_time_policy.T0}"
+
+
+@contextlib.contextmanager
+def pinned_tolerance(blocks: Sequence[nn.Module], atol: float, rtol: float | None = None) -> Iterator[None]:
+    """Solve every block at ``atol``/``rtol`` (train and eval mode) while the context is open;
+    tolerance choices (learned gates) are not consulted. Restores the blocks afterwards."""
+    atol = check_tolerance(atol, "atol")
+    rtol = check_tolerance(atol if rtol is None else rtol, "rtol")
+    saved = [b.pinned_solver for b in blocks]
+    try:
+        for b in blocks:
+            base = b.eval_solver if b.eval_solver is not None else b.solver
+            b.pinned_solver = base.with_tolerance(atol, rtol)
+        yield
+    finally:
+        for b, s in zip(blocks, saved):
+            b.pinned_solver = s

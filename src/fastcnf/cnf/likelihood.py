@@ -12,7 +12,7 @@ forward-mode exact trace).
 
 Time conventions (``T = end_time``):
 
-* ``data_to_noise`` (fastcnf's; flow-matching models trained by :mod:`fastcnf.cnf.flow_matching`):
+* ``data_to_noise`` (fastcnf's; flow-matching models trained by :mod:`fastcnf.flow_matching.loss`):
   ``f(t, z) = v(t, z)``, data at ``t = 0``, source at ``t = T``.
 * ``noise_to_data`` (torchcfm, facebookresearch/flow_matching: source at ``t = 0``, data at
   ``t = T``): ``f(s, z) = -v(T - s, z)`` -- the same trajectories run backwards.

@@ -1,41 +1,38 @@
-"""Configuration as data: the schema of a run and its loader (recipes, YAML, overrides).
+"""Configuration as data: the core schema of a run and its loader (recipes, YAML, overrides).
 
 This package imports nothing from the rest of fastcnf; every other layer reads its settings here.
+The methods' sections live in their own packages; :mod:`fastcnf.methods` extends :class:`Config`
+with them and holds the loader every command uses (``fastcnf.methods.load_recipe``).
 """
 from fastcnf.config.errors import ConfigError, check_choice, check_tolerance, did_you_mean
 from fastcnf.config.loader import (
     RECIPE_DIR,
+    ConfigLoader,
     DeprecatedOption,
     apply_overrides,
-    config_from_dict,
     config_to_dict,
     list_recipes,
-    load_recipe,
-    load_run_config,
     recipe_dict,
     valid_keys,
 )
 from fastcnf.config.schema import (
     Config,
-    ConditioningConfig,
     DataConfig,
     DistributedConfig,
-    EndTimeConfig,
     EvalConfig,
-    FlowMatchingConfig,
+    GlowConfig,
     LatentODEConfig,
     ModelConfig,
-    PartsConfig,
     SolverConfig,
-    TolerancesConfig,
     TrainConfig,
+    UNetConfig,
+    extend_config,
 )
+from fastcnf.config.section import Section
 
 __all__ = [
     "ConfigError", "DeprecatedOption", "check_choice", "check_tolerance", "did_you_mean",
-    "RECIPE_DIR", "apply_overrides", "config_from_dict", "config_to_dict", "list_recipes", "load_recipe",
-    "load_run_config", "recipe_dict", "valid_keys",
-    "Config", "ConditioningConfig", "DataConfig", "DistributedConfig", "EndTimeConfig", "EvalConfig",
-    "FlowMatchingConfig", "LatentODEConfig", "ModelConfig", "PartsConfig", "SolverConfig",
-    "TolerancesConfig", "TrainConfig",
+    "RECIPE_DIR", "ConfigLoader", "apply_overrides", "config_to_dict", "list_recipes", "recipe_dict", "valid_keys",
+    "Config", "DataConfig", "DistributedConfig", "EvalConfig", "GlowConfig", "LatentODEConfig", "ModelConfig",
+    "SolverConfig", "TrainConfig", "UNetConfig", "Section", "extend_config",
 ]

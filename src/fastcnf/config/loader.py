@@ -25,12 +25,12 @@ __all__ = [
     "RECIPE_DIR",
     "list_recipes",
     "recipe_dict",
-    "load_recipe",
-    "load_run_config",
-    "config_from_dict",
     "config_to_dict",
     "apply_overrides",
     "valid_keys",
+    "ConfigLoader",
+    "DEPRECATIONS",
+    "DEPRECATED_KEYS",
 ]
 
 
@@ -43,7 +43,7 @@ class DeprecatedOption(FutureWarning):
 # ---------------------------------------------------------------------------------------------
 
 def valid_keys(cls: type = Config, prefix: str = "") -> list[str]:
-    """Every dotted key of ``cls`` (default: the whole :class:`Config`)."""
+    """Every dotted key of ``cls`` (default: the core :class:`Config`, without the methods' sections)."""
     keys = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -135,56 +135,27 @@ def _build(cls, values: dict, prefix: str):
         raise ConfigError(f"invalid {prefix.rstrip('.') or 'configuration'}: {e}") from None
 
 
-def _move_train_end_time(values: dict) -> str | None:
+_NESTED = {"glow": ("levels", "steps", "hidden", "lu", "preprocess"), "unet": ("channels", "levels")}
+
+
+def _nest_architecture_options(values: dict) -> str | None:
+    """``model.glow_levels`` -> ``model.glow.levels`` (and the other architecture options)."""
     model = values.get("model") or {}
-    if "train_end_time" not in model:
-        return None
-    joint = model.pop("train_end_time")
-    if joint:
-        endtime = values.setdefault("endtime", {})
-        if endtime.get("policy", "fixed") not in ("fixed", "joint"):
-            raise ConfigError(f"model.train_end_time=true conflicts with endtime.policy={endtime['policy']!r}; "
-                              "use endtime.policy=joint alone")
-        endtime["policy"] = "joint"
-        return "model.train_end_time is deprecated: use endtime.policy=joint"
-    return None
-
-
-def _move_fixed_tolerances(values: dict) -> str | None:
-    tol = values.get("tolerances") or {}
-    if tol.get("policy", "fixed") != "fixed":
-        return None
     moved = []
-    for key in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
-        v = tol.get(key)
-        if v in (None, []):
-            continue
-        v = v if isinstance(v, list) else [v]
-        if len(v) != 1:
-            raise ConfigError(f"tolerances.policy=fixed takes one {key}, got {len(v)} values; "
-                              "use tolerances.policy=per_block for one tolerance per block")
-        values.setdefault("solver", {})[key] = v[0]
-        tol[key] = []
-        moved.append(key)
-    if moved:
-        return (f"tolerances.{'/'.join(moved)} with tolerances.policy=fixed is deprecated: "
-                f"use solver.{'/'.join(moved)}")
-    return None
+    for arch, names in _NESTED.items():
+        for name in names:
+            old = f"{arch}_{name}"
+            if old in model:
+                model.setdefault(arch, {})[name] = model.pop(old)
+                moved.append(f"model.{old} is now model.{arch}.{name}")
+    return "; ".join(moved) + " (old spelling deprecated)" if moved else None
 
+
+#: keys that no longer exist but still load through a rewrite below (accepted by ``--set``)
+DEPRECATED_KEYS = {f"model.{arch}_{name}" for arch, names in _NESTED.items() for name in names}
 
 #: rewrites of old spellings, each ``values -> message | None`` (applied before the keys are checked)
-DEPRECATIONS: list[Callable[[dict], str | None]] = [_move_train_end_time, _move_fixed_tolerances]
-
-
-def config_from_dict(values: dict) -> Config:
-    """Build and validate a :class:`Config` from a nested mapping (old spellings are rewritten,
-    with a :class:`DeprecatedOption` warning each)."""
-    values = _copy(values)
-    for rewrite in DEPRECATIONS:
-        message = rewrite(values)
-        if message:
-            warnings.warn(message, DeprecatedOption, stacklevel=2)
-    return _build(Config, values, "")
+DEPRECATIONS: list[Callable[[dict], str | None]] = [_nest_architecture_options]
 
 
 def _copy(values: Any) -> Any:
@@ -202,9 +173,8 @@ def _parse_value(text: str, key: str) -> Any:
         raise ConfigError(f"malformed value for {key!r}: {text!r}") from None
 
 
-def apply_overrides(values: dict, overrides: list[str]) -> dict:
-    """Apply ``KEY=VALUE`` strings (dotted keys) to a nested mapping, validating the keys."""
-    valid = set(valid_keys(Config)) | {"model.train_end_time"}  # deprecated keys still load
+def apply_overrides(values: dict, overrides: list[str], valid: set[str]) -> dict:
+    """Apply ``KEY=VALUE`` strings (dotted keys, each in ``valid``) to a nested mapping."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"malformed override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
@@ -264,19 +234,53 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def load_recipe(name: str, overrides: list[str] | None = None) -> Config:
-    """The recipe ``name`` with ``KEY=VALUE`` overrides applied, validated."""
-    values = recipe_dict(name)
-    apply_overrides(values, list(overrides or []))
-    return config_from_dict(values)
+class ConfigLoader:
+    """Reads configurations of one schema: the core :class:`Config` extended by the methods'
+    sections (:mod:`fastcnf.methods` builds the one loader every command uses).
 
+    Args:
+        schema: the configuration dataclass.
+        deprecations: rewrites of old spellings, each ``values -> message | None``, applied before
+            the keys are checked (each message becomes a :class:`DeprecatedOption` warning).
+        deprecated_keys: old dotted keys ``--set`` still accepts (a rewrite moves them).
+    """
 
-def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
-    """The configuration of an existing run directory (its ``config.yaml``) with overrides."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.exists():
-        raise ConfigError(f"{run_dir} is not a fastcnf run directory (no config.yaml)")
-    with open(path) as fh:
-        values = yaml.safe_load(fh) or {}
-    apply_overrides(values, list(overrides or []))
-    return config_from_dict(values)
+    def __init__(self, schema: type, deprecations: list[Callable[[dict], str | None]] = (),
+                 deprecated_keys: set[str] = frozenset()) -> None:
+        self.schema = schema
+        self.deprecations = list(DEPRECATIONS) + list(deprecations)
+        self.deprecated_keys = set(DEPRECATED_KEYS) | set(deprecated_keys)
+
+    def valid_keys(self) -> list[str]:
+        """Every dotted key of the schema."""
+        return valid_keys(self.schema)
+
+    def config_from_dict(self, values: dict):
+        """Build and validate a configuration from a nested mapping (old spellings are rewritten,
+        with a :class:`DeprecatedOption` warning each)."""
+        values = _copy(values)
+        for rewrite in self.deprecations:
+            message = rewrite(values)
+            if message:
+                warnings.warn(message, DeprecatedOption, stacklevel=3)
+        return _build(self.schema, values, "")
+
+    def apply_overrides(self, values: dict, overrides: list[str]) -> dict:
+        """Apply ``KEY=VALUE`` strings (dotted keys of the schema or deprecated ones)."""
+        return apply_overrides(values, overrides, set(self.valid_keys()) | self.deprecated_keys)
+
+    def load_recipe(self, name: str, overrides: list[str] | None = None):
+        """The recipe ``name`` with ``KEY=VALUE`` overrides applied, validated."""
+        values = recipe_dict(name)
+        self.apply_overrides(values, list(overrides or []))
+        return self.config_from_dict(values)
+
+    def load_run_config(self, run_dir: str | Path, overrides: list[str] | None = None):
+        """The configuration of an existing run directory (its ``config.yaml``) with overrides."""
+        path = Path(run_dir) / "config.yaml"
+        if not path.exists():
+            raise ConfigError(f"{run_dir} is not a fastcnf run directory (no config.yaml)")
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+        self.apply_overrides(values, list(overrides or []))
+        return self.config_from_dict(values)

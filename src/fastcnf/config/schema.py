@@ -1,5 +1,6 @@
-"""The configuration of a run: the core sections (data, solver, model, training, evaluation) and
-:class:`Config`, which holds them and the feature sections of :mod:`fastcnf.config.features`.
+"""The configuration of a run: the core sections (data, solver, model, training, evaluation,
+distributed, LatentODE) and :class:`Config`, which holds them. The methods' sections live in their
+own packages; :func:`extend_config` adds them (:mod:`fastcnf.methods` builds the run's class).
 
 Choices are ``Literal`` types, checked (with a "did you mean") when a section is built, whether
 from a recipe or in Python; ranges are checked by each section's ``check``. Nothing here imports
@@ -7,25 +8,17 @@ from the rest of fastcnf: every layer reads its settings from these classes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Callable, Literal
 
 from fastcnf.config.errors import ConfigError, check_tolerance
-from fastcnf.config.features import (
-    ConditioningConfig,
-    DistributedConfig,
-    EndTimeConfig,
-    FlowMatchingConfig,
-    LatentODEConfig,
-    PartsConfig,
-    TolerancesConfig,
-)
+from fastcnf.config.features import DistributedConfig, LatentODEConfig
 from fastcnf.config.section import ADAPTIVE_METHODS, SOLVER_METHODS, Section, SolverMethod
 
 __all__ = [
     "ADAPTIVE_METHODS", "SOLVER_METHODS", "Section", "DataConfig", "SolverConfig", "ModelConfig", "TrainConfig", "EvalConfig",
-    "ConditioningConfig", "TolerancesConfig", "EndTimeConfig", "PartsConfig", "DistributedConfig",
-    "LatentODEConfig", "FlowMatchingConfig", "Config",
+    "GlowConfig", "UNetConfig", "DistributedConfig", "LatentODEConfig", "Config", "extend_config",
 ]
 
 @dataclass
@@ -143,6 +136,46 @@ class SolverConfig(Section):
 
 
 @dataclass
+class GlowConfig(Section):
+    """``model.arch: glow`` (Kingma & Dhariwal 2018, "Glow: Generative Flow with Invertible 1x1
+    Convolutions").
+
+    Attributes:
+        levels, steps: levels L and flow steps K per level.
+        hidden: hidden channels of the affine couplings.
+        lu: LU-parametrised 1x1 convolutions.
+        preprocess: ``shift`` (x - 0.5, Glow) or ``logit`` (with ``model.logit_alpha``).
+    """
+
+    _key = "model.glow"
+    levels: int = 3
+    steps: int = 32
+    hidden: int = 512
+    lu: bool = True
+    preprocess: Literal["shift", "logit"] = "shift"
+
+    def check(self) -> None:
+        self._positive("levels", "steps", "hidden")
+
+
+@dataclass
+class UNetConfig(Section):
+    """``model.arch: unet``: one CNF block whose dynamics is a U-Net over the whole image.
+
+    Attributes:
+        channels: channels of the first resolution level.
+        levels: resolution levels (down-samplings).
+    """
+
+    _key = "model.unet"
+    channels: int = 32
+    levels: int = 2
+
+    def check(self) -> None:
+        self._positive("channels", "levels")
+
+
+@dataclass
 class ModelConfig(Section):
     """The model.
 
@@ -169,11 +202,8 @@ class ModelConfig(Section):
         regularizer_reduction: ``sum`` of the regulariser rates over dimensions (Finlay et al. 2020,
             eq. 3-4), their ``mean`` (the paper's released code; matches a bits/dim loss), or
             ``auto`` (mean on image data, sum otherwise), so one weight means the same everywhere.
-        glow_levels, glow_steps, glow_hidden, glow_lu: ``glow``: levels L, steps K per level, hidden
-            channels of the couplings, LU-parametrised 1x1 convolutions (Kingma & Dhariwal 2018).
-        glow_preprocess: ``glow``: ``shift`` (x - 0.5, Glow) or ``logit`` (with ``logit_alpha``).
-        unet_channels: ``unet``: channels of the first resolution level.
-        unet_levels: ``unet``: resolution levels (down-samplings).
+        glow: options of ``arch: glow`` (:class:`GlowConfig`).
+        unet: options of ``arch: unet`` (:class:`UNetConfig`).
     """
 
     _key = "model"
@@ -192,16 +222,11 @@ class ModelConfig(Section):
     kinetic_weight: float = 0.0
     jacobian_weight: float = 0.0
     regularizer_reduction: Literal["auto", "sum", "mean"] = "auto"
-    glow_levels: int = 3
-    glow_steps: int = 32
-    glow_hidden: int = 512
-    glow_lu: bool = True
-    glow_preprocess: Literal["shift", "logit"] = "shift"
-    unet_channels: int = 32
-    unet_levels: int = 2
+    glow: GlowConfig = field(default_factory=lambda: GlowConfig())
+    unet: UNetConfig = field(default_factory=lambda: UNetConfig())
 
     def check(self) -> None:
-        self._positive("end_time", "num_blocks", "unet_channels", "unet_levels")
+        self._positive("end_time", "num_blocks")
         if self.hidden_dims and min(self.hidden_dims) <= 0:
             raise ConfigError(f"model.hidden_dims must be positive, got {self.hidden_dims}")
         if self.kinetic_weight < 0 or self.jacobian_weight < 0:
@@ -233,8 +258,9 @@ class TrainConfig(Section):
         lr_scaling: none, linear or sqrt: the rate used is ``lr * (batch_size /
             reference_batch_size)`` (linear) or its square root (Goyal et al. 2017).
         reference_batch_size: the batch ``lr`` was tuned for (0: ``batch_size``, no scaling).
-        objective: ``likelihood`` (maximum likelihood through the ODE solves) or
-            ``flow_matching`` (regression onto a path's velocity, no solves; see ``flow_matching``).
+        objective: ``likelihood`` (maximum likelihood through the ODE solves, FFJORD) or an
+            objective a method provides (README, "Methods"; e.g. ``flow_matching``, regression
+            onto a path's velocity).
     """
 
     _key = "train"
@@ -256,7 +282,7 @@ class TrainConfig(Section):
     accumulation_steps: int = 1
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     reference_batch_size: int = 0
-    objective: Literal["likelihood", "flow_matching"] = "likelihood"
+    objective: str = "likelihood"
 
     def check(self) -> None:
         self._positive("iterations", "batch_size", "lr", "accumulation_steps")
@@ -304,7 +330,8 @@ class EvalConfig(Section):
 
 @dataclass
 class Config(Section):
-    """A whole run.
+    """A whole run: the core sections. The run's configuration class adds one section per method
+    (:func:`extend_config`; ``fastcnf.methods.Config``).
 
     Attributes:
         recipe: the recipe this configuration came from.
@@ -328,39 +355,17 @@ class Config(Section):
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
-    tolerances: TolerancesConfig = field(default_factory=TolerancesConfig)
-    endtime: EndTimeConfig = field(default_factory=EndTimeConfig)
-    parts: PartsConfig = field(default_factory=PartsConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     latent_ode: LatentODEConfig = field(default_factory=LatentODEConfig)
-    flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
 
-    def check(self) -> None:
-        """Checks across sections."""
-        if self.train.objective == "flow_matching":
-            self._check_flow_matching()
-        if self.endtime.policy in ("toflow", "steer"):
-            t0 = self.model.end_time
-            width = self.endtime.clip_eps if self.endtime.policy == "toflow" else self.endtime.steer_b
-            key = "endtime.clip_eps" if self.endtime.policy == "toflow" else "endtime.steer_b"
-            if not width < t0:
-                raise ConfigError(f"{key}={width} must be below T0 = model.end_time = {t0}")
 
-    def _check_flow_matching(self) -> None:
-        """Flow matching trains one CNF block on the path from data (t = 0) to the prior (t = 1)."""
-        m = self.model
-        problems = [
-            (self.task != "density", f"task={self.task!r} (only density models)"),
-            (m.arch not in ("mlp", "unet"), f"model.arch={m.arch!r} (use mlp for vectors, unet for images)"),
-            (m.num_blocks != 1, f"model.num_blocks={m.num_blocks} (one CNF block)"),
-            (m.end_time != 1.0, f"model.end_time={m.end_time} (the path runs over [0, 1])"),
-            (self.endtime.policy != "fixed", f"endtime.policy={self.endtime.policy!r} (fixed)"),
-            (m.kinetic_weight > 0 or m.jacobian_weight > 0, "RNODE regularisers (they need solves)"),
-            (self.parts.enabled, "parts.enabled (no flow to cut)"),
-            (self.conditioning.kind == "infocnf", "conditioning.kind=infocnf (use ccnf: the source is the "
-                                                  "class-conditional Gaussian on the whole latent)"),
-        ]
-        for bad, what in problems:
-            if bad:
-                raise ConfigError(f"train.objective=flow_matching does not go with {what}")
+def extend_config(sections: dict[str, type], check: Callable[[Config], None]) -> type[Config]:
+    """The configuration class of a run: :class:`Config` plus one section per entry of ``sections``
+    (key -> section dataclass, default-constructed), with ``check(cfg)`` run after every section
+    has checked itself (rules across sections)."""
+    def check_all(self) -> None:
+        Config.check(self)
+        check(self)
+
+    fields = [(key, cls, field(default_factory=cls)) for key, cls in sections.items()]
+    return dataclasses.make_dataclass("Config", fields, bases=(Config,), namespace={"check": check_all})

@@ -7,16 +7,11 @@ from typing import Literal
 
 from fastcnf.config.errors import ConfigError, check_choice
 
-__all__ = ["Section", "SolverMethod", "SOLVER_METHODS", "ADAPTIVE_METHODS", "END_TIME_POLICIES",
-           "TOLERANCE_POLICIES", "EndTimePolicyName", "TolerancePolicyName"]
+__all__ = ["Section", "SolverMethod", "SOLVER_METHODS", "ADAPTIVE_METHODS"]
 
 SolverMethod = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 SOLVER_METHODS = typing.get_args(SolverMethod)
-EndTimePolicyName = Literal["fixed", "joint", "toflow", "steer"]
-END_TIME_POLICIES = typing.get_args(EndTimePolicyName)
-TolerancePolicyName = Literal["fixed", "per_block", "learned"]
-TOLERANCE_POLICIES = typing.get_args(TolerancePolicyName)
 
 
 class Section:

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from fastcnf.cnf.tolerances import pinned_tolerance
+from fastcnf.cnf.block import pinned_tolerance
 from fastcnf.config import check_tolerance
 from fastcnf.data.base import DataBundle
 

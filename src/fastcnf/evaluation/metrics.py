@@ -97,7 +97,7 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
                 labels = None if labels is None else labels.repeat(probes)
             z, logdet = model(x)
             lp = (prior.log_prob(z, labels) + logdet).double().reshape(probes, b)
-            probe_sums += lp.sum(1)
+            probe_sums += lp.sum(1).cpu()  # the sums stay on the CPU whatever the model's device
             sums["cond"] += float(lp.mean(0).sum())
             if conditional and labels is not None:
                 marg = (prior.marginal_log_prob(z) + logdet).double().reshape(probes, b).mean(0)

@@ -1,36 +1,25 @@
-"""Large-batch and data-parallel training: torchrun / torch.distributed, sharding, LR scaling.
+"""Data-parallel training under torchrun: the process group and the collectives.
 
-Nguyen et al., "On Mixed Conditional FFJORD with Large-Batch Training" (§3, Figures 5-6) and
-"InfoCNF" (Nguyen et al. 2019, §4.5) train with batch 8,000 instead of 900, a learning
-rate scaled with the batch (1e-2 instead of 1e-3) and step decay. fastcnf gives that three ways,
-which compose and all keep ``train.batch_size`` the *global* batch of one optimiser step:
-
-* **LR scaling** (Goyal et al. 2017): ``lr_eff = lr * g(B / B_ref)`` with ``g`` from
-  :data:`LR_SCALING` (``none``, ``linear``: ``g(r) = r``, ``sqrt``: ``g(r) = sqrt(r)``),
-  ``B = train.batch_size`` and ``B_ref = train.reference_batch_size``.
-* **Gradient accumulation**: each process splits its batch into ``train.accumulation_steps``
-  micro-batches and back-propagates ``(n_k / n) * loss_k``; because the loss is a mean,
-  ``sum_k (n_k / n) grad loss_k = grad loss`` of the whole batch (exact, up to rounding).
-* **Data parallel** under ``torchrun`` (gloo on CPU, nccl on GPU): every process draws the same
-  global batch (same seed and data order, like ``DistributedSampler``) and keeps rows
-  ``[r*B/W, (r+1)*B/W)``; after the backward pass the gradients of *every* trained tensor (the
-  model's and hooks' parameter groups: learned T, tolerance gates ...) are averaged with one
-  flattened all-reduce, so the optimiser steps agree; parameters the main optimiser does not
-  own (stepped by a hook) and buffers are then broadcast from rank 0. Losses and NFE are
-  all-reduced for the log; only rank 0 writes files.
+Every process draws the same global batch (same seed and data order, like ``DistributedSampler``)
+and keeps rows ``[r*B/W, (r+1)*B/W)`` (:func:`fastcnf.data.batcher.shard_rows`); after the
+backward pass the gradients of the main optimiser's tensors are averaged with one all-reduce per
+dtype (:func:`sync_gradients`), so the optimiser steps agree. Tensors a method steps with its own
+optimiser (TO-FLOW's T, the tolerance gates) are averaged the same way right before that step
+(:class:`fastcnf.method.OwnOptimizer`; the trainer connects them). Buffers and hook-stepped
+parameters are then broadcast from rank 0, losses and NFE all-reduced for the log; only rank 0
+writes files. Learning-rate scaling with the global batch is :mod:`fastcnf.training.schedules`,
+micro-batching :mod:`fastcnf.training.accumulation`.
 
 With an adaptive solver each process solves its own shard, so step sizes (and NFE) follow the
 shard's error norm, not the global batch's: the standard DDP semantics. With a fixed-step
 solver and an exact trace, W processes reproduce one process on the global batch.
 
 References: Nguyen et al., "On Mixed Conditional FFJORD with Large-Batch Training", §3 and
-Figures 5-6; Nguyen et al. 2019, "InfoCNF", §4.5; Goyal et al. 2017, "Accurate, Large Minibatch SGD:
-Training ImageNet in 1 Hour" (linear scaling, warm-up).
+Figures 5-6; Nguyen et al. 2019, "InfoCNF", §4.5.
 """
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -38,22 +27,14 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from fastcnf.config import Config, ConfigError
-from fastcnf.data.batcher import shard_rows
+from fastcnf.config import Config
 
 __all__ = [
     "DistContext",
-    "LR_SCALING",
     "BACKENDS",
     "init_distributed",
     "teardown",
-    "scaled_lr",
-    "check_large_batch",
-    "shard_rows",
     "sync_after_step",
-    "large_batch_summary",
-    "split_micro",
-    "merge_contexts",
     "sync_gradients",
     "broadcast_tensors",
     "broadcast_object",
@@ -63,31 +44,6 @@ __all__ = [
     "barrier",
     "parameters_agree",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# learning-rate scaling
-# ---------------------------------------------------------------------------------------------
-
-#: ``train.lr_scaling`` -> ``g(B / B_ref)``, the factor applied to ``train.lr``
-LR_SCALING: dict[str, Callable[[float], float]] = {
-    "none": lambda ratio: 1.0,
-    "linear": lambda ratio: ratio,
-    "sqrt": math.sqrt,
-}
-
-
-def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
-    """``lr * g(global_batch / reference_batch)`` (Goyal et al. 2017; InfoCNF §4.5: 8000 vs 900).
-
-    ``reference_batch <= 0`` means ``global_batch`` (no scaling).
-
-    Example:
-        >>> scaled_lr(1e-3, 8000, 800, "linear")
-        0.01
-    """
-    ref = reference_batch if reference_batch > 0 else global_batch
-    return lr * LR_SCALING[rule](global_batch / ref)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,62 +136,12 @@ def barrier() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration checks, sharding, micro-batches
-# ---------------------------------------------------------------------------------------------
-
-def check_large_batch(cfg, world_size: int) -> None:
-    """The global batch must split evenly into ``world_size`` shards of ``accumulation_steps``
-    micro-batches (otherwise the averaged gradient is not the full-batch gradient)."""
-    t = cfg.train
-    parts = world_size * t.accumulation_steps
-    if t.batch_size % parts:
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} must be divisible by world_size x train.accumulation_steps "
-            f"= {world_size} x {t.accumulation_steps} = {parts} (equal shards give the exact full-batch gradient)")
-
-
-def split_micro(ctx: dict, steps: int) -> list[tuple[float, dict]]:
-    """``steps`` contiguous micro-batch contexts of ``ctx`` with their share ``n_k / n``; every
-    other key of ``ctx`` (what ``before_step`` hooks put there) is shared."""
-    x, y = ctx["x"], ctx["y"]
-    n = x.shape[0]
-    out = []
-    for xs, idx in zip(torch.tensor_split(x, steps), torch.tensor_split(torch.arange(n), steps)):
-        micro = type(ctx)(ctx)
-        micro["x"] = xs
-        micro["y"] = None if y is None else y[idx[0]:idx[-1] + 1]
-        out.append((xs.shape[0] / n, micro))
-    return out
-
-
-def merge_contexts(ctx: dict, micros: list[tuple[float, dict]]) -> None:
-    """Fold micro-batch results back into ``ctx``: 0-d float tensors become their share-weighted
-    sum (the full-batch mean: loss, nll, bits/dim), per-example tensors are concatenated
-    (detached), ``terms`` are merged the same way, anything else takes the last micro-batch's."""
-    n = ctx["x"].shape[0]
-    keys = [k for k in micros[-1][1] if k not in ("x", "y")]
-    for k in keys:
-        vals = [m.get(k) for _, m in micros]
-        v0 = vals[-1]
-        if k == "terms" and isinstance(v0, dict):
-            ctx[k] = {tk: sum(w * m["terms"][tk].detach() for w, m in micros) for tk in v0}
-        elif isinstance(v0, Tensor) and all(isinstance(v, Tensor) for v in vals):
-            if v0.dim() == 0 and v0.is_floating_point():
-                ctx[k] = sum(w * v.detach() for (w, _), v in zip(micros, vals))
-            elif v0.dim() >= 1 and sum(v.shape[0] for v in vals) == n:
-                ctx[k] = torch.cat([v.detach() for v in vals])
-            else:
-                ctx[k] = v0
-        else:
-            ctx[k] = v0
-
-
-# ---------------------------------------------------------------------------------------------
 # collectives
 # ---------------------------------------------------------------------------------------------
 
 def sync_gradients(params: Iterable[Tensor]) -> None:
-    """Average the gradients of ``params`` over all ranks with one flattened all-reduce.
+    """Average the gradients of ``params`` over all ranks: one flattened all-reduce per gradient
+    dtype, in that dtype (float32 gradients travel as float32).
 
     A tensor without a gradient on some rank counts as zero there (DDP's unused parameters); a
     tensor without a gradient on every rank keeps ``grad = None``, as in one process."""
@@ -247,28 +153,29 @@ def sync_gradients(params: Iterable[Tensor]) -> None:
     if not params:
         return
     world = dist.get_world_size()
-    ref = params[0]
-    flat_parts, flags = [], []
+    groups: dict[torch.dtype, list[Tensor]] = {}
     for p in params:
-        g = p.grad
-        flags.append(0.0 if g is None else 1.0)
-        flat_parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=ref.device) if g is None
-                          else g.detach().reshape(-1).to(device=ref.device, dtype=torch.float64))
-    flat_parts.append(torch.tensor(flags, dtype=torch.float64, device=ref.device))
-    buf = _comm_device(torch.cat(flat_parts))
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    buf = buf.to(ref.device)
-    flags_sum = buf[-len(params):]
-    offset = 0
-    for i, p in enumerate(params):
-        n = p.numel()
-        if flags_sum[i] > 0:
-            g = (buf[offset:offset + n] / world).reshape(p.shape).to(p.dtype)
-            if p.grad is None:
-                p.grad = g.to(p.device)
-            else:
-                p.grad.copy_(g)
-        offset += n
+        groups.setdefault(p.dtype, []).append(p)
+    for dtype, group in groups.items():
+        device = group[0].device
+        # the has-a-gradient flags ride at the end of the buffer (0 / 1 counts are exact in any dtype)
+        flags = torch.tensor([0.0 if p.grad is None else 1.0 for p in group], dtype=dtype, device=device)
+        parts = [torch.zeros(p.numel(), dtype=dtype, device=device) if p.grad is None
+                 else p.grad.detach().reshape(-1).to(device=device) for p in group]
+        buf = _comm_device(torch.cat(parts + [flags]))
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        buf = buf.to(device)
+        counts = buf[-len(group):]
+        offset = 0
+        for i, p in enumerate(group):
+            n = p.numel()
+            if counts[i] > 0:
+                g = (buf[offset:offset + n] / world).reshape(p.shape)
+                if p.grad is None:
+                    p.grad = g.to(p.device)
+                else:
+                    p.grad.copy_(g)
+            offset += n
 
 
 def broadcast_tensors(tensors: Iterable[Tensor], src: int = 0) -> None:
@@ -366,15 +273,3 @@ def sync_after_step(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.
     if every and iteration % every == 0 and not parameters_agree(synced + list(model.buffers())):
         raise RuntimeError(f"ranks hold different parameters after iteration {iteration}; "
                            "a hook updates parameters from rank-local values")
-
-
-def large_batch_summary(cfg: Config, world_size: int, effective_lr: float, iterations: int,
-                        train_seconds: float) -> dict[str, Any]:
-    """The effective batch / learning-rate values of a run (metrics.json)."""
-    t = cfg.train
-    return {"world_size": world_size, "global_batch_size": t.batch_size,
-            "micro_batch_size": t.batch_size // (world_size * t.accumulation_steps),
-            "accumulation_steps": t.accumulation_steps, "lr_scaling": t.lr_scaling,
-            "reference_batch_size": t.reference_batch_size or t.batch_size,
-            "base_lr": t.lr, "effective_lr": effective_lr,
-            "examples_per_second": (t.batch_size * iterations / train_seconds) if train_seconds > 0 else None}

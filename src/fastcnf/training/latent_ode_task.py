@@ -38,7 +38,7 @@ from fastcnf.data.spirals import PARAM_MEAN, PARAM_STD, SpiralBundle
 from fastcnf.evaluation.metrics import fork_rng, test_batches
 from fastcnf.evaluation.plots import plot_trajectories
 from fastcnf.models.latent_ode import LatentODE
-from fastcnf.training.hooks import StepContext
+from fastcnf.method import StepContext
 from fastcnf.training.tasks import Task
 
 __all__ = ["LatentODETask", "spiral_labels"]

@@ -1,4 +1,5 @@
-"""The optimiser and its learning-rate schedule: linear warm-up, then constant, step decay or cosine.
+"""The optimiser and its learning-rate schedule: scaling with the global batch, linear warm-up,
+then constant, step decay or cosine.
 
 The learning rate at iteration i (0-based, the rate used by step i+1) is
 ``base * warmup(i) * decay(i)``; large-batch recipes scale ``base`` with the batch size
@@ -10,13 +11,14 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from fastcnf.config import TrainConfig
+from fastcnf.config import Config, TrainConfig
 
-__all__ = ["LRSchedule", "build_optimizer", "set_group_lrs"]
+__all__ = ["LRSchedule", "build_optimizer", "set_group_lrs", "LR_SCALING", "scaled_lr", "large_batch_summary"]
 
 
 @dataclass
@@ -73,15 +75,16 @@ class LRSchedule:
         )
 
 
-def build_optimizer(train: TrainConfig, model: nn.Module, hooks: list, trainer) -> torch.optim.Optimizer:
-    """Adam / AdamW over the model's parameters (minus those a hook trains itself) plus the hooks'
-    own parameter groups. A group follows the schedule (times its ``lr_scale``) when
-    ``follow_schedule`` is set (the model's group always does); other groups keep their rate."""
-    excluded = {id(p) for h in hooks for p in h.excluded_parameters(trainer)}
-    params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
-    groups = [{"params": params, "name": "model"}]
-    for h in hooks:
-        groups.extend(h.param_groups(trainer))
+def build_optimizer(train: TrainConfig, model: nn.Module, hooks: list, trainer,
+                    excluded: list | tuple = ()) -> torch.optim.Optimizer:
+    """Adam / AdamW over the model's parameters, minus ``excluded`` (the tensors methods step with
+    their own optimisers) and minus those in the hooks' parameter groups, plus those groups. A
+    group follows the schedule (times its ``lr_scale``) when ``follow_schedule`` is set (the
+    model's group always does); other groups keep their rate."""
+    hook_groups = [g for h in hooks for g in h.param_groups(trainer)]
+    leave = {id(p) for p in excluded} | {id(p) for g in hook_groups for p in g["params"]}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in leave]
+    groups = [{"params": params, "name": "model"}] + hook_groups
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
     opt = cls(groups, lr=train.lr, weight_decay=train.weight_decay)
     for g in opt.param_groups:
@@ -97,3 +100,36 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> float:
     for g in optimizer.param_groups:
         g["lr"] = lr * g["lr_scale"] if g["follow_schedule"] else g["initial_lr_group"]
     return lr
+
+
+#: ``train.lr_scaling`` -> ``g(B / B_ref)``, the factor applied to ``train.lr``
+LR_SCALING: dict[str, Callable[[float], float]] = {
+    "none": lambda ratio: 1.0,
+    "linear": lambda ratio: ratio,
+    "sqrt": math.sqrt,
+}
+
+
+def scaled_lr(lr: float, global_batch: int, reference_batch: int, rule: str) -> float:
+    """``lr * g(global_batch / reference_batch)`` (Goyal et al. 2017; InfoCNF §4.5: 8000 vs 900).
+
+    ``reference_batch <= 0`` means ``global_batch`` (no scaling).
+
+    Example:
+        >>> scaled_lr(1e-3, 8000, 800, "linear")
+        0.01
+    """
+    ref = reference_batch if reference_batch > 0 else global_batch
+    return lr * LR_SCALING[rule](global_batch / ref)
+
+
+def large_batch_summary(cfg: Config, world_size: int, effective_lr: float, iterations: int,
+                        train_seconds: float) -> dict[str, Any]:
+    """The effective batch / learning-rate values of a run (metrics.json)."""
+    t = cfg.train
+    return {"world_size": world_size, "global_batch_size": t.batch_size,
+            "micro_batch_size": t.batch_size // (world_size * t.accumulation_steps),
+            "accumulation_steps": t.accumulation_steps, "lr_scaling": t.lr_scaling,
+            "reference_batch_size": t.reference_batch_size or t.batch_size,
+            "base_lr": t.lr, "effective_lr": effective_lr,
+            "examples_per_second": (t.batch_size * iterations / train_seconds) if train_seconds > 0 else None}

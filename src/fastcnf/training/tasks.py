@@ -1,10 +1,10 @@
 """Tasks: what a model is trained to do. The trainer's loop is the same for all of them.
 
 A task builds the model, turns a raw batch into model input, computes the loss of a step into a
-:class:`~fastcnf.training.hooks.StepContext`, evaluates on the test split and draws its figures.
-:class:`DensityTask` trains normalizing flows (CNFs, multiscale CNFs, Glow); the LatentODE task
-is :class:`fastcnf.training.latent_ode_task.LatentODETask`. The table of tasks is
-:data:`fastcnf.training.features.TASKS`.
+:class:`~fastcnf.method.StepContext`, evaluates on the test split and draws its figures.
+:class:`DensityTask` trains normalizing flows (CNFs, multiscale CNFs, Glow) by ``train.objective``
+(:data:`fastcnf.methods.OBJECTIVES`); the LatentODE task is
+:class:`fastcnf.training.latent_ode_task.LatentODETask`. The table of tasks is :data:`fastcnf.training.trainer.TASKS`.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ from fastcnf.config import Config
 from fastcnf.data.base import DataBundle, dequantize
 from fastcnf.evaluation.metrics import evaluate_density, fork_rng
 from fastcnf.evaluation.plots import class_conditional_samples, density_figures
-from fastcnf.models.builder import build_model
+from fastcnf.method import StepContext
+from fastcnf.methods import OBJECTIVES, build_model
 from fastcnf.models.flow_model import FlowModel, bits_per_dim_from_log_prob
-from fastcnf.training.hooks import StepContext
-from fastcnf.training.objectives import OBJECTIVES
 
 __all__ = ["Task", "DensityTask"]
 
@@ -56,7 +55,7 @@ class Task:
 
 class DensityTask(Task):
     """Flows trained by ``train.objective``: maximum likelihood (the loss is the mean NLL in nats on
-    vectors, bits/dim on images, as FFJORD trains) or flow matching."""
+    vectors, bits/dim on images, as FFJORD trains) or a method's objective."""
 
     name = "density"
 
@@ -76,7 +75,7 @@ class DensityTask(Task):
         self.objective(model, ctx)
         if self.bundle.is_image and "log_prob" in ctx:
             ctx["bits_per_dim"] = bits_per_dim_from_log_prob(ctx["log_prob"], self.bundle.dim, self.bundle.levels).mean()
-            if self.cfg.train.objective == "likelihood":
+            if self.objective.computes_latent:  # maximum likelihood: FFJORD trains on bits/dim
                 ctx["loss"] = ctx["bits_per_dim"]
 
     def evaluate(self, model: FlowModel, device, dtype) -> dict[str, Any]:
@@ -87,3 +86,4 @@ class DensityTask(Task):
         if getattr(model.prior, "conditional", False):
             with fork_rng(self.cfg.eval.seed):
                 class_conditional_samples(model, self.bundle, fig_dir, self.cfg.eval.n_samples, self.cfg.recipe)
+

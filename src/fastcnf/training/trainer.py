@@ -2,8 +2,10 @@
 
 Every method (FFJORD, CCNF/InfoCNF, learned tolerances, TO-FLOW, STEER, RNODE, large batch,
 parts, data-parallel, flow matching, LatentODE) trains here: the model and loss come from a task
-(:data:`fastcnf.training.features.TASKS`), features plug in as hooks
-(:data:`fastcnf.training.features.FEATURES`).
+(:data:`TASKS`), the methods plug in as hooks (:func:`fastcnf.methods.build_hooks`). The trainer
+is the one place that handles the tensors a method steps with its own optimiser
+(:class:`fastcnf.method.OwnOptimizer`): it leaves them out of the main optimiser, checkpoints their
+optimisers and, under torchrun, has their gradients averaged over the processes before each step.
 
 A run directory holds ``config.yaml`` (resolved), ``log.csv`` (one row per iteration),
 ``metrics.json``, ``checkpoints/last.pt`` (+ ``model.safetensors`` at the end) and ``figures/``.
@@ -14,22 +16,29 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import yaml
 
-from fastcnf.config import Config, config_to_dict, load_run_config
+from fastcnf.config import Config, config_to_dict
 from fastcnf.data import Batcher, check_finite, load_data
+from fastcnf.data.base import DataBundle
 from fastcnf.evaluation.plots import training_curves
+from fastcnf.method import StepContext
+from fastcnf.methods import build_hooks, load_run_config
 from fastcnf.training import distributed as ddp
+from fastcnf.training.accumulation import check_large_batch, merge_contexts, split_micro
 from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
-from fastcnf.training.features import TASKS, build_hooks
-from fastcnf.training.hooks import StepContext
+from fastcnf.training.latent_ode_task import LatentODETask
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
-from fastcnf.training.schedules import LRSchedule, build_optimizer, set_group_lrs
+from fastcnf.training.schedules import LRSchedule, build_optimizer, large_batch_summary, scaled_lr, set_group_lrs
+from fastcnf.training.tasks import DensityTask, Task
 
-__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "BASE_LOG_COLUMNS"]
+__all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "BASE_LOG_COLUMNS", "TASKS"]
+
+#: ``task`` -> task class
+TASKS: dict[str, Callable[[Config, DataBundle], Task]] = {"density": DensityTask, "latent_ode": LatentODETask}
 
 
 class TrainingDiverged(RuntimeError):
@@ -65,7 +74,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         # [distributed] join torchrun's process group (no-op in one process); one GPU per rank
         self.dist = ddp.init_distributed(cfg)
-        ddp.check_large_batch(cfg, self.dist.world_size)
+        check_large_batch(cfg, self.dist.world_size)
         self.device = torch.device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", self.dist.local_rank)
@@ -83,18 +92,23 @@ class Trainer:
         self.hooks = build_hooks(cfg)
         for h in self.hooks:
             h.setup(self)
+        # the tensors methods step with their own optimisers: out of the main optimiser, saved in
+        # the checkpoint, and averaged over the processes before each of their steps
+        self.own_optimizers = {f"{h.name}.{i}": o for h in self.hooks for i, o in enumerate(h.own_optimizers(self))}
+        own_params = [p for o in self.own_optimizers.values() for p in o.params]
+        for o in self.own_optimizers.values():
+            o.average_gradients = ddp.sync_gradients
         # [large batch] lr scaled with the global batch (train.lr_scaling, train.reference_batch_size)
-        self.base_lr = ddp.scaled_lr(cfg.train.lr, cfg.train.batch_size, cfg.train.reference_batch_size,
-                                     cfg.train.lr_scaling)
-        self.optimizer = build_optimizer(self.cfg.train, self.model, self.hooks, self)
-        # [distributed] every trained tensor (model + hook groups) has its gradient averaged
-        seen: set[int] = set()
-        self._synced_params = [p for p in [q for g in self.optimizer.param_groups for q in g["params"]]
-                               + list(self.model.parameters())
-                               if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.base_lr = scaled_lr(cfg.train.lr, cfg.train.batch_size, cfg.train.reference_batch_size,
+                                 cfg.train.lr_scaling)
+        self.optimizer = build_optimizer(self.cfg.train, self.model, self.hooks, self, excluded=own_params)
+        # [distributed] the main optimiser's tensors have their gradient averaged after backward
+        self._synced_params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.dist.enabled:
             # same start on every rank, then per-rank noise streams (Hutchinson, dequantisation)
-            ddp.broadcast_tensors(self._synced_params + list(self.model.buffers()))
+            seen = {id(p) for p in self.model.parameters()}
+            ddp.broadcast_tensors(list(self.model.parameters()) + [p for p in own_params if id(p) not in seen]
+                                  + list(self.model.buffers()))
             torch.manual_seed(cfg.seed + 1000003 * self.dist.rank)
         self.schedule = LRSchedule.from_config(cfg.train, self.steps_per_epoch, self.base_lr)
         self.log_columns = list(BASE_LOG_COLUMNS)
@@ -129,6 +143,7 @@ class Trainer:
             "torch_rng_ranks": ddp.gather_objects(torch.get_rng_state()) if self.dist.enabled else [],
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "hooks": {h.name: h.state_dict() for h in self.hooks},
+            "own_optimizers": {name: o.state_dict() for name, o in self.own_optimizers.items()},
             "config": config_to_dict(self.cfg),
         }
 
@@ -152,6 +167,9 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         for h in self.hooks:
             h.load_state_dict(state["hooks"].get(h.name, {}))
+        for name, own in (state.get("own_optimizers") or {}).items():
+            if name in self.own_optimizers:
+                self.own_optimizers[name].load_state_dict(own)
         self.iteration = int(state["iteration"])
 
     # ------------------------------------------------------------------ the loop
@@ -168,7 +186,7 @@ class Trainer:
         # [large batch] train.accumulation_steps micro-batches, each loss scaled by its share n_k/n,
         # so the gradients sum to the full batch's
         steps = self.cfg.train.accumulation_steps
-        micros = [(1.0, ctx)] if steps == 1 else ddp.split_micro(ctx, steps)
+        micros = [(1.0, ctx)] if steps == 1 else split_micro(ctx, steps)
         nfe_f = nfe_b = 0.0
         for k, (share, mctx) in enumerate(micros):
             self.task.step(model, mctx)
@@ -193,7 +211,7 @@ class Trainer:
             f, b = model.nfe_last() if hasattr(model, "nfe_last") else (0, 0)
             nfe_f, nfe_b = nfe_f + f / steps, nfe_b + b / steps
         if steps > 1:
-            ddp.merge_contexts(ctx, micros)
+            merge_contexts(ctx, micros)
         ctx["nfe"] = (nfe_f, nfe_b) if steps > 1 else (f, b)
         # [distributed] average every trained tensor's gradient over the ranks (no-op in one process)
         ddp.sync_gradients(self._synced_params)
@@ -286,8 +304,8 @@ class Trainer:
         metrics.update(self.evaluate())
         metrics["seed"] = self.cfg.seed
         metrics["end_times"] = self.model_end_times()
-        metrics.update(ddp.large_batch_summary(self.cfg, self.dist.world_size, self.base_lr, self.iteration,
-                                               metrics.get("train_seconds") or 0.0))
+        metrics.update(large_batch_summary(self.cfg, self.dist.world_size, self.base_lr, self.iteration,
+                                           metrics.get("train_seconds") or 0.0))
         return write_metrics(self.out_dir, metrics)
 
     def figures(self) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastcnf.config import load_recipe
+from fastcnf.methods import load_recipe
 
 DETERMINISTIC = [
     "dtype=float64", "model.hidden_dims=[8,8]", "model.divergence=exact", "solver.method=rk4",

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ddp_common import det_cfg, run_steps  # noqa: E402
 
 from fastcnf.training import distributed as ddp  # noqa: E402
-from fastcnf.training.tolerances import LearnedToleranceHook  # noqa: E402
+from fastcnf.tolerances.hook import LearnedToleranceHook  # noqa: E402
 from fastcnf.training.trainer import Trainer  # noqa: E402
 
 # an adaptive solver, so each rank's shard gives its own NFE and so its own REINFORCE gradient

@@ -1,0 +1,87 @@
+"""Flow matching as a method: conditional flow matching (CFM), OT-CFM and class-conditional flow
+matching, trained without ODE solves and evaluated by exact likelihood like any CNF.
+
+``train.objective: flow_matching`` turns it on; its section is
+:class:`~fastcnf.flow_matching.config.FlowMatchingConfig`. The package: :mod:`~.paths` (probability
+paths and time sampling), :mod:`~.pairing` (minibatch optimal-transport pairing), :mod:`~.loss`
+(the regression loss), :mod:`~.objective` (the training objective). Docs: docs/flow_matching.md.
+
+References: Lipman et al. 2023, "Flow Matching for Generative Modeling"; Tong et al. 2024,
+"Improving and generalizing flow-based generative models with minibatch optimal transport".
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastcnf.cnf.endtime import FixedEndTime
+from fastcnf.config import ConfigError, SolverConfig
+from fastcnf.flow_matching.config import FlowMatchingConfig
+from fastcnf.flow_matching.objective import FlowMatching
+from fastcnf.method import Method
+from fastcnf.priors import ClassConditionalGaussian
+
+__all__ = ["FLOW_MATCHING", "FlowMatchingMethod"]
+
+#: the training solver's options: flow matching solves nothing in training (evaluation uses eval.*)
+_TRAINING_SOLVER = ("atol", "rtol", "adjoint", "adjoint_atol", "adjoint_rtol")
+
+
+class FlowMatchingMethod(Method):
+    """The flow-matching method (see the module docstring)."""
+
+    name = "flow_matching"
+    section = FlowMatchingConfig
+    docs = "docs/flow_matching.md"
+    objectives = {"flow_matching": FlowMatching}
+
+    def check(self, cfg: Any) -> None:
+        """Flow matching trains one CNF block on the path from data (t = 0) to the prior (t = 1)."""
+        if cfg.train.objective != "flow_matching":
+            return
+        m = cfg.model
+        problems = [
+            (cfg.task != "density", f"task={cfg.task!r} (only density models)"),
+            (m.arch not in ("mlp", "unet"), f"model.arch={m.arch!r} (use mlp for vectors, unet for images)"),
+            (m.num_blocks != 1, f"model.num_blocks={m.num_blocks} (one CNF block)"),
+            (m.end_time != 1.0, f"model.end_time={m.end_time} (the path runs over [0, 1])"),
+            (m.kinetic_weight > 0 or m.jacobian_weight > 0, "RNODE regularisers (they need solves)"),
+            (cfg.parts.enabled, "parts.enabled (no flow to cut)"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ConfigError(f"train.objective=flow_matching does not go with {what}")
+        # options that would silently do nothing
+        default = SolverConfig()
+        for key in _TRAINING_SOLVER:
+            if getattr(cfg.solver, key) != getattr(default, key):
+                raise ConfigError(f"solver.{key}={getattr(cfg.solver, key)!r} has no effect under "
+                                  "train.objective=flow_matching (nothing is solved in training; evaluation "
+                                  "uses eval.atol / eval.rtol): remove it")
+        beta_default = next(f.default for f in fields(cfg.conditioning) if f.name == "beta")
+        if cfg.conditioning.beta != beta_default:
+            raise ConfigError(f"conditioning.beta={cfg.conditioning.beta!r} has no effect under "
+                              "train.objective=flow_matching (no latent for a classifier: labels are read back "
+                              "by Bayes' rule from the class-conditional source): remove it")
+
+    def attach(self, cfg: Any, model: nn.Module) -> None:
+        if cfg.train.objective != "flow_matching":
+            return
+        for block in model.cnf_blocks():
+            p = block.end_time_policy
+            if type(p) is not FixedEndTime or p.end_time.requires_grad:
+                raise ConfigError(f"train.objective=flow_matching does not go with a learned or random end time "
+                                  f"({type(p).__name__} on block {block.name!r}; the path runs over [0, 1])")
+        prior = model.prior
+        if isinstance(prior, ClassConditionalGaussian):
+            if prior.cond_size != prior.dim:
+                raise ConfigError("train.objective=flow_matching conditions the whole latent: the source of class y "
+                                  "is a Gaussian on all of z (CCNF's prior), not on a part of it (InfoCNF's z_y)")
+            # a fixed class-conditional source
+            prior.fix_class_means(cfg.flow_matching.class_separation, torch.Generator().manual_seed(cfg.seed + 31))
+
+
+FLOW_MATCHING = FlowMatchingMethod()

@@ -1,0 +1,73 @@
+"""Flow matching as a training objective (``train.objective: flow_matching``).
+
+Regression of the CNF block's dynamics onto a probability path's velocity between the data
+(t = 0) and the prior (t = 1), no ODE solve (Lipman et al. 2023, "Flow Matching for Generative
+Modeling"; Tong et al. 2024, "Improving and generalizing flow-based generative models with minibatch
+optimal transport"). The flow's fixed preprocessing steps run first; the source of a
+class-conditional model is its class-conditional prior, drawn per label.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from fastcnf.cnf.block import CNFBlock
+from fastcnf.config import ConfigError
+from fastcnf.data.base import DataBundle
+from fastcnf.flow_matching.config import FlowMatchingConfig
+from fastcnf.flow_matching.loss import flow_matching_loss
+from fastcnf.flow_matching.pairing import Coupling, ExactOTCoupling, IndependentCoupling, SinkhornCoupling
+from fastcnf.flow_matching.paths import (IndependentCFMPath, LipmanOTPath, LogitNormalTime, ProbabilityPath,
+                                         TimeSampler, UniformTime)
+from fastcnf.method import StepContext
+from fastcnf.models.flow_model import FlowModel
+
+__all__ = ["FlowMatching"]
+
+#: ``flow_matching.path`` -> the conditional probability path
+_PATHS: dict[str, Callable[[FlowMatchingConfig], ProbabilityPath]] = {
+    "cfm": lambda f: IndependentCFMPath(f.sigma),
+    "ot": lambda f: LipmanOTPath(f.sigma_min),
+}
+#: ``flow_matching.coupling`` -> how data and noise are paired within a batch
+_PAIRINGS: dict[str, Callable[[FlowMatchingConfig], Coupling]] = {
+    "independent": lambda f: IndependentCoupling(),
+    "exact": lambda f: ExactOTCoupling(),
+    "sinkhorn": lambda f: SinkhornCoupling(epsilon=f.sinkhorn_reg),
+}
+#: ``flow_matching.time_sampling`` -> the distribution of t
+_TIMES: dict[str, Callable[[], TimeSampler]] = {"uniform": UniformTime, "logit_normal": LogitNormalTime}
+
+
+class FlowMatching:
+    """The conditional flow-matching loss of the model's one CNF block (see the module docstring).
+
+    Fills ``loss`` (mean squared velocity error per coordinate), ``nll`` (NaN: no likelihood is
+    computed in training) and ``labels``; the block's NFE record is zero (nothing is solved).
+    """
+
+    #: the step maps no data to a latent (a classifier on the latent has nothing to read)
+    computes_latent = False
+
+    def __init__(self, cfg: Any, bundle: DataBundle) -> None:
+        f = cfg.flow_matching
+        self.path = _PATHS[f.path](f)
+        self.coupling = _PAIRINGS[f.coupling](f)
+        self.time_sampler = _TIMES[f.time_sampling]()
+
+    def __call__(self, model: FlowModel, ctx: StepContext) -> None:
+        steps = list(model.flow.steps)
+        if not steps or not isinstance(steps[-1], CNFBlock) or len(model.cnf_blocks()) != 1:
+            raise ConfigError("train.objective=flow_matching needs a flow that ends in its only CNF block "
+                              "(model.arch mlp or unet)")
+        block = steps[-1]
+        x, y = ctx["x"], ctx["y"]
+        labels = model.check_label(y, x.shape[0]) if y is not None else None
+        with torch.no_grad():  # fixed preprocessing (e.g. centring) before the block
+            h = model.flow.forward_range(x, 0, len(steps) - 1)[0]
+        noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype).reshape(h.shape)
+        model.reset_nfe()
+        loss = flow_matching_loss(block.net, h, noise, self.path, self.coupling, self.time_sampler, labels=labels)
+        ctx.update(labels=labels, loss=loss, nll=torch.tensor(math.nan))

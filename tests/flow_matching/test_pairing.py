@@ -1,0 +1,133 @@
+"""Minibatch couplings (issue 19): exact OT against brute force over all permutations, class-wise
+pairing, and Sinkhorn's plan approaching the exact one as epsilon -> 0.
+"""
+from __future__ import annotations
+
+import itertools
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastcnf.flow_matching.config import FlowMatchingConfig
+from fastcnf.flow_matching.pairing import ExactOTCoupling, IndependentCoupling, SinkhornCoupling, squared_distances
+
+
+def _batches(b, shape=(2,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, *shape, generator=g, dtype=torch.float64) * 0.5 + 1.0
+    eps = torch.randn(b, *shape, generator=g, dtype=torch.float64)
+    return x, eps
+
+
+def _cost(x, eps, index):
+    return float(((x - eps[index]) ** 2).reshape(x.shape[0], -1).sum())
+
+
+def _brute_force(cost: np.ndarray) -> float:
+    perms = np.array(list(itertools.permutations(range(cost.shape[0]))))
+    return float(cost[np.arange(cost.shape[0]), perms].sum(1).min())
+
+
+@pytest.mark.parametrize("b", [5, 6])
+@pytest.mark.parametrize("seed", range(4))
+def test_exact_ot_pairing_attains_the_brute_force_minimum(b, seed):
+    x, eps = _batches(b, seed=seed)
+    index = ExactOTCoupling()(x, eps)
+    assert sorted(index.tolist()) == list(range(b))  # a permutation: every noise sample used once
+    best = _brute_force(squared_distances(x, eps).numpy())
+    assert _cost(x, eps, index) == pytest.approx(best, rel=1e-9, abs=1e-9)
+    assert _cost(x, eps, index) <= _cost(x, eps, torch.arange(b)) + 1e-9
+
+
+def test_exact_ot_pairs_images_by_their_flattened_distance():
+    x, eps = _batches(6, shape=(1, 3, 3), seed=5)
+    index = ExactOTCoupling()(x, eps)
+    best = _brute_force(squared_distances(x, eps).numpy())
+    assert _cost(x, eps, index) == pytest.approx(best, rel=1e-9)
+
+
+def test_pairing_with_labels_stays_within_each_class_and_is_optimal_per_class():
+    x, eps = _batches(10, seed=3)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, 2, 1, 0, 2])
+    index = ExactOTCoupling()(x, eps, labels=labels)
+    assert torch.equal(labels[index], labels)
+    assert sorted(index.tolist()) == list(range(10))
+    total = 0.0
+    for c in range(3):
+        members = torch.nonzero(labels == c).reshape(-1)
+        total += _brute_force(squared_distances(x[members], eps[members]).numpy())
+    assert _cost(x, eps, index) == pytest.approx(total, rel=1e-9)
+
+
+def test_independent_coupling_keeps_the_draws():
+    x, eps = _batches(8)
+    assert torch.equal(IndependentCoupling()(x, eps), torch.arange(8))
+    assert torch.equal(IndependentCoupling()(x, eps, labels=torch.zeros(8, dtype=torch.long)), torch.arange(8))
+
+
+def test_coupling_rejects_batches_of_different_sizes_and_unknown_names():
+    x, eps = _batches(6)
+    with pytest.raises(ValueError, match="differ"):
+        ExactOTCoupling()(x, eps[:5])
+    with pytest.raises(ValueError, match="accepted: independent, exact, sinkhorn"):
+        FlowMatchingConfig(coupling="hungarian")
+
+
+def test_sinkhorn_coupling_names_the_missing_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ot", None)  # makes ``import ot`` fail
+    x, eps = _batches(4)
+    with pytest.raises(ImportError, match="pip install pot"):
+        SinkhornCoupling()(x, eps)
+
+
+def test_sinkhorn_plan_cost_decreases_to_the_exact_optimum_as_epsilon_shrinks():
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
+    x, eps = _batches(24, seed=2)
+    exact = ExactOTCoupling()(x, eps)
+    cost = squared_distances(x, eps)
+    best = float(cost[torch.arange(24), exact].sum()) / 24
+
+    def plan_cost(epsilon):
+        return float((SinkhornCoupling(epsilon=epsilon, max_iter=5000).plan(cost) * cost).sum())
+
+    gaps = [plan_cost(e) - best for e in (1e-1, 1e-2, 1e-3)]
+    assert gaps[0] > gaps[1] > gaps[2] >= -1e-9  # the entropic plan's cost decreases to the optimum
+    assert gaps[2] < 2e-3 * best
+
+
+def test_sinkhorn_draws_recover_a_clear_optimal_assignment():
+    """Noise = the data permuted and slightly perturbed: the optimal pairing is unique with a wide
+    margin, and pairs drawn from the entropic plan at small epsilon are exactly it."""
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
+    grid = torch.arange(5, dtype=torch.float64)
+    x = torch.cartesian_prod(grid, grid)  # 25 points, 1 apart: a swap costs >= 2 more
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(25, generator=g)
+    eps = torch.empty_like(x)
+    eps[perm] = x + 0.02 * torch.randn(x.shape, generator=g, dtype=x.dtype)
+    assert torch.equal(ExactOTCoupling()(x, eps), perm)
+    index = SinkhornCoupling(epsilon=3e-3, max_iter=10000)(x, eps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(index, perm)
+
+
+def test_sinkhorn_plan_has_uniform_marginals_and_tends_to_independence_at_large_epsilon():
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
+    x, eps = _batches(16, seed=4)
+    plan = SinkhornCoupling(epsilon=0.05).plan(squared_distances(x, eps))
+    torch.testing.assert_close(plan.sum(1), torch.full((16,), 1 / 16, dtype=plan.dtype), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(plan.sum(0), torch.full((16,), 1 / 16, dtype=plan.dtype), rtol=1e-3, atol=1e-5)
+    flat = SinkhornCoupling(epsilon=1e3).plan(squared_distances(x, eps))
+    torch.testing.assert_close(flat, torch.full((16, 16), 1 / 256, dtype=flat.dtype), rtol=1e-2, atol=0)
+
+
+def test_sinkhorn_draws_are_reproducible_and_stay_within_class():
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
+    x, eps = _batches(12, seed=6)
+    labels = torch.tensor([0, 1] * 6)
+    coupling = SinkhornCoupling(epsilon=0.1)
+    a = coupling(x, eps, labels=labels, generator=torch.Generator().manual_seed(1))
+    b = coupling(x, eps, labels=labels, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert torch.equal(labels[a], labels)
