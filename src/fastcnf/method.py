@@ -72,7 +72,7 @@ class OwnOptimizer:
     Example:
         >>> T = nn.Parameter(torch.tensor(0.5))
         >>> own = OwnOptimizer([T], torch.optim.SGD([T], lr=0.1))
-        >>> T.grad = torch.tensor(1.0); own.step(); round(float(T), 6)
+        >>> T.grad = torch.tensor(1.0); own.step(); round(T.item(), 6)
         0.4
     """
 

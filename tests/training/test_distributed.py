@@ -141,3 +141,30 @@ def test_flow_matching_trains_data_parallel_with_identical_ranks(two_ranks) -> N
     assert moved > 0
     assert r0["fm_losses"] == r1["fm_losses"]
     assert all(math.isfinite(v) for v in r0["fm_losses"])
+
+
+def test_gradients_are_reduced_in_their_own_dtype(monkeypatch) -> None:
+    """sync_gradients sends float32 gradients as float32 (one buffer per dtype, flags included) and
+    averages them: with two identical ranks simulated, every gradient is unchanged and a tensor
+    without a gradient anywhere keeps grad None."""
+    import torch.distributed as dist
+
+    sent = []
+
+    def all_reduce(buf, op=None):
+        sent.append(buf.dtype)
+        buf.mul_(2)  # two ranks holding the same values
+
+    monkeypatch.setattr(ddp, "_active", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    a = torch.nn.Parameter(torch.randn(3, dtype=torch.float32))
+    b = torch.nn.Parameter(torch.randn(2, dtype=torch.float64))
+    unused = torch.nn.Parameter(torch.zeros(4, dtype=torch.float32))
+    a.grad, b.grad = torch.randn(3, dtype=torch.float32), torch.randn(2, dtype=torch.float64)
+    ga, gb = a.grad.clone(), b.grad.clone()
+    ddp.sync_gradients([a, b, unused])
+    assert sorted(sent, key=str) == [torch.float32, torch.float64]
+    assert a.grad.dtype == torch.float32 and torch.equal(a.grad, ga) and torch.equal(b.grad, gb)
+    assert unused.grad is None

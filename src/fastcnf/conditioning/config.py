@@ -24,7 +24,7 @@ class ConditioningConfig(Section):
         placement: infocnf: where z_y lies in the flat latent (factored pieces first, final output
             last): ``first`` (``z = [z_y, z_u]``, §2.2), ``last`` (the end of z: the final output and
             the latest factored pieces) or ``final_piece`` (the start of the final output only;
-            fastcnf before issue 17, for old runs).
+            deprecated: fastcnf's layout before z_y spanned the whole latent, for old runs).
         dropout: dropout rate on the linear classifier's input during training (§4.1: 0.5).
         learn_scale: learn log sigma(y) as well as mu(y); false fixes sigma = 1.
         label_prior: p(y) of the marginal likelihood and of unlabelled sampling: uniform or

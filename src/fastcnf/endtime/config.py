@@ -28,7 +28,7 @@ class EndTimeConfig(Section):
         order: toflow: ``algorithm1`` (TO-FLOW Algorithm 1: T steps after the weights' update, on
             eq. 12-13's gradient at this iteration's end states evaluated with the updated
             weights; one network evaluation per block, no extra solve) or ``simultaneous`` (T and
-            the weights step on the gradients of one backward pass; fastcnf before issue 17).
+            the weights step on the gradients of one backward pass; deprecated: fastcnf's order before Algorithm 1's was adopted).
     """
 
     _key = "endtime"

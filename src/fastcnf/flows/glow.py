@@ -263,7 +263,9 @@ def build_glow(
     Example::
 
         >>> from fastcnf.models.flow_model import FlowModel
-        >>> model = FlowModel(build_glow((3, 32, 32), levels=3, steps=32), levels=256)
+        >>> model = FlowModel(build_glow((3, 16, 16), levels=2, steps=2, hidden=16), levels=256)
+        >>> tuple(model.sample(2).shape)
+        (2, 3, 16, 16)
     """
     if len(shape) != 3:
         raise ValueError(f"Glow needs an image shape (C, H, W), got {tuple(shape)}")

@@ -61,7 +61,10 @@ class Trainer:
 
     Example:
         >>> from fastcnf import Trainer, load_recipe
-        >>> metrics = Trainer(load_recipe("toy-ffjord", ["train.iterations=10"]), "runs/toy").fit()
+        >>> cfg = load_recipe("toy-ffjord", ["train.iterations=10", "data.n_test=200", "eval.figures=false", "threads=1"])
+        >>> metrics = Trainer(cfg, "runs/toy", progress=False).fit()
+        >>> metrics["iterations"], metrics["test_nll_nats"] > 0
+        (10, True)
     """
 
     def __init__(self, cfg: Config, out_dir: str | Path, resume: bool = False, quiet: bool = False,
