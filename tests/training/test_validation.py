@@ -163,3 +163,24 @@ def test_runs_without_validation_have_no_validation_column_or_keys(tmp_path: Pat
     metrics = Trainer(cfg(iterations=2), tmp_path, progress=False).fit()
     assert "val_nll" not in next(csv.reader(open(tmp_path / "log.csv")))
     assert not {"best_val_nll_nats", "best_iteration", "stopped_early"} & set(metrics)
+
+
+def test_eval_command_evaluates_the_best_weights_and_a_missing_split_exits_2(tmp_path: Path, capsys) -> None:
+    from fastcnf.cli import main
+
+    trainer = _scripted(Trainer(cfg("train.val_every=2", iterations=6), tmp_path / "run", progress=False),
+                        {2: 1.0, 4: 2.0, 6: 3.0})
+    trained = trainer.fit()["test_nll_nats"]
+    last_weights = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    trainer.model.load_state_dict(last_weights)
+    at_last = evaluate_density(trainer.model, trainer.bundle, trainer.cfg.eval)["test_nll_nats"]
+    assert abs(at_last - trained) > 1e-4  # the test can tell the best weights from the last ones
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test_nll_nats"] == pytest.approx(trained,
+                                                                                                          abs=1e-6)
+    capsys.readouterr()
+    code = main(["train", "toy-ffjord", "--out", str(tmp_path / "bad"), "--quiet", "--set", "train.val_every=2",
+                 "train.iterations=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "data.val_fraction" in err[0]
+    assert not (tmp_path / "bad" / "log.csv").exists()
