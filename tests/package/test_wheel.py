@@ -42,8 +42,14 @@ def test_wheel_holds_the_recipes_installs_in_a_fresh_venv_and_trains(tmp_path: P
     wheel = next((tmp_path / "dist").glob("fastcnf-*.whl"))
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()
+        metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert sorted(Path(n).name for n in names if n.startswith("fastcnf/recipes/")) == RECIPES
     assert any(n.endswith("entry_points.txt") for n in names)
+    # torch as a range (a user's CUDA build satisfies it), and the optional extras
+    requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert "torch>=2.13" in requires and not any(r.startswith("torch==") for r in requires)
+    extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
+    assert {"ot", "tables", "images", "all"} <= extras
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)
