@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastcnf.config import ConfigError, load_recipe
-from fastcnf.evaluation.metrics import evaluate_density
-from fastcnf.training.checkpoint import load_checkpoint
-from fastcnf.training.trainer import Trainer
-from fastcnf.training.validation import EarlyStopping, final_weights
+sys.path.insert(0, str(Path(__file__).parent / "workers"))
+from ddp_common import det_cfg, launch_two_ranks  # noqa: E402
+from validation_worker import VALIDATION  # noqa: E402
+
+from fastcnf.config import ConfigError, load_recipe  # noqa: E402
+from fastcnf.evaluation.metrics import evaluate_density  # noqa: E402
+from fastcnf.training.checkpoint import load_checkpoint  # noqa: E402
+from fastcnf.training.trainer import Trainer  # noqa: E402
+from fastcnf.training.validation import EarlyStopping, final_weights  # noqa: E402
 
 TINY = [
     "model.hidden_dims=[8,8]", "data.n_train=1000", "data.n_test=200", "data.val_fraction=0.2",
@@ -184,3 +189,17 @@ def test_eval_command_evaluates_the_best_weights_and_a_missing_split_exits_2(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "data.val_fraction" in err[0]
     assert not (tmp_path / "bad" / "log.csv").exists()
+
+
+def test_two_ranks_validate_alike_and_stop_together_as_one_process(tmp_path: Path) -> None:
+    """Every rank computes the validation NLL of the same weights, so both stop at the iteration one
+    process on the global batch stops at, with its best weights (deterministic float64 rk4 set-up)."""
+    launch_two_ranks(Path(__file__).parent / "workers" / "validation_worker.py", [str(tmp_path)])
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    single = Trainer(det_cfg(*VALIDATION), tmp_path / "single", progress=False)
+    single.fit()
+    assert single.early.stopped and single.iteration < 12  # lr 0.1 makes it stop early (at 10 when written)
+    for r in ranks:
+        assert r["iteration"] == single.iteration and r["summary"]["best_iteration"] == single.early.best_iteration
+        assert r["summary"]["best_val_nll_nats"] == pytest.approx(single.early.best_nll, abs=1e-9)
+        _assert_same(r["params"], _weights(single.model), atol=1e-10)
