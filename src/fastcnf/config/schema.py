@@ -236,7 +236,8 @@ class TrainConfig(Section):
             keeping the weights with the best (lowest) one: the run ends with them, and they are
             the weights tested and exported (0: no validation, the final weights are kept, as the
             papers train a fixed number of iterations). Needs a validation split
-            (``data.val_fraction``).
+            (``data.val_fraction``); evaluated as the test split is (``eval.atol``, ``eval.seed``,
+            at most ``eval.max_examples`` examples).
         patience: stop after this many validations in a row without a lower validation NLL
             (early stopping, as MAF and FFJORD train their tabular models; 0: never stop early).
         checkpoint_every: write a checkpoint every this many iterations (0: only at the end).
