@@ -36,6 +36,7 @@ def _load_run(run_dir: str, overrides: list[str]):
     from fastcnf.data import load_data
     from fastcnf.training.checkpoint import load_checkpoint
     from fastcnf.training.trainer import TASKS
+    from fastcnf.training.validation import final_weights
 
     cfg = load_run_config(run_dir, overrides)
     if cfg.threads > 0:
@@ -46,7 +47,7 @@ def _load_run(run_dir: str, overrides: list[str]):
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
     model = task.build_model().to(cfg.device, dtype)
     state = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", map_location=cfg.device)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(final_weights(state))  # the best validation weights when the run validated
     model.eval()
     return cfg, bundle, task, model
 

@@ -36,6 +36,9 @@ class DataConfig(Section):
             fixed permutation; ``mnist-test-split``: 0.9 in file order); None: that set's default.
         hflip: flip each training image left-right with probability 1/2 (InfoCNF §4.1 on CIFAR-10);
             images only, test batches are never flipped.
+        val_fraction: share of the training split held out for validation (seeded by the run's
+            seed; never taken from the test split); synthetic sets draw a validation sample of
+            that share of ``n_train`` instead. 0: no validation split.
     """
 
     _key = "data"
@@ -45,8 +48,11 @@ class DataConfig(Section):
     n_test: int = 0
     train_fraction: float | None = None
     hflip: bool = False
+    val_fraction: float = 0.0
 
     def check(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         for a in ("n_train", "n_test"):
             v = getattr(self, a)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -251,6 +257,14 @@ class TrainConfig(Section):
         min_lr: floor of the cosine schedule.
         grad_clip: clip the gradient norm to this value (0: off).
         eval_every: evaluate on the test split every this many iterations (0: only at the end).
+        val_every: compute the validation NLL every this many iterations and after the last one,
+            keeping the weights with the best (lowest) one: the run ends with them, and they are
+            the weights tested and exported (0: no validation, the final weights are kept, as the
+            papers train a fixed number of iterations). Needs a validation split
+            (``data.val_fraction``); evaluated as the test split is (``eval.atol``, ``eval.seed``,
+            at most ``eval.max_examples`` examples).
+        patience: stop after this many validations in a row without a lower validation NLL
+            (early stopping, as MAF and FFJORD train their tabular models; 0: never stop early).
         checkpoint_every: write a checkpoint every this many iterations (0: only at the end).
         log_every: refresh the progress bar / print a log line every this many iterations.
         accumulation_steps: micro-batches per optimiser step on each process; the accumulated
@@ -277,6 +291,8 @@ class TrainConfig(Section):
     min_lr: float = 0.0
     grad_clip: float = 0.0
     eval_every: int = 0
+    val_every: int = 0
+    patience: int = 0
     checkpoint_every: int = 200
     log_every: int = 10
     accumulation_steps: int = 1
@@ -289,6 +305,11 @@ class TrainConfig(Section):
         if self.reference_batch_size < 0:
             raise ConfigError(f"train.reference_batch_size must be >= 0 (0: train.batch_size), "
                               f"got {self.reference_batch_size}")
+        if self.val_every < 0 or self.patience < 0:
+            raise ConfigError(f"train.val_every and train.patience must be >= 0 (0: off), "
+                              f"got {self.val_every} and {self.patience}")
+        if self.patience > 0 and self.val_every == 0:
+            raise ConfigError(f"train.patience={self.patience} counts validations: set train.val_every too")
 
 
 @dataclass

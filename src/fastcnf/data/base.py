@@ -88,6 +88,7 @@ class DataBundle:
         split: one sentence saying which split was used; every reported result should quote it.
         sampler: for synthetic sets, ``sampler(n, rng)`` draws a fresh training batch
             (float32 ``x``, labels or ``None``), as FFJORD trains its toy densities; else ``None``.
+        val: the validation split (``data.val_fraction``), or ``None``.
 
     Example:
         >>> from fastcnf.data import DataConfig, load_data
@@ -104,6 +105,7 @@ class DataBundle:
     levels: int | None
     split: str
     sampler: Sampler | None = None
+    val: DataSplit | None = None
 
     @property
     def is_image(self) -> bool:

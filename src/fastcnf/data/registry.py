@@ -14,6 +14,7 @@ from .base import DataBundle, DataError
 from .images import load_cifar10, load_digits_data, load_mnist, load_mnist_test_split
 from .spirals import load_spirals
 from .toy import TOY_SAMPLERS, load_mix1d, load_toy
+from .validation import carve_validation
 
 __all__ = ["DataConfig", "DATASETS", "load_data"]
 
@@ -82,8 +83,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
 
     Args:
         cfg: which data set, from where, and how much of it.
-        seed: seeds the fixed draws of the synthetic sets (train: ``seed``, test: ``seed + 1``);
-            file-backed sets and their splits do not depend on it.
+        seed: seeds the fixed draws of the synthetic sets (train: ``seed``, test: ``seed + 1``)
+            and the validation split (:func:`~fastcnf.data.validation.carve_validation`);
+            file-backed train and test splits do not depend on it.
 
     Raises:
         DataError: unknown name (listing valid names, with a close match if any), bad config
@@ -100,4 +102,4 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     bundle = _LOADERS[cfg.name](cfg, seed)
     if bundle.sampler is None:  # synthetic sets already drew n_train / n_test examples
         bundle = _first(bundle, cfg.n_train, cfg.n_test)
-    return bundle
+    return carve_validation(bundle, cfg.val_fraction, seed)

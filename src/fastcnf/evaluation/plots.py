@@ -43,7 +43,8 @@ def read_log(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def training_curves(log_path: str | Path, fig_dir: str | Path) -> Path | None:
-    """``training_curves.png``: loss (NLL or bits/dim), NFE forward/backward, end time per block."""
+    """``training_curves.png``: loss (NLL or bits/dim) and validation NLL, NFE forward/backward, end time per
+    block."""
     log = read_log(log_path)
     if not log:
         return None
@@ -55,6 +56,13 @@ def training_curves(log_path: str | Path, fig_dir: str | Path) -> Path | None:
     axes[0].plot(it, log[key], lw=0.8)
     axes[0].set_xlabel("iteration")
     axes[0].set_ylabel("bits/dim" if key == "bits_per_dim" else "NLL (nats)")
+    val = log.get("val_nll", np.array([np.nan]))
+    if np.isfinite(val).any():  # train.val_every: validation NLL in nats (own axis unless the loss is in nats too)
+        ax = axes[0] if key == "nll" else axes[0].twinx()
+        ok = np.isfinite(val)
+        ax.plot(it[ok], val[ok], "o-", ms=3, lw=0.8, color="C3", label="validation")
+        ax.set_ylabel("NLL (nats)")
+        ax.legend(fontsize=7)
     axes[1].plot(it, log["nfe_forward"], lw=0.8, label="forward")
     axes[1].plot(it, log["nfe_backward"], lw=0.8, label="backward")
     axes[1].set_xlabel("iteration")

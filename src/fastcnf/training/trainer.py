@@ -10,7 +10,9 @@ optimisers and, under torchrun, has their gradients averaged over the processes 
 A run directory holds ``config.yaml`` (resolved), ``log.csv`` (one row per iteration),
 ``metrics.json``, ``checkpoints/last.pt`` (+ ``model.safetensors`` at the end) and ``figures/``.
 Resuming from ``checkpoints/last.pt`` continues the run exactly: model, optimiser, RNG states,
-data order and iteration are restored, so the final weights equal an uninterrupted run's.
+data order and iteration are restored, so the final weights equal an uninterrupted run's. With
+``train.val_every`` the checkpoint also keeps the best validation weights, which the run ends with
+(:mod:`fastcnf.training.validation`).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from fastcnf.training.latent_ode_task import LatentODETask
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
 from fastcnf.training.schedules import LRSchedule, build_optimizer, large_batch_summary, scaled_lr, set_group_lrs
 from fastcnf.training.tasks import DensityTask, Task
+from fastcnf.training.validation import EarlyStopping, validation_task
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "BASE_LOG_COLUMNS", "TASKS"]
 
@@ -87,6 +90,11 @@ class Trainer:
         for split_name, split in (("training data", self.bundle.train), ("test data", self.bundle.test)):
             check_finite(split.x, f"{split_name} of {self.bundle.name!r}")
         self.task = TASKS[cfg.task](cfg, self.bundle)
+        # [validation] best weights by validation NLL, early stopping (train.val_every, train.patience)
+        self.early = EarlyStopping(cfg.train.val_every, cfg.train.patience)
+        if self.early.enabled:
+            self.val_task = validation_task(self.task, cfg)
+            check_finite(self.bundle.val.x, f"validation data of {self.bundle.name!r}")
         self.model = self.task.build_model().to(self.device, self.dtype)
         self.batcher = Batcher(self.bundle, cfg.train.batch_size, cfg.seed, self.dist.rank, self.dist.world_size,
                                hflip=cfg.data.hflip)
@@ -118,6 +126,8 @@ class Trainer:
         for h in self.hooks:
             self.log_columns += [c for c in h.log_columns(self) if c not in self.log_columns]
         self.log_columns += [f"T.{name}" for name in self.model_end_times()]
+        if self.early.enabled:
+            self.log_columns.append("val_nll")
         if resume:
             self._resume()
 
@@ -147,6 +157,7 @@ class Trainer:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "hooks": {h.name: h.state_dict() for h in self.hooks},
             "own_optimizers": {name: o.state_dict() for name, o in self.own_optimizers.items()},
+            "validation": self.early.state_dict(),
             "config": config_to_dict(self.cfg),
         }
 
@@ -173,6 +184,7 @@ class Trainer:
         for name, own in (state.get("own_optimizers") or {}).items():
             if name in self.own_optimizers:
                 self.own_optimizers[name].load_state_dict(own)
+        self.early.load_state_dict(state.get("validation", {}))
         self.iteration = int(state["iteration"])
 
     # ------------------------------------------------------------------ the loop
@@ -257,12 +269,18 @@ class Trainer:
                      self.progress_mode, cfg.recipe or "train", enabled=main)
         interrupted = False
         try:
-            while self.iteration < cfg.train.iterations:
+            while self.iteration < cfg.train.iterations and not self.early.stopped:
                 t0 = time.perf_counter()
                 ctx = self.train_step()
                 seconds = time.perf_counter() - t0
                 self.iteration += 1
-                log.row(self._row(ctx, seconds))
+                row = self._row(ctx, seconds)
+                if self.early.due(self.iteration, cfg.train.iterations):
+                    row["val_nll"] = self.validate()
+                    log.message(f"[validation @ {self.iteration}] val_nll={row['val_nll']} (best "
+                                f"{self.early.best_nll:.4f} at iteration {self.early.best_iteration})"
+                                + (", stopping early" if self.early.stopped else ""))
+                log.row(row)
                 if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0 \
                         and self.iteration < cfg.train.iterations:
                     log.flush()
@@ -284,6 +302,7 @@ class Trainer:
                 f"interrupted at iteration {self.iteration}; checkpoint written to {self.ckpt_path}; "
                 f"continue with: fastcnf train --resume {self.out_dir}")
         metrics: dict[str, Any] = {}
+        self.early.restore_best(self.model)  # [validation] the best weights are tested and exported
         if main:
             export_safetensors(self.model, self.out_dir / "model.safetensors")
             metrics = self.evaluate_and_write()
@@ -300,6 +319,13 @@ class Trainer:
             metrics.update(h.eval_metrics(self))
         return metrics
 
+    def validate(self) -> float | None:
+        """The validation NLL of the current weights (recorded in :attr:`early`); every rank computes
+        it (same weights, same evaluation noise), so every rank stops at the same iteration."""
+        nll = self.val_task.evaluate(self.model, self.device, self.dtype)["test_nll_nats"]
+        self.early.update(nll, self.iteration, self.model)
+        return nll
+
     def evaluate_and_write(self) -> dict[str, Any]:
         """Evaluate and write ``metrics.json`` (see the README for its keys)."""
         metrics: dict[str, Any] = {"recipe": self.cfg.recipe, "data": self.bundle.name, "split": self.bundle.split}
@@ -307,6 +333,8 @@ class Trainer:
         metrics.update(self.evaluate())
         metrics["seed"] = self.cfg.seed
         metrics["end_times"] = self.model_end_times()
+        if self.early.enabled:
+            metrics.update(self.early.summary())
         metrics.update(large_batch_summary(self.cfg, self.dist.world_size, self.base_lr, self.iteration,
                                            metrics.get("train_seconds") or 0.0))
         return write_metrics(self.out_dir, metrics)
