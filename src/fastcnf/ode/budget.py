@@ -3,9 +3,9 @@ integration), on top of each solve's NFE cap (``solver.max_nfe``).
 
 Inside ``with SolveBudget(max_seconds, "evaluation"):`` every function evaluation of every solve
 (:func:`fastcnf.ode.solve.solve`, the lean and fused solvers) calls :func:`check_budget`: past
-``max_seconds`` since the group began it raises
-:class:`~fastcnf.ode.solve.SolverBudgetExceeded` naming the block, the NFE reached and what to
-change, so the first batch that hits the cap ends the whole group; after ``progress_after``
+``max_seconds`` since the group began it returns the message with which the solve raises
+:class:`~fastcnf.ode.solve.SolverBudgetExceeded` (naming the block, the NFE reached and what to
+change), so the first batch that hits the cap ends the whole group; after ``progress_after``
 seconds a progress line is printed every ``progress_every`` seconds (what runs, the block, its NFE
 so far, the elapsed time). Outside any group solves are capped by their NFE only.
 """
@@ -61,14 +61,13 @@ class SolveBudget:
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def check(self, name: str, phase: str, nfe: int) -> None:
+    def check(self, name: str, phase: str, nfe: int) -> str | None:
+        """The error message once the cap is passed (else None); prints progress when due."""
         now = time.monotonic()
         elapsed = now - self.start
         where = f" ({self.status})" if self.status else ""
         if self.max_seconds > 0 and elapsed > self.max_seconds:
-            from fastcnf.ode.solve import SolverBudgetExceeded
-
-            raise SolverBudgetExceeded(
+            return (
                 f"{name}: {self.what} stopped after {elapsed:.0f} s ({self.setting}={self.max_seconds:g}) in a "
                 f"{phase} solve at NFE {nfe}{where}; the dynamics are too stiff for the tolerances: check "
                 f"whether training diverged (loss in log.csv), loosen eval.atol / eval.rtol, or raise "
@@ -78,12 +77,13 @@ class SolveBudget:
             cap = f", cap {self.max_seconds:g} s" if self.max_seconds > 0 else ""
             print(f"fastcnf: {self.what}{where}: {name} {phase} solve at NFE {nfe}, {elapsed:.0f} s{cap}",
                   file=self.stream or sys.stderr, flush=True)
+        return None
 
 
-def check_budget(name: str, phase: str, nfe: int) -> None:
-    """Called at every function evaluation of a solve: enforce the innermost group's cap."""
-    if _ACTIVE:
-        _ACTIVE[-1].check(name, phase, nfe)
+def check_budget(name: str, phase: str, nfe: int) -> str | None:
+    """Called at every function evaluation of a solve: the innermost group's error message once its
+    cap is passed (the solve raises it), else None."""
+    return _ACTIVE[-1].check(name, phase, nfe) if _ACTIVE else None
 
 
 def set_status(text: str) -> None:
