@@ -276,3 +276,13 @@ def test_capped_final_evaluation_keeps_weights_and_says_so_in_metrics(tmp_path: 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_error"] == line.removeprefix("fastcnf: error: ") and metrics["iterations"] == 30
     assert (out / "model.safetensors").exists() and load_checkpoint(out / "checkpoints" / "last.pt")["iteration"] == 30
+
+
+def test_capped_intermediate_evaluation_saves_and_stops(tmp_path: Path) -> None:
+    """An evaluation during training (train.eval_every) that hits its cap stops the run after saving."""
+    t = Trainer(det_cfg("train.iterations=6", "train.eval_every=2", "eval.max_seconds=1e-9"), tmp_path,
+                progress=False)
+    with pytest.raises(SolverBudgetExceeded, match=r"evaluation stopped after .* \(eval\.max_seconds=1e-09\)"):
+        t.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
+    assert not (tmp_path / LOCK_NAME).exists()

@@ -26,7 +26,7 @@ from fastcnf.evaluation.plots import training_curves
 from fastcnf.ode.budget import SolveBudget
 from fastcnf.ode.solve import SolverBudgetExceeded
 from fastcnf.training import distributed as ddp
-from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
+from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint, write_atomic
 from fastcnf.training.features import TASKS, build_hooks
 from fastcnf.training.hooks import StepContext
 from fastcnf.training.runlock import RunLock, RunLocked
@@ -302,8 +302,7 @@ class Trainer:
         cfg, main = self.cfg, self.is_main  # [distributed] only rank 0 writes files and prints
         if main:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "config.yaml", "w") as fh:
-                yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+            write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
         interrupted, signum = False, 0
@@ -319,10 +318,19 @@ class Trainer:
                 if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0 \
                         and self.iteration < cfg.train.iterations:
                     log.flush()
+                    capped = None
                     if main:
-                        m = self.evaluate()
-                        log.message(f"[eval @ {self.iteration}] " + ", ".join(
-                            f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                        try:
+                            m = self.evaluate()
+                            log.message(f"[eval @ {self.iteration}] " + ", ".join(
+                                f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                        except SolverBudgetExceeded as e:  # a runaway evaluation: save, then stop (every rank)
+                            capped = str(e)
+                    if self.dist.enabled:
+                        capped = ddp.broadcast_object(capped)
+                    if capped is not None:
+                        self.save()
+                        raise SolverBudgetExceeded(capped)
                     ddp.barrier()
                 # [distributed] one decision for every rank: a signal on any rank, rank 0's clock
                 signum, due = agree(signals.signum, clock.due(), self.dist.enabled, main)
