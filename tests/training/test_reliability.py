@@ -286,3 +286,15 @@ def test_capped_intermediate_evaluation_saves_and_stops(tmp_path: Path) -> None:
         t.fit()
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["iteration"] == 2
     assert not (tmp_path / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize("command,what", [(["eval"], "evaluation"), (["sample", "--n", "8", "--out", "s.npy"], "sampling")])
+def test_eval_and_sample_stop_at_the_wall_time_cap(tmp_path: Path, command: list[str], what: str) -> None:
+    out = tmp_path / "run"
+    Trainer(det_cfg("train.iterations=2", "eval.figures=false"), out, progress=False).fit()
+    r = subprocess.run([sys.executable, "-m", "fastcnf", command[0], str(out), *command[1:], "--set",
+                        "eval.max_seconds=1e-9"], env=_env(), capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert re.fullmatch(rf"fastcnf: error: cnf0: {what} stopped after 0 s \(eval.max_seconds=1e-09\) in a forward "
+                        r"solve at NFE 1.*raise eval.max_seconds", r.stderr.strip())
+    assert not (tmp_path / "s.npy").exists()
