@@ -21,10 +21,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fastcnf.models.flow_model import InputError
     from fastcnf.ode.solve import SolverBudgetExceeded
     from fastcnf.training.checkpoint import CheckpointError
+    from fastcnf.training.runlock import RunLocked
     from fastcnf.training.trainer import TrainingDiverged
 
     return (ConfigError, DataError, InputError, CheckpointError, TrainingDiverged, SolverBudgetExceeded,
-            FileNotFoundError, ValueError)
+            RunLocked, FileNotFoundError, ValueError)
 
 
 def _load_run(run_dir: str, overrides: list[str]):
@@ -104,6 +105,9 @@ def cmd_train(args) -> int:
 
         if ddp.init_distributed(cfg).enabled:
             out_dir = Path(ddp.broadcast_object(str(out_dir)))
+        from fastcnf.training.runlock import refuse_if_locked
+
+        refuse_if_locked(out_dir)  # a run writing there now is named before "already holds a run"
         if (out_dir / "checkpoints" / "last.pt").exists() and not args.force:
             raise ValueError(f"{out_dir} already holds a run; use `fastcnf train --resume {out_dir}` "
                              "to continue it, or --force to start over")
@@ -122,13 +126,17 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from fastcnf.training.runlog import write_metrics
 
+    from fastcnf.ode.budget import SolveBudget
+
     cfg, bundle, task, model = _load_run(args.run_dir, args.set)
     dtype = next(model.parameters()).dtype
-    metrics = task.evaluate(model, cfg.device, dtype)
+    with SolveBudget(cfg.eval.max_seconds, "evaluation"):  # wall-time cap (eval.max_seconds) and progress
+        metrics = task.evaluate(model, cfg.device, dtype)
     if args.integrate:
         from fastcnf.evaluation.integrate import integrate_run
 
-        metrics["integrate"] = integrate_run(model, bundle, args.run_dir)
+        with SolveBudget(cfg.eval.max_seconds, "integration"):
+            metrics["integrate"] = integrate_run(model, bundle, args.run_dir)
     metrics = write_metrics(args.run_dir, metrics, merge=True)
     print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}, indent=2))
     return 0
@@ -156,8 +164,11 @@ def cmd_sample(args) -> int:
         if not 0 <= args.label < model.prior.num_classes:
             raise ValueError(f"--label must be in 0..{model.prior.num_classes - 1}, got {args.label}")
         y = torch.full((args.n,), args.label, dtype=torch.long)
+    from fastcnf.ode.budget import SolveBudget
+
     torch.manual_seed(args.seed)
-    x = model.sample(args.n, y).float().cpu()
+    with SolveBudget(cfg.eval.max_seconds, "sampling"):  # wall-time cap (eval.max_seconds) and progress
+        x = model.sample(args.n, y).float().cpu()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy())  # (N, *data shape), in the data's own scale ([0, 1) pixels for images)
@@ -216,10 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C 130; after a checkpoint on SIGTERM 143, SIGUSR1 138
         msg = str(e) or "interrupted"
         print(f"fastcnf: {msg}", file=sys.stderr)
-        return 130
+        return getattr(e, "exit_code", 130)
     except Exception as e:  # noqa: BLE001 - one clear line for user errors
         if args.debug or not isinstance(e, _user_errors()):
             raise

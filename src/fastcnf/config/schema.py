@@ -266,6 +266,10 @@ class TrainConfig(Section):
         patience: stop after this many validations in a row without a lower validation NLL
             (early stopping, as MAF and FFJORD train their tabular models; 0: never stop early).
         checkpoint_every: write a checkpoint every this many iterations (0: only at the end).
+        checkpoint_minutes: also write one when this many minutes passed since the last one
+            (whichever of the two comes first; 0: not by time), so a killed run loses little work.
+        max_loss_spikes: optimiser steps with a non-finite loss or gradient that are skipped (no
+            update, gradients zeroed; counted as ``skipped_steps``) before training stops as diverged.
         log_every: refresh the progress bar / print a log line every this many iterations.
         accumulation_steps: micro-batches per optimiser step on each process; the accumulated
             gradient equals the full-batch gradient.
@@ -294,6 +298,8 @@ class TrainConfig(Section):
     val_every: int = 0
     patience: int = 0
     checkpoint_every: int = 200
+    checkpoint_minutes: float = 5.0
+    max_loss_spikes: int = 0
     log_every: int = 10
     accumulation_steps: int = 1
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
@@ -310,6 +316,9 @@ class TrainConfig(Section):
                               f"got {self.val_every} and {self.patience}")
         if self.patience > 0 and self.val_every == 0:
             raise ConfigError(f"train.patience={self.patience} counts validations: set train.val_every too")
+        if not self.checkpoint_minutes >= 0 or self.max_loss_spikes < 0:
+            raise ConfigError(f"train.checkpoint_minutes and train.max_loss_spikes must be >= 0, got "
+                              f"{self.checkpoint_minutes!r} and {self.max_loss_spikes!r}")
 
 
 @dataclass
@@ -328,6 +337,9 @@ class EvalConfig(Section):
         sample_accuracy_per_class: class-conditional models: samples drawn per label for
             ``sample_accuracy`` (the share a logistic regression fitted on the training split
             assigns to their label; 0: not computed).
+        max_seconds: wall-time cap, in seconds, on one evaluation (all its batches and solves;
+            also sampling, scoring and ``--integrate``), besides each solve's ``solver.max_nfe``;
+            0: no cap. Raise it for large test sets on a CPU.
     """
 
     _key = "eval"
@@ -340,6 +352,7 @@ class EvalConfig(Section):
     figures: bool = True
     probes: int = 1
     sample_accuracy_per_class: int = 100
+    max_seconds: float = 3600.0
 
     def check(self) -> None:
         check_tolerance(self.atol, "eval.atol")
@@ -347,6 +360,8 @@ class EvalConfig(Section):
         self._positive("batch_size", "n_samples", "probes")
         if self.max_examples < 0 or self.sample_accuracy_per_class < 0:
             raise ConfigError("eval.max_examples and eval.sample_accuracy_per_class must be >= 0")
+        if not self.max_seconds >= 0:
+            raise ConfigError(f"eval.max_seconds must be >= 0 (0: no cap), got {self.max_seconds!r}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -156,8 +157,9 @@ def integrate_run(model: torch.nn.Module, bundle: DataBundle, run_dir: str | Pat
         out["learned"] = learned
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "integrate.json", "w") as fh:
-        json.dump(out, fh, indent=2)
+    tmp = run_dir / f".integrate.json.{os.getpid()}.tmp"  # atomic: readers never see half a file
+    tmp.write_text(json.dumps(out, indent=2))
+    os.replace(tmp, run_dir / "integrate.json")
     _figure(results, run_dir / "figures" / "integrate.png")
     return out
 

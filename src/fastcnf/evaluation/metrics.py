@@ -19,6 +19,7 @@ from fastcnf.cnf.divergence import ExactTrace
 from fastcnf.config import EvalConfig
 from fastcnf.data.base import DataBundle, DataSplit, dequantize
 from fastcnf.models.flow_model import bits_per_dim_from_log_prob
+from fastcnf.ode.budget import set_status
 
 __all__ = ["evaluate_density", "test_batches", "fork_rng", "tolerance_metrics", "sample_accuracy"]
 
@@ -87,7 +88,10 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
     probe_sums = torch.zeros(probes, dtype=torch.float64)
     with fork_rng(eval_cfg.seed):
         gen = torch.Generator(device="cpu").manual_seed(eval_cfg.seed)
+        n_batches = -(-(len(bundle.test) if eval_cfg.max_examples <= 0 else min(eval_cfg.max_examples,
+                                                                             len(bundle.test))) // eval_cfg.batch_size)
         for xb, yb in test_batches(bundle.test, eval_cfg.max_examples, eval_cfg.batch_size):
+            set_status(f"test batch {batches + 1}/{n_batches}")  # shown by an evaluation's progress lines
             x = dequantize(xb, bundle.levels, generator=gen) if bundle.is_image else xb
             x = x.to(device, dtype)
             b = x.shape[0]

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from fastcnf.config.schema import SolverConfig
+from fastcnf.ode.budget import check_budget
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
 from fastcnf.ode.recompute import recomputed_solve
 
@@ -165,6 +166,8 @@ class _CountedFunc(nn.Module):
             n, phase = c.backward, "backward"
         if self.max_nfe and n > self.max_nfe:
             raise _budget_error(self.name, phase, self.max_nfe, c.last_t, c.last_dt)
+        if over := check_budget(self.name, phase, n):  # the wall-time cap of an evaluation (fastcnf.ode.budget)
+            raise SolverBudgetExceeded(over)
         out = self.func(t, state)
         if self.direct and self.in_forward and torch.is_grad_enabled():
             first = out[0] if isinstance(out, tuple) else out
@@ -236,6 +239,8 @@ def forward_counter(counter: NFECounter, max_nfe: int, name: str) -> Callable[[f
         n = counter.forward + 1
         if max_nfe and n > max_nfe:
             raise _budget_error(name, "forward", max_nfe, time, step if math.isfinite(step) else counter.last_dt)
+        if over := check_budget(name, "forward", n):  # the wall-time cap of an evaluation (fastcnf.ode.budget)
+            raise SolverBudgetExceeded(over)
         counter.forward = n
         counter.last_t = time
         if math.isfinite(step):

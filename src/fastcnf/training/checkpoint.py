@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "export_safetensors"]
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "export_safetensors", "write_atomic"]
 
 
 class CheckpointError(RuntimeError):
@@ -38,6 +38,13 @@ def _atomic_write(path: Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``: a reader (``fastcnf
+    eval``, ``sample``, ``score`` while a run trains) sees the old file or the new one, never half of one."""
+    raw = data.encode() if isinstance(data, str) else data
+    _atomic_write(Path(path), lambda fh: fh.write(raw))
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

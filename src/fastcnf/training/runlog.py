@@ -7,6 +7,7 @@ no carriage-return-joined bar states.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -16,6 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from fastcnf.evaluation.plots import read_log
+from fastcnf.training.checkpoint import write_atomic
 
 __all__ = ["RunLog", "training_summary", "write_metrics", "BASE_LOG_COLUMNS"]
 
@@ -74,8 +76,9 @@ class RunLog:
             rows = list(csv.reader(fh))
         if rows:
             keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= iteration]
-            with open(self.path, "w", newline="") as fh:
-                csv.writer(fh).writerows(keep)
+            text = io.StringIO(newline="")
+            csv.writer(text).writerows(keep)
+            write_atomic(self.path, text.getvalue())
 
     def row(self, row: dict[str, Any]) -> None:
         """Write one iteration's row and show progress."""
@@ -126,8 +129,5 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any], merge: bool = Fa
     if merge and path.exists():
         with open(path) as fh:
             metrics = {**json.load(fh), **metrics}
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(metrics, fh, indent=2)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(metrics, indent=2))
     return metrics

@@ -16,6 +16,7 @@ data order and iteration are restored, so the final weights equal an uninterrupt
 """
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,12 +30,16 @@ from fastcnf.data.base import DataBundle
 from fastcnf.evaluation.plots import training_curves
 from fastcnf.method import StepContext
 from fastcnf.methods import build_hooks, load_run_config
+from fastcnf.ode.budget import SolveBudget
+from fastcnf.ode.solve import SolverBudgetExceeded
 from fastcnf.training import distributed as ddp
 from fastcnf.training.accumulation import check_large_batch, merge_contexts, split_micro
-from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
+from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint, write_atomic
 from fastcnf.training.latent_ode_task import LatentODETask
+from fastcnf.training.runlock import RunLock, RunLocked
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
 from fastcnf.training.schedules import LRSchedule, build_optimizer, large_batch_summary, scaled_lr, set_group_lrs
+from fastcnf.training.stopping import EXIT_CODES, CheckpointClock, StopSignals, agree
 from fastcnf.training.tasks import DensityTask, Task
 from fastcnf.training.validation import EarlyStopping, validation_task
 
@@ -45,11 +50,22 @@ TASKS: dict[str, Callable[[Config, DataBundle], Task]] = {"density": DensityTask
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, a gradient or the parameters became NaN or infinite; the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C: a checkpoint was written; ``fastcnf train --resume DIR`` continues."""
+    """Ctrl-C, SIGTERM or SIGUSR1: a checkpoint was written; ``fastcnf train --resume DIR`` continues.
+    ``exit_code``: what ``fastcnf train`` exits with (130, or 128 + the signal number)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _all_finite(tensors) -> bool:
+    """Every entry of every tensor is finite (one device synchronisation)."""
+    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 class Trainer:
@@ -100,6 +116,8 @@ class Trainer:
                                hflip=cfg.data.hflip)
         self.steps_per_epoch = self.batcher.steps_per_epoch
         self.iteration = 0
+        self.skipped_steps = 0  # bad steps skipped under train.max_loss_spikes
+        self.saved_iteration: int | None = None  # the iteration of the last checkpoint written or loaded
         self.hooks = build_hooks(cfg)
         for h in self.hooks:
             h.setup(self)
@@ -128,6 +146,8 @@ class Trainer:
         self.log_columns += [f"T.{name}" for name in self.model_end_times()]
         if self.early.enabled:
             self.log_columns.append("val_nll")
+        if cfg.train.max_loss_spikes > 0:
+            self.log_columns.append("skipped_steps")
         if resume:
             self._resume()
 
@@ -158,6 +178,7 @@ class Trainer:
             "hooks": {h.name: h.state_dict() for h in self.hooks},
             "own_optimizers": {name: o.state_dict() for name, o in self.own_optimizers.items()},
             "validation": self.early.state_dict(),
+            "skipped_steps": self.skipped_steps,
             "config": config_to_dict(self.cfg),
         }
 
@@ -166,6 +187,7 @@ class Trainer:
         state = self.state_dict()
         if self.is_main:
             save_checkpoint(state, self.ckpt_path)
+        self.saved_iteration = self.iteration
         ddp.barrier()
 
     def _resume(self) -> None:
@@ -186,6 +208,8 @@ class Trainer:
                 self.own_optimizers[name].load_state_dict(own)
         self.early.load_state_dict(state.get("validation", {}))
         self.iteration = int(state["iteration"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.saved_iteration = self.iteration
 
     # ------------------------------------------------------------------ the loop
     def train_step(self) -> StepContext:
@@ -216,10 +240,7 @@ class Trainer:
                 loss = loss + v
             mctx["loss"], mctx["terms"] = loss, terms
             if ddp.any_rank(not bool(torch.isfinite(loss))):
-                raise TrainingDiverged(
-                    f"loss became {float(loss.detach())} at iteration {self.iteration + 1}; the last good checkpoint "
-                    f"({self.ckpt_path}) is kept. Lower train.lr, raise the solver tolerances' accuracy, or add "
-                    "train.grad_clip")
+                return self._bad_step(ctx, mctx, lr, f"the loss became {float(loss.detach())}")
             if k == 0:
                 self.optimizer.zero_grad(set_to_none=True)
             (loss if steps == 1 else loss * share).backward()
@@ -230,18 +251,42 @@ class Trainer:
         ctx["nfe"] = (nfe_f, nfe_b) if steps > 1 else (f, b)
         # [distributed] average every trained tensor's gradient over the ranks (no-op in one process)
         ddp.sync_gradients(self._synced_params)
+        if not _all_finite(p.grad for p in self._synced_params):  # synced: every rank decides alike
+            return self._bad_step(ctx, ctx, lr, "a gradient became non-finite")
         for h in self.hooks:
             h.after_backward(self, ctx)
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.train.grad_clip)
         self.optimizer.step()
+        if not _all_finite(self._synced_params):
+            raise TrainingDiverged(self._diverged("the parameters became non-finite after the optimiser step"))
         for h in self.hooks:
             h.after_step(self, ctx)
         ctx["lr"] = lr
         if self.dist.enabled:
             ddp.sync_after_step(self.cfg, model, self.optimizer, ctx, (nfe_f, nfe_b), self._synced_params,
                                 self.iteration + 1, self.device)
+        return ctx
+
+    def _diverged(self, what: str) -> str:
+        last = (f"the last good checkpoint {self.ckpt_path} (iteration {self.saved_iteration}) is kept"
+                if self.saved_iteration is not None else "no checkpoint was written yet")
+        spikes = self.cfg.train.max_loss_spikes
+        skipped = f" after {self.skipped_steps} skipped step(s) (train.max_loss_spikes={spikes})" if spikes else ""
+        return (f"training diverged at iteration {self.iteration + 1}: {what}{skipped}; {last}. Lower train.lr, "
+                "add train.grad_clip, tighten the solver tolerances, or let train.max_loss_spikes skip rare bad steps")
+
+    def _bad_step(self, ctx: StepContext, mctx: StepContext, lr: float, what: str) -> StepContext:
+        """A non-finite loss or gradient: skip the step (no update, gradients zeroed) while
+        ``train.max_loss_spikes`` allows, else stop with :class:`TrainingDiverged`."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped_steps >= self.cfg.train.max_loss_spikes:
+            raise TrainingDiverged(self._diverged(what))
+        self.skipped_steps += 1
+        loss = mctx["loss"].detach()
+        ctx.update(loss=loss, nll=mctx.get("nll", loss), lr=lr, skipped=True,
+                   nfe=self.model.nfe_last() if hasattr(self.model, "nfe_last") else (0, 0))
         return ctx
 
     def _row(self, ctx: StepContext, seconds: float) -> dict[str, Any]:
@@ -256,18 +301,46 @@ class Trainer:
         for h in self.hooks:
             row.update(h.log_values(self, ctx))
         row.update({f"T.{name}": t for name, t in self.model_end_times().items()})
+        if self.cfg.train.max_loss_spikes > 0:
+            row["skipped_steps"] = self.skipped_steps
         return row
 
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.iterations``, evaluate, write metrics and figures; returns the metrics."""
+        """Train to ``train.iterations``, evaluate, write metrics and figures; returns the metrics.
+
+        Holds the run directory's lock (:mod:`fastcnf.training.runlock`) throughout. Ctrl-C,
+        SIGTERM and SIGUSR1 finish the current iteration, write the checkpoint and raise
+        :class:`TrainingInterrupted`; a checkpoint is also written every ``train.checkpoint_every``
+        iterations or ``train.checkpoint_minutes``, whichever comes first
+        (:mod:`fastcnf.training.stopping`).
+        """
+        lock = RunLock(self.out_dir) if self.is_main else None
+        refused = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunLocked as e:
+                refused = str(e)
+        if self.dist.enabled:  # [distributed] every rank learns whether rank 0 holds the lock
+            refused = ddp.broadcast_object(refused)
+        if refused is not None:
+            raise RunLocked(refused)
+        try:
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.is_main  # [distributed] only rank 0 writes files and prints
         if main:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "config.yaml", "w") as fh:
-                yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+            write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
-        interrupted = False
+        interrupted, signum = False, 0
+        clock = CheckpointClock(cfg.train.checkpoint_minutes)
+        signals = StopSignals().install()
         try:
             while self.iteration < cfg.train.iterations and not self.early.stopped:
                 t0 = time.perf_counter()
@@ -284,37 +357,63 @@ class Trainer:
                 if cfg.train.eval_every and self.iteration % cfg.train.eval_every == 0 \
                         and self.iteration < cfg.train.iterations:
                     log.flush()
+                    capped = None
                     if main:
-                        m = self.evaluate()
-                        log.message(f"[eval @ {self.iteration}] " + ", ".join(
-                            f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                        try:
+                            m = self.evaluate()
+                            log.message(f"[eval @ {self.iteration}] " + ", ".join(
+                                f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
+                        except SolverBudgetExceeded as e:  # a runaway evaluation: save, then stop (every rank)
+                            capped = str(e)
+                    if self.dist.enabled:
+                        capped = ddp.broadcast_object(capped)
+                    if capped is not None:
+                        self.save()
+                        raise SolverBudgetExceeded(capped)
                     ddp.barrier()
-                if cfg.train.checkpoint_every and self.iteration % cfg.train.checkpoint_every == 0:
+                # [distributed] one decision for every rank: a signal on any rank, rank 0's clock
+                signum, due = agree(signals.signum, clock.due(), self.dist.enabled, main)
+                if signum:
+                    break
+                if due or (cfg.train.checkpoint_every and self.iteration % cfg.train.checkpoint_every == 0):
                     log.flush()
                     self.save()
+                    clock.reset()
         except KeyboardInterrupt:
             interrupted = True
         finally:
+            signals.restore()
             log.close()
         self.save()
-        if interrupted:
+        if interrupted or signum:
+            how = f"stopped by {signal.Signals(signum).name}" if signum else "interrupted"
             raise TrainingInterrupted(
-                f"interrupted at iteration {self.iteration}; checkpoint written to {self.ckpt_path}; "
-                f"continue with: fastcnf train --resume {self.out_dir}")
+                f"{how} at iteration {self.iteration}; checkpoint written to {self.ckpt_path}; "
+                f"continue with: fastcnf train --resume {self.out_dir}", EXIT_CODES.get(signum, 130))
         metrics: dict[str, Any] = {}
         self.early.restore_best(self.model)  # [validation] the best weights are tested and exported
+        error = None
         if main:
             export_safetensors(self.model, self.out_dir / "model.safetensors")
-            metrics = self.evaluate_and_write()
-            if cfg.eval.figures:
-                self.figures()
+            try:
+                metrics = self.evaluate_and_write()
+                if cfg.eval.figures:
+                    self.figures()
+            except SolverBudgetExceeded as e:  # the weights are saved; metrics.json says what happened
+                error = str(e)
+                write_metrics(self.out_dir, {**self._summary(), "eval_error": error})
+        if self.dist.enabled:
+            error = ddp.broadcast_object(error)
+        if error is not None:
+            raise SolverBudgetExceeded(error)
         ddp.barrier()
         return metrics
 
     # ------------------------------------------------------------------ outputs
     def evaluate(self) -> dict[str, Any]:
         """The task's test metrics and the hooks' extra entries."""
-        metrics = self.task.evaluate(self.model, self.device, self.dtype)
+        with SolveBudget(self.cfg.eval.max_seconds, "evaluation"):  # wall-time cap and progress
+            metrics = self.task.evaluate(self.model, self.device, self.dtype)
         for h in self.hooks:
             metrics.update(h.eval_metrics(self))
         return metrics
@@ -322,14 +421,20 @@ class Trainer:
     def validate(self) -> float | None:
         """The validation NLL of the current weights (recorded in :attr:`early`); every rank computes
         it (same weights, same evaluation noise), so every rank stops at the same iteration."""
-        nll = self.val_task.evaluate(self.model, self.device, self.dtype)["test_nll_nats"]
+        with SolveBudget(self.cfg.eval.max_seconds, "validation"):  # wall-time cap and progress
+            nll = self.val_task.evaluate(self.model, self.device, self.dtype)["test_nll_nats"]
         self.early.update(nll, self.iteration, self.model)
         return nll
 
+    def _summary(self) -> dict[str, Any]:
+        """The entries of metrics.json that need no evaluation."""
+        metrics: dict[str, Any] = {"recipe": self.cfg.recipe, "data": self.bundle.name, "split": self.bundle.split}
+        metrics.update(training_summary(self.out_dir), iterations=self.iteration, skipped_steps=self.skipped_steps)
+        return metrics
+
     def evaluate_and_write(self) -> dict[str, Any]:
         """Evaluate and write ``metrics.json`` (see the README for its keys)."""
-        metrics: dict[str, Any] = {"recipe": self.cfg.recipe, "data": self.bundle.name, "split": self.bundle.split}
-        metrics.update(training_summary(self.out_dir), iterations=self.iteration)
+        metrics = self._summary()
         metrics.update(self.evaluate())
         metrics["seed"] = self.cfg.seed
         metrics["end_times"] = self.model_end_times()
@@ -343,6 +448,7 @@ class Trainer:
         fig_dir = self.out_dir / "figures"
         fig_dir.mkdir(exist_ok=True)
         training_curves(self.out_dir / "log.csv", fig_dir)
-        self.task.figures(self.model, fig_dir, self.device, self.dtype)
+        with SolveBudget(self.cfg.eval.max_seconds, "figures"):
+            self.task.figures(self.model, fig_dir, self.device, self.dtype)
         for h in self.hooks:
             h.figures(self, fig_dir)
