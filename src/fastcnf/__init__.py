@@ -39,6 +39,7 @@ _EXPORTS = {
     "LogProbResult": "fastcnf.cnf.likelihood",
     "UNetVelocity": "fastcnf.cnf.unet",
     "flow_matching_loss": "fastcnf.cnf.flow_matching",
+    "load_run": "fastcnf.training.trained_run",
 }
 
 __all__ = sorted(_EXPORTS)

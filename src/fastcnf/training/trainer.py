@@ -21,6 +21,7 @@ import yaml
 
 from fastcnf.config import Config, config_to_dict, load_run_config
 from fastcnf.data import Batcher, check_finite, load_data
+from fastcnf.data.record import DataRecord
 from fastcnf.evaluation.plots import training_curves
 from fastcnf.training import distributed as ddp
 from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint
@@ -232,6 +233,7 @@ class Trainer:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "config.yaml", "w") as fh:
                 yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+            DataRecord.of(self.bundle).save(self.out_dir)  # shape, columns, standardisation: for score / load_run
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
         interrupted = False
