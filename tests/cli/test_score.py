@@ -195,3 +195,29 @@ def test_image_folder_run_scores_in_bits_per_dim_and_checks_the_size(tmp_path, c
     _fails(capsys, ["score", str(run), "--data", str(tmp_path / "big" / "a"), "--out", str(tmp_path / "t.npy")],
            "0.png", "the run was trained on 1x8x8")
     assert not (tmp_path / "t.npy").exists()
+
+
+def test_sample_writes_rows_in_the_data_units(table_run, capsys):
+    from fastcnf import load_run
+
+    d = table_run
+    assert main(["sample", str(d / "run"), "--n", "7", "--seed", "4", "--out", str(d / "x.npy")]) == 0
+    run = load_run(d / "run")
+    torch.manual_seed(4)
+    with torch.no_grad():
+        u = run.flow.sample(7).float().double()
+    s = run.standardizer
+    np.testing.assert_allclose(np.load(d / "x.npy"), s.mean + s.std * u.numpy(), rtol=1e-6)
+
+
+def test_a_label_column_makes_the_class_conditional_model_available(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.column_stack([rng.normal(size=300) + 4 * y, rng.normal(size=300), y])
+    _csv(tmp_path / "lab.csv", x, ("a", "b", "label"))
+    assert main(["train", "tabular-cnf", "--quiet", "--out", str(tmp_path / "run"), "--set",
+                 f"data.path={tmp_path / 'lab.csv'}", "data.label_column=label", "conditioning.kind=ccnf",
+                 "train.iterations=2", "threads=1", "model.hidden_dims=[8]", "eval.sample_accuracy_per_class=0"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test_error"] is not None and "label" not in m["split"].split("columns: ")[1].split(")")[0]
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["num_classes"] == 3
