@@ -114,6 +114,13 @@ def _read_text(p: Path) -> Table:
     rows = lines[1:] if header else lines
     if not rows:
         raise DataError(f"{p} has a header line but no rows")
+    try:  # numpy's C parser; on any problem the loop below finds the line and column to name
+        out = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
+                         dtype=np.float64)
+        if out.shape == (len(rows), len(names)):
+            return Table(p, out, names, header)
+    except ValueError:
+        pass
     out = np.empty((len(rows), len(names)), dtype=np.float64)
     for r, (lineno, line) in enumerate(rows):
         row = cells(line)
