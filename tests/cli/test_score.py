@@ -124,6 +124,11 @@ def test_bad_tables_each_give_one_line_and_exit_2(tmp_path, capsys):
                  "label column 'y'", "not an integer")
 
 
+def test_a_path_given_to_a_data_set_that_ignores_it_is_refused(tmp_path, capsys):
+    _train_fails(capsys, tmp_path, ["data.name=8gaussians", f"data.path={tmp_path / 'x.csv'}"], "data.path",
+                 "'8gaussians' ignores them")
+
+
 def test_drop_nonfinite_drops_those_rows(tmp_path):
     from fastcnf.config import DataConfig
     from fastcnf.data import load_data
@@ -146,6 +151,8 @@ def _images(root, n=6, size=(8, 8), mode="L"):
 
 
 def test_bad_image_folders_each_give_one_line_and_exit_2(tmp_path, capsys):
+    _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'nowhere'}"], "nowhere", "no such folder",
+                 recipe="images-folder")
     (tmp_path / "empty").mkdir()
     _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'empty'}"], "empty", "holds no PNG / JPEG images",
                  recipe="images-folder")

@@ -51,6 +51,9 @@ DATASETS: dict[str, str] = {
 
 _Loader = Callable[[DataConfig, int], DataBundle]
 
+#: the data sets read from ``data.path`` (and ``data.test_path`` / ``data.val_path``)
+_PATH_SETS = ("table", "image_folder")
+
 
 def _fraction(cfg: DataConfig, default: float) -> float:
     return default if cfg.train_fraction is None else float(cfg.train_fraction)
@@ -108,6 +111,9 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if not isinstance(cfg, DataConfig):
         raise DataError(f"load_data expects a DataConfig, got {type(cfg).__name__}")
     check_choice("data.name", cfg.name, DATASETS)
+    if (cfg.path or cfg.test_path or cfg.val_path) and cfg.name not in _PATH_SETS:
+        raise DataError(f"data.path / data.test_path / data.val_path are read by data.name={' or '.join(_PATH_SETS)}; "
+                        f"{cfg.name!r} ignores them: set data.name=table (or image_folder) or remove them")
     bundle = _LOADERS[cfg.name](cfg, seed)
     if bundle.sampler is None:  # synthetic sets already drew n_train / n_test examples
         bundle = _first(bundle, cfg.n_train, cfg.n_test)
