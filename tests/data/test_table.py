@@ -96,6 +96,13 @@ def test_memory_mapped_split_is_in_file_order_and_batches_are_standardised_rows(
     np.testing.assert_array_equal(b.test.x.numpy(), x[900:])
     np.testing.assert_array_equal(b.val.x.numpy(), x[810:900])
     assert "memory-mapped" in b.split
+    # no copy: a value written to the file afterwards is seen through the training split
+    writer = np.load(tmp_path / "t.npy", mmap_mode="r+")
+    writer[3, 1] = 12345.0
+    writer.flush()
+    assert float(b.train.x[3, 1]) == 12345.0
+    writer[3, 1] = x[3, 1]
+    writer.flush()
     # statistics of the training rows only, population std (independent reference: numpy)
     np.testing.assert_allclose(b.standardizer.mean, x[:810].mean(0), rtol=1e-12)
     np.testing.assert_allclose(b.standardizer.std, x[:810].std(0), rtol=1e-12)
