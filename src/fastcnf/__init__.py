@@ -40,6 +40,7 @@ _EXPORTS = {
     "LogProbResult": "fastcnf.cnf.likelihood",
     "UNetVelocity": "fastcnf.cnf.unet",
     "flow_matching_loss": "fastcnf.flow_matching.loss",
+    "load_run": "fastcnf.training.trained_run",
 }
 
 __all__ = sorted(_EXPORTS)

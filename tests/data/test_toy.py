@@ -192,5 +192,5 @@ def test_unknown_dataset_name_lists_valid_names_and_suggests_a_close_one():
         load_data(DataConfig(name="8gausians"))
     for name in DATASETS:
         assert name in str(err.value)
-    with pytest.raises(ConfigError, match="data.name='imagenet' is not valid; accepted: "):
-        load_data(DataConfig(name="imagenet"))
+    with pytest.raises(ConfigError, match="data.name='svhn' is not valid; accepted: "):
+        load_data(DataConfig(name="svhn"))

@@ -49,7 +49,7 @@ def test_wheel_holds_the_recipes_installs_in_a_fresh_venv_and_trains(tmp_path: P
     requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert "torch>=2.13" in requires and not any(r.startswith("torch==") for r in requires)
     extras = {line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Provides-Extra:")}
-    assert {"ot", "tables", "images", "all"} <= extras
+    assert {"ot", "maf", "images", "all"} <= extras
 
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], tmp_path)

@@ -36,9 +36,20 @@ class DataConfig(Section):
             fixed permutation; ``mnist-test-split``: 0.9 in file order); None: that set's default.
         hflip: flip each training image left-right with probability 1/2 (InfoCNF §4.1 on CIFAR-10);
             images only, test batches are never flipped.
-        val_fraction: share of the training split held out for validation (seeded by the run's
-            seed; never taken from the test split); synthetic sets draw a validation sample of
-            that share of ``n_train`` instead. 0: no validation split.
+        path: ``table``: a ``.npy`` / ``.npz`` / ``.csv`` / ``.tsv`` / ``.txt`` file (rows = examples);
+            ``image_folder``: a folder of PNG / JPEG images (sub-folders = class labels).
+        test_path, val_path: optional held-out files in the same format (else seeded splits).
+        key: the array of an ``.npz`` file holding several.
+        columns: feature columns, by header name or 0-based index (None: all but the label column).
+        label_column: the column of integer class labels (name or index), or None.
+        test_fraction: share of the rows held out for testing when no ``test_path`` is given.
+        val_fraction: share of the training split held out for validation, in [0, 1) (seeded by the
+            run's seed; never taken from the test split; tables: of the rows left after the test
+            split); synthetic sets draw a validation sample of that share of ``n_train`` instead.
+            0: no validation split.
+        standardize: tables: train on ``(x - mean) / std`` of the training split; log-densities,
+            scores and samples stay in the data's own units.
+        drop_nonfinite: drop the rows holding NaN or inf instead of refusing the file.
     """
 
     _key = "data"
@@ -48,7 +59,16 @@ class DataConfig(Section):
     n_test: int = 0
     train_fraction: float | None = None
     hflip: bool = False
+    path: str | None = None
+    test_path: str | None = None
+    val_path: str | None = None
+    key: str | None = None
+    columns: list | None = None
+    label_column: str | int | None = None
+    test_fraction: float = 0.2
     val_fraction: float = 0.0
+    standardize: bool = True
+    drop_nonfinite: bool = False
 
     def check(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
@@ -59,6 +79,8 @@ class DataConfig(Section):
                 raise ConfigError(f"data.{a} must be an integer >= 0 (0 = default), got {v!r}")
         if self.train_fraction is not None and not 0.0 < self.train_fraction < 1.0:
             raise ConfigError(f"data.train_fraction must be in (0, 1), got {self.train_fraction!r}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ConfigError(f"data.test_fraction must be in (0, 1), got {self.test_fraction!r}")
 
 
 #: the methods of the lean solvers (``fastcnf.ode.fast_solvers.LEAN_METHODS``; tests/ode/test_recompute.py)

@@ -88,7 +88,10 @@ class DataBundle:
         split: one sentence saying which split was used; every reported result should quote it.
         sampler: for synthetic sets, ``sampler(n, rng)`` draws a fresh training batch
             (float32 ``x``, labels or ``None``), as FFJORD trains its toy densities; else ``None``.
-        val: the validation split (``data.val_fraction``), or ``None``.
+        val: a validation split, or ``None``.
+        standardizer: tables: the map to the standardised scale the model is trained in
+            (:class:`~fastcnf.data.standardize.Standardizer`, applied per batch); ``x`` of every
+            split stays in the data's own units. ``None``: the model sees ``x`` as it is.
 
     Example:
         >>> from fastcnf.data import DataConfig, load_data
@@ -106,6 +109,7 @@ class DataBundle:
     split: str
     sampler: Sampler | None = None
     val: DataSplit | None = None
+    standardizer: "Standardizer | None" = None  # fastcnf.data.standardize (not imported here: no cycle)
 
     @property
     def is_image(self) -> bool:

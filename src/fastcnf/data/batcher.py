@@ -8,7 +8,7 @@ from torch import Tensor
 from fastcnf.config import ConfigError
 from fastcnf.data.base import DataBundle
 
-__all__ = ["Batcher", "shard_rows", "flip_horizontally"]
+__all__ = ["Batcher", "shard_rows", "flip_horizontally", "model_scale"]
 
 
 def flip_horizontally(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -26,6 +26,14 @@ def shard_rows(x: Tensor, y: Tensor | None, rank: int, world_size: int):
     n = x.shape[0] // world_size
     sl = slice(rank * n, (rank + 1) * n)
     return x[sl], (None if y is None else y[sl])
+
+
+def model_scale(bundle: DataBundle, x: Tensor) -> Tensor:
+    """Rows of a split in the scale the model is trained in: standardised by the bundle's
+    :class:`~fastcnf.data.standardize.Standardizer` if it has one; float64 tables as float32."""
+    if bundle.standardizer is not None:
+        return bundle.standardizer.transform(x)
+    return x.float() if x.dtype == torch.float64 else x
 
 
 class Batcher:
@@ -85,7 +93,8 @@ class Batcher:
             self.pos = 0
         idx = self.perm[self.pos:self.pos + self.batch_size]
         self.pos += self.batch_size
-        return b.train.x[idx], (None if b.train.y is None else b.train.y[idx])
+        # only these rows are read (a memory-mapped table stays on disk), then put in the model's scale
+        return model_scale(b, b.train.x[idx]), (None if b.train.y is None else b.train.y[idx])
 
     def state_dict(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state(),

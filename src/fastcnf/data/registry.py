@@ -12,11 +12,15 @@ from fastcnf.config import DataConfig, check_choice
 
 from .base import DataBundle, DataError
 from .images import load_cifar10, load_digits_data, load_mnist, load_mnist_test_split
+from .image_folder import load_image_folder
+from .maf import MAF_FILES, load_maf
+from .standardize import Standardizer
+from .table import TableBundle, load_table
 from .spirals import load_spirals
 from .toy import TOY_SAMPLERS, load_mix1d, load_toy
 from .validation import carve_validation
 
-__all__ = ["DataConfig", "DATASETS", "load_data"]
+__all__ = ["DataConfig", "DATASETS", "load_data", "standardize"]
 
 
 _TOY_DESCRIPTIONS = {
@@ -39,10 +43,17 @@ DATASETS: dict[str, str] = {
     "mnist-test-split": "MNIST t10k file only: first 9,000 train / last 1,000 test (in root)",
     "cifar10": "CIFAR-10 3x32x32, 256 levels, binary version 50,000/10,000 (files in root)",
     "spirals": "bi-directional 2-D spirals (InfoCNF, Nguyen et al. 2019, App. E.1), 5,000/1,000 sequences of 200+100 steps",
+    "table": "the user's table: data.path to .npy (memory-mapped) / .npz / .csv / .tsv / .txt, standardised",
+    "image_folder": "the user's PNG / JPEG images: data.path to a folder, one sub-folder per class, 256 levels",
+    **{name: f"MAF benchmark {name.upper()} (Papamakarios et al. 2017) from {', '.join(files)} in data.root"
+       for name, files in MAF_FILES.items()},
 }
 """Name -> one-line description of every data set :func:`load_data` knows."""
 
 _Loader = Callable[[DataConfig, int], DataBundle]
+
+#: the data sets read from ``data.path`` (and ``data.test_path`` / ``data.val_path``)
+_PATH_SETS = ("table", "image_folder")
 
 
 def _fraction(cfg: DataConfig, default: float) -> float:
@@ -59,6 +70,9 @@ _LOADERS: dict[str, _Loader] = {
     "mnist-test-split": lambda cfg, seed: load_mnist_test_split(cfg.root, _fraction(cfg, 0.9)),
     "cifar10": lambda cfg, seed: load_cifar10(cfg.root),
     "spirals": lambda cfg, seed: load_spirals(cfg.n_train, cfg.n_test, seed),
+    "table": load_table,
+    "image_folder": load_image_folder,
+    **{name: (lambda cfg, seed, name=name: load_maf(name, cfg.root)) for name in MAF_FILES},
 }
 assert set(_LOADERS) == set(DATASETS)
 
@@ -99,7 +113,20 @@ def load_data(cfg: DataConfig, seed: int = 0) -> DataBundle:
     if not isinstance(cfg, DataConfig):
         raise DataError(f"load_data expects a DataConfig, got {type(cfg).__name__}")
     check_choice("data.name", cfg.name, DATASETS)
+    if (cfg.path or cfg.test_path or cfg.val_path) and cfg.name not in _PATH_SETS:
+        raise DataError(f"data.path / data.test_path / data.val_path are read by data.name={' or '.join(_PATH_SETS)}; "
+                        f"{cfg.name!r} ignores them: set data.name=table (or image_folder) or remove them")
     bundle = _LOADERS[cfg.name](cfg, seed)
     if bundle.sampler is None:  # synthetic sets already drew n_train / n_test examples
         bundle = _first(bundle, cfg.n_train, cfg.n_test)
-    return carve_validation(bundle, cfg.val_fraction, seed)
+    return standardize(carve_validation(bundle, cfg.val_fraction, seed), cfg)
+
+
+def standardize(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
+    """Attach the training split's :class:`~fastcnf.data.standardize.Standardizer` to a table
+    (``data.standardize``, on by default); the splits keep the data's own units and the batches
+    are standardised as they are drawn."""
+    if not cfg.standardize or not isinstance(bundle, TableBundle):
+        return bundle
+    where = f"the training split of {cfg.path}" if cfg.path else "the training split"
+    return dataclasses.replace(bundle, standardizer=Standardizer.fit(bundle.train.x, bundle.columns, where))

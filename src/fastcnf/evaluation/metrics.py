@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from fastcnf.cnf.divergence import ExactTrace
 from fastcnf.config import EvalConfig
 from fastcnf.data.base import DataBundle, DataSplit, dequantize
+from fastcnf.data.batcher import model_scale
 from fastcnf.models.flow_model import bits_per_dim_from_log_prob
 from fastcnf.ode.budget import set_status
 
@@ -86,13 +87,15 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
         if hasattr(model, "cnf_blocks") else False
     probes = eval_cfg.probes if stochastic else 1
     probe_sums = torch.zeros(probes, dtype=torch.float64)
+    # tables trained standardised: log p(x) = log p(u) + log |du/dx| (nats in the data's own units)
+    log_jac = bundle.standardizer.log_abs_det if bundle.standardizer is not None else 0.0
     with fork_rng(eval_cfg.seed):
         gen = torch.Generator(device="cpu").manual_seed(eval_cfg.seed)
         n_batches = -(-(len(bundle.test) if eval_cfg.max_examples <= 0 else min(eval_cfg.max_examples,
                                                                              len(bundle.test))) // eval_cfg.batch_size)
         for xb, yb in test_batches(bundle.test, eval_cfg.max_examples, eval_cfg.batch_size):
             set_status(f"test batch {batches + 1}/{n_batches}")  # shown by an evaluation's progress lines
-            x = dequantize(xb, bundle.levels, generator=gen) if bundle.is_image else xb
+            x = dequantize(xb, bundle.levels, generator=gen) if bundle.is_image else model_scale(bundle, xb)
             x = x.to(device, dtype)
             b = x.shape[0]
             labels = model.check_label(yb, b) if yb is not None else None
@@ -100,11 +103,11 @@ def evaluate_density(model: nn.Module, bundle: DataBundle, eval_cfg: EvalConfig,
                 x = x.repeat(probes, *([1] * (x.dim() - 1)))
                 labels = None if labels is None else labels.repeat(probes)
             z, logdet = model(x)
-            lp = (prior.log_prob(z, labels) + logdet).double().reshape(probes, b)
+            lp = (prior.log_prob(z, labels) + logdet).double().reshape(probes, b) + log_jac
             probe_sums += lp.sum(1).cpu()  # the sums stay on the CPU whatever the model's device
             sums["cond"] += float(lp.mean(0).sum())
             if conditional and labels is not None:
-                marg = (prior.marginal_log_prob(z) + logdet).double().reshape(probes, b).mean(0)
+                marg = (prior.marginal_log_prob(z) + logdet).double().reshape(probes, b).mean(0) + log_jac
                 sums["marg"] += float(marg.sum())
                 scores = prior.classify(z).double().reshape(probes, b, -1).mean(0)
                 sums["errors"] += float((scores.argmax(1) != labels[:b]).sum())
@@ -150,7 +153,7 @@ def sample_accuracy(model: nn.Module, bundle: DataBundle, per_class: int, batch_
     (scikit-learn) fitted on the training split (images in the model's [0, 1) scale)."""
     from sklearn.linear_model import LogisticRegression
 
-    x_train = bundle.train.x.double()
+    x_train = (bundle.train.x if bundle.is_image else model_scale(bundle, bundle.train.x)).double()
     if bundle.is_image:
         x_train = (x_train + 0.5) / bundle.levels
     clf = LogisticRegression(max_iter=2000).fit(x_train.reshape(len(x_train), -1).numpy(), bundle.train.y.numpy())

@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from fastcnf.data.batcher import model_scale  # noqa: E402
+
 __all__ = ["read_log", "training_curves", "density_figures", "image_grid", "save_image_grid", "plot_samples",
            "density_2d", "tolerance_figures", "plot_trajectories",
            "class_conditional_samples"]
@@ -171,7 +173,7 @@ def density_figures(model, bundle, fig_dir: str | Path, n_samples: int, title: s
             samples = model.sample(n_samples).float()
             save_image_grid(samples.cpu(), fig_dir / "samples.png", nrow=8, title=f"{title} samples")
         elif bundle.dim == 2:
-            test = bundle.test.x[:2000].numpy()
+            test = model_scale(bundle, bundle.test.x[:2000]).numpy()  # the model's (standardised) scale
             lim = float(np.ceil(np.abs(test).max() + 0.5))
             side, dens = density_2d(model, lim, 100, device, dtype)
             samples = model.sample(n_samples).cpu().numpy()
@@ -194,7 +196,7 @@ def density_figures(model, bundle, fig_dir: str | Path, n_samples: int, title: s
             with torch.no_grad():
                 dens = model.log_prob(xs).exp().cpu().numpy()
             fig, ax = plt.subplots(figsize=(5, 3.4))
-            ax.hist(bundle.test.x[:, 0].numpy(), bins=100, density=True, alpha=0.4, label="data")
+            ax.hist(model_scale(bundle, bundle.test.x)[:, 0].numpy(), bins=100, density=True, alpha=0.4, label="data")
             ax.plot(xs[:, 0].cpu().numpy(), dens, label="model")
             ax.legend()
             fig.tight_layout()

@@ -27,6 +27,7 @@ import yaml
 from fastcnf.config import Config, config_to_dict
 from fastcnf.data import Batcher, check_finite, load_data
 from fastcnf.data.base import DataBundle
+from fastcnf.data.record import DataRecord
 from fastcnf.evaluation.plots import training_curves
 from fastcnf.method import StepContext
 from fastcnf.methods import build_hooks, load_run_config
@@ -336,6 +337,7 @@ class Trainer:
         if main:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
             write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+            DataRecord.of(self.bundle).save(self.out_dir)  # shape, columns, standardisation: for score / load_run
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
         interrupted, signum = False, 0

@@ -1,0 +1,326 @@
+"""Tables from the user's files: ``.npy``, ``.npz``, ``.csv``, ``.tsv``, ``.txt`` (rows = examples).
+
+``data.name: table`` with ``data.path`` (and optionally ``data.test_path`` / ``data.val_path``).
+Text files may have a header line (detected: a first line with a cell that is not a number);
+``data.columns`` selects feature columns by header name or 0-based index and ``data.label_column``
+names a column of integer class labels. A ``.npy`` file is memory-mapped (``numpy.load(...,
+mmap_mode="r")``): batches read only their rows, so a file larger than memory trains and scores
+without a copy; its held-out splits are then contiguous blocks at the end of the file (as MAF's
+loaders split their shuffled arrays), the other formats are split by a permutation drawn from
+``seed``. Every problem with a file is one :class:`~fastcnf.data.base.DataError` line naming the
+file, the row and column where it applies, and what to change.
+
+Example:
+    >>> import numpy as np, tempfile, os
+    >>> from fastcnf.config import DataConfig
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.csv")
+    >>> np.savetxt(path, np.random.default_rng(0).normal(size=(100, 3)), delimiter=",", header="a,b,c", comments="")
+    >>> b = load_table(DataConfig(name="table", path=path, columns=["a", "c"]), seed=0)
+    >>> b.shape, len(b.train), len(b.test), b.standardizer is None
+    ((2,), 80, 20, True)
+"""
+from __future__ import annotations
+
+import csv
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import DataBundle, DataError, DataSplit
+
+__all__ = ["TABLE_SUFFIXES", "Table", "TableBundle", "read_table", "select_columns", "load_table", "read_rows_like",
+           "check_rows_finite", "table_tensor"]
+
+#: file suffixes a table can be read from
+TABLE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt")
+_DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": None}  # None: any whitespace
+_CHUNK_ROWS = 1 << 16
+
+
+@dataclass
+class Table:
+    """The columns of one file: ``values`` ``(N, C)`` (possibly a read-only memory map) and the
+    column names (the header, or ``"0"``, ``"1"``, ... without one)."""
+
+    path: Path
+    values: np.ndarray
+    names: list[str]
+    header: bool
+
+    @property
+    def memory_mapped(self) -> bool:
+        return isinstance(self.values, np.memmap) or isinstance(getattr(self.values, "base", None), np.memmap)
+
+
+@dataclass
+class TableBundle(DataBundle):
+    """A :class:`DataBundle` of a table plus its feature columns' names; ``data.standardize``
+    applies to it (:func:`fastcnf.data.registry.standardize`)."""
+
+    columns: list[str] = field(default_factory=list)
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"{p}: no such file; set {what} to an existing {'/'.join(TABLE_SUFFIXES)} file")
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; set {what} to a {'/'.join(TABLE_SUFFIXES)} file "
+                        "(folders of images: data.name=image_folder)")
+    if p.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"{p}: unknown extension {p.suffix or '(none)'!r}; {what} must end in "
+                        f"{', '.join(TABLE_SUFFIXES)}")
+    if p.stat().st_size == 0:
+        raise DataError(f"{p} is empty; {what} must hold at least one row")
+    return p
+
+
+def _as_2d(arr: np.ndarray, p: Path) -> np.ndarray:
+    if arr.dtype.kind not in "fiub":
+        raise DataError(f"{p}: array of dtype {arr.dtype} is not numeric; save it as float or int")
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        raise DataError(f"{p}: expected a 2-D array (rows, columns), got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"{p} is empty (array of shape {arr.shape}); it must hold at least one row")
+    return arr
+
+
+def _read_text(p: Path) -> Table:
+    delim = _DELIMITERS[p.suffix.lower()]
+    with open(p, newline="") as fh:
+        lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip()]
+    if not lines:
+        raise DataError(f"{p} is empty; it must hold at least one row")
+
+    def cells(line: str) -> list[str]:
+        if delim is None:
+            return line.split()
+        return next(csv.reader([line], delimiter=delim))
+
+    def number(cell: str) -> float | None:
+        try:
+            return float(cell)
+        except ValueError:
+            return None
+
+    first = [c.strip() for c in cells(lines[0][1])]
+    header = any(number(c) is None for c in first)
+    names = first if header else [str(j) for j in range(len(first))]
+    rows = lines[1:] if header else lines
+    if not rows:
+        raise DataError(f"{p} has a header line but no rows")
+    try:  # numpy's C parser; on any problem the loop below finds the line and column to name
+        out = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
+                         dtype=np.float64)
+        if out.shape == (len(rows), len(names)):
+            return Table(p, out, names, header)
+    except ValueError:
+        pass
+    out = np.empty((len(rows), len(names)), dtype=np.float64)
+    for r, (lineno, line) in enumerate(rows):
+        row = cells(line)
+        if len(row) != len(names):
+            raise DataError(f"{p} line {lineno} has {len(row)} cells, the {'header' if header else 'first row'} "
+                            f"{len(names)}; every row needs the same columns")
+        for j, cell in enumerate(row):
+            v = number(cell)
+            if v is None:
+                raise DataError(f"{p} line {lineno}, column {names[j]!r}: {cell.strip()!r} is not a number; fix the "
+                                "cell or leave the column out with data.columns")
+            out[r, j] = v
+    return Table(p, out, names, header)
+
+
+def read_table(path: str | Path, key: str | None = None, what: str = "data.path") -> Table:
+    """Read a table file (see the module docstring); ``.npy`` is memory-mapped, ``.npz`` needs
+    ``key`` when it holds several arrays. Raises :class:`DataError` (missing file, unknown
+    extension, empty file, a cell that is not a number with its line and column, ragged rows)."""
+    p = _existing(path, what)
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return _numbered(p, _as_2d(np.load(p, mmap_mode="r", allow_pickle=False), p))
+        if suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if not keys:
+                    raise DataError(f"{p} holds no arrays")
+                if key is None and len(keys) > 1:
+                    raise DataError(f"{p} holds several arrays ({', '.join(keys)}); choose one with data.key")
+                k = keys[0] if key is None else key
+                if k not in keys:
+                    raise DataError(f"{p} has no array {k!r} (data.key); it holds {', '.join(keys)}")
+                return _numbered(p, _as_2d(z[k], p))
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{p} is not a readable {suffix} file ({e}); save it with numpy.save / numpy.savez") from e
+    return _read_text(p)
+
+
+def _numbered(p: Path, arr: np.ndarray) -> Table:
+    """A table without a header: its columns are named by their 0-based index."""
+    return Table(p, arr, [str(j) for j in range(arr.shape[1])], False)
+
+
+def _column_index(table: Table, spec: str | int, what: str) -> int:
+    if isinstance(spec, str) and spec in table.names and table.header:
+        return table.names.index(spec)
+    if isinstance(spec, int) or (isinstance(spec, str) and spec.strip().lstrip("-").isdigit()):
+        j = int(spec)
+        if not 0 <= j < len(table.names):
+            raise DataError(f"{table.path}: {what}={spec!r} is out of range; the file has {len(table.names)} columns "
+                            f"(0..{len(table.names) - 1})")
+        return j
+    known = ", ".join(table.names) if table.header else "none: the file has no header, use 0-based indices"
+    raise DataError(f"{table.path} has no column {spec!r} ({what}); its columns: {known}")
+
+
+def select_columns(table: Table, columns: list | None, label_column: str | int | None):
+    """``(x, y, names)``: the feature columns (a view of a memory map when they are contiguous),
+    integer labels (``int64``, or None) and the features' names."""
+    label = None if label_column is None else _column_index(table, label_column, "data.label_column")
+    if columns is None:
+        idx = [j for j in range(len(table.names)) if j != label]
+    else:
+        if not isinstance(columns, (list, tuple)) or not columns:
+            raise DataError(f"data.columns must be a non-empty list of names or indices, got {columns!r}")
+        idx = [_column_index(table, c, "data.columns") for c in columns]
+        if label is not None and label in idx:
+            raise DataError(f"{table.path}: column {table.names[label]!r} is both a feature (data.columns) and "
+                            "the label (data.label_column); leave it out of data.columns")
+    if not idx:
+        raise DataError(f"{table.path} has no feature column besides the label column")
+    if idx == list(range(idx[0], idx[-1] + 1)):
+        x = table.values[:, idx[0]:idx[-1] + 1]  # a view: no copy of a memory map
+    else:
+        x = table.values[:, idx]
+    y = None
+    if label is not None:
+        y = _labels(np.asarray(table.values[:, label], dtype=np.float64), table, label)
+    return x, y, [table.names[j] for j in idx]
+
+
+def _labels(col: np.ndarray, table: Table, j: int) -> np.ndarray:
+    bad = np.flatnonzero(~np.isfinite(col) | (col != np.round(col)) | (col < 0))
+    if bad.size:
+        r = int(bad[0])
+        raise DataError(f"{table.path} {_row_name(table, r)}, label column {table.names[j]!r}: {col[r]!r} is not an "
+                        f"integer >= 0 ({bad.size} such row(s)); class labels must be 0, 1, 2, ...")
+    return col.astype(np.int64)
+
+
+def _row_name(table: Table, r: int) -> str:
+    if table.path.suffix.lower() in _DELIMITERS:
+        return f"data row {r + 1}"
+    return f"row {r} (0-based)"
+
+
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    """Boolean ``(N,)``: rows whose values are all finite (read in chunks)."""
+    if x.dtype.kind not in "fc":
+        return np.ones(x.shape[0], dtype=bool)
+    ok = np.empty(x.shape[0], dtype=bool)
+    for s in range(0, x.shape[0], _CHUNK_ROWS):
+        ok[s:s + _CHUNK_ROWS] = np.isfinite(x[s:s + _CHUNK_ROWS]).all(1)
+    return ok
+
+
+def check_rows_finite(table: Table, x: np.ndarray, y: np.ndarray | None, drop: bool):
+    """``(x, y)`` unchanged if every value of ``x`` is finite; else the rows without NaN / inf
+    (``drop``) or a :class:`DataError` giving their number and the first row."""
+    ok = _finite_rows(x)
+    if ok.all():
+        return x, y
+    if not drop:
+        r = int(np.flatnonzero(~ok)[0])
+        nbad = int(sum(int((~np.isfinite(np.asarray(x[s:s + _CHUNK_ROWS]))).sum())
+                       for s in range(0, x.shape[0], _CHUNK_ROWS)))
+        raise DataError(f"{table.path} holds {nbad} NaN or inf value(s) in {int((~ok).sum())} row(s), the first in "
+                        f"{_row_name(table, r)}; remove them or set data.drop_nonfinite: true to drop those rows")
+    if not ok.any():
+        raise DataError(f"{table.path}: every row holds NaN or inf; nothing is left with data.drop_nonfinite")
+    return np.asarray(x[ok]), (None if y is None else y[ok])
+
+
+def read_rows_like(path: str | Path, key: str | None, columns: list | None, label_column: str | int | None,
+                   drop_nonfinite: bool = False, what: str = "data.path"):
+    """``(x, y, names, table)`` of a file read and selected as a run's training file was."""
+    table = read_table(path, key, what)
+    x, y, names = select_columns(table, columns, label_column)
+    x, y = check_rows_finite(table, x, y, drop_nonfinite)
+    return x, y, names, table
+
+
+def table_tensor(x: np.ndarray) -> torch.Tensor:
+    """float64 tensor sharing memory with ``x`` (a memory map stays on disk)."""
+    with warnings.catch_warnings():  # a read-only memory map: batches only ever read from it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x if x.dtype == np.float64 else np.asarray(x, dtype=np.float64))
+
+
+def _split(x: np.ndarray, y: np.ndarray | None, n_out: int, ordered: bool, rng: np.random.Generator):
+    """``(rest, held_out)``, each ``(x, y)``: the last ``n_out`` rows (ordered) or ``n_out`` rows of
+    a permutation."""
+    n = x.shape[0]
+    if ordered:
+        keep, out = slice(0, n - n_out), slice(n - n_out, n)
+    else:
+        perm = rng.permutation(n)
+        keep, out = np.sort(perm[n_out:]), np.sort(perm[:n_out])
+    pick = (lambda a, s: None if a is None else a[s])
+    return (pick(x, keep), pick(y, keep)), (pick(x, out), pick(y, out))
+
+
+def load_table(cfg, seed: int = 0) -> TableBundle:
+    """The ``table`` data set of ``cfg`` (a :class:`~fastcnf.config.DataConfig`): see the module
+    docstring. Standardisation is applied afterwards by :func:`fastcnf.data.load_data`."""
+    if not cfg.path:
+        raise DataError("data.name=table needs data.path: a .npy, .npz, .csv, .tsv or .txt file")
+    x, y, names, table = read_rows_like(cfg.path, cfg.key, cfg.columns, cfg.label_column, cfg.drop_nonfinite)
+    ordered = table.memory_mapped
+    rng = np.random.default_rng(seed)
+    parts = []
+
+    def held_out(attr: str, fraction: float, x, y):
+        p = getattr(cfg, attr)
+        if p:
+            hx, hy, hnames, _ = read_rows_like(p, cfg.key, cfg.columns, cfg.label_column, cfg.drop_nonfinite,
+                                               f"data.{attr}")
+            if hnames != names and table.header:
+                raise DataError(f"{p} ({'data.' + attr}) has columns {hnames}, {cfg.path} has {names}; "
+                                "the files must have the same columns")
+            if hx.shape[1] != x.shape[1]:
+                raise DataError(f"{p} ({'data.' + attr}) has {hx.shape[1]} feature columns, {cfg.path} has "
+                                f"{x.shape[1]}; the files must have the same columns")
+            parts.append(f"{attr[:-5]} from {p}")
+            return (x, y), (hx, hy)
+        n_out = int(fraction * x.shape[0])
+        if n_out == 0:
+            return (x, y), None
+        parts.append(f"{attr[:-5]}: {'the last' if ordered else 'a seeded random'} {fraction:g} of the rows "
+                     f"({n_out})")
+        return _split(x, y, n_out, ordered, rng)
+
+    (x, y), test = held_out("test_path", cfg.test_fraction, x, y)
+    if test is None:
+        raise DataError(f"{cfg.path} has {x.shape[0]} rows: too few for data.test_fraction={cfg.test_fraction}; "
+                        "give data.test_path or more rows")
+    (x, y), val = held_out("val_path", cfg.val_fraction, x, y)
+    if x.shape[0] == 0:
+        raise DataError(f"{cfg.path}: no training rows are left after the held-out splits")
+    labels = [a for a in (y, test[1], None if val is None else val[1]) if a is not None]
+    num_classes = int(max(int(a.max()) for a in labels if a.size) + 1) if labels else None
+
+    def split(xy) -> DataSplit:
+        return DataSplit(table_tensor(xy[0]), None if xy[1] is None else torch.from_numpy(xy[1]))
+
+    where = "memory-mapped, " if ordered else ""
+    return TableBundle(
+        columns=names, name="table", train=split((x, y)), test=split(test), shape=(x.shape[1],), num_classes=num_classes,
+        levels=None, split=f"table {cfg.path} ({where}{len(names)} columns: {', '.join(names)}); "
+                           f"{'; '.join(parts)}; train: the remaining {x.shape[0]} rows",
+        val=None if val is None else split(val))

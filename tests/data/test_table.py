@@ -1,0 +1,154 @@
+"""Tables from files: formats, column selection, labels, splits, memory maps, standardisation."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fastcnf.config import DataConfig
+from fastcnf.data import Batcher, DataError, load_data
+from fastcnf.data.batcher import model_scale
+from fastcnf.data.standardize import Standardizer, column_moments
+from fastcnf.data.table import read_table
+
+
+def _rows(n=50, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, 4)) * [1.0, 2.0, 3.0, 4.0] + [0.0, 10.0, -5.0, 100.0]
+
+
+def _write_text(path, x, header=None, delim=","):
+    with open(path, "w") as fh:
+        if header:
+            fh.write(delim.join(header) + "\n")
+        for r in x:
+            fh.write(delim.join(repr(float(v)) for v in r) + "\n")
+
+
+@pytest.mark.parametrize("suffix,delim,header", [(".csv", ",", ["a", "b", "c", "d"]), (".tsv", "\t", None),
+                                                 (".txt", " ", ["a", "b", "c", "d"]), (".csv", ",", None)])
+def test_text_formats_read_every_value_and_detect_the_header(tmp_path, suffix, delim, header):
+    x = _rows()
+    path = tmp_path / f"t{suffix}"
+    _write_text(path, x, header, delim)
+    t = read_table(path)
+    assert t.header == (header is not None)
+    assert t.names == (header or ["0", "1", "2", "3"])
+    np.testing.assert_array_equal(t.values, x)  # repr round-trips float64 exactly
+
+
+def test_npy_is_memory_mapped_and_npz_needs_a_key_among_several(tmp_path):
+    x = _rows()
+    np.save(tmp_path / "t.npy", x)
+    t = read_table(tmp_path / "t.npy")
+    assert t.memory_mapped
+    np.testing.assert_array_equal(t.values, x)
+    np.savez(tmp_path / "t.npz", x=x, y=x[:, :2])
+    with pytest.raises(DataError, match=r"several arrays \(x, y\); choose one with data.key"):
+        read_table(tmp_path / "t.npz")
+    np.testing.assert_array_equal(read_table(tmp_path / "t.npz", key="y").values, x[:, :2])
+
+
+def test_columns_by_name_and_index_and_integer_labels(tmp_path):
+    x = _rows()
+    x[:, 2] = np.arange(50) % 3
+    path = tmp_path / "t.csv"
+    _write_text(path, x, ["a", "b", "lab", "d"])
+    cfg = DataConfig(name="table", path=str(path), columns=["d", 0], label_column="lab", standardize=False)
+    b = load_data(cfg, seed=0)
+    assert b.shape == (2,) and b.num_classes == 3 and b.columns == ["d", "a"]
+    rows = np.vstack([b.train.x.numpy(), b.test.x.numpy()])
+    labels = np.concatenate([b.train.y.numpy(), b.test.y.numpy()])
+    order = np.lexsort(rows.T)
+    ref = x[:, [3, 0]]
+    ref_order = np.lexsort(ref.T)
+    np.testing.assert_array_equal(rows[order], ref[ref_order])
+    np.testing.assert_array_equal(labels[order], x[ref_order, 2].astype(int))
+
+
+def test_seeded_split_sizes_disjoint_and_reproducible(tmp_path):
+    x = _rows(100)
+    path = tmp_path / "t.csv"
+    _write_text(path, x)
+    cfg = DataConfig(name="table", path=str(path), test_fraction=0.2, val_fraction=0.1)
+    b1, b2, b3 = load_data(cfg, seed=0), load_data(cfg, seed=0), load_data(cfg, seed=1)
+    assert (len(b1.train), len(b1.val), len(b1.test)) == (72, 8, 20)  # 20% test, 10% of the other 80 val
+    assert torch.equal(b1.test.x, b2.test.x) and not torch.equal(b1.test.x, b3.test.x)
+    every = np.vstack([b1.train.x, b1.val.x, b1.test.x])
+    assert len(np.unique(every, axis=0)) == 100
+    assert "a seeded random 0.2 of the rows (20)" in b1.split
+
+
+def test_test_and_val_files_are_used_as_given(tmp_path):
+    _write_text(tmp_path / "a.csv", _rows(40, 0), ["p", "q", "r", "s"])
+    _write_text(tmp_path / "b.csv", _rows(7, 1), ["p", "q", "r", "s"])
+    _write_text(tmp_path / "c.csv", _rows(5, 2), ["p", "q", "r", "s"])
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "a.csv"), test_path=str(tmp_path / "b.csv"),
+                             val_path=str(tmp_path / "c.csv")))
+    assert (len(b.train), len(b.val), len(b.test)) == (40, 5, 7)
+    np.testing.assert_array_equal(b.test.x.numpy(), _rows(7, 1))
+
+
+def test_memory_mapped_split_is_in_file_order_and_batches_are_standardised_rows(tmp_path):
+    x = _rows(1000)
+    np.save(tmp_path / "t.npy", x)
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "t.npy"), test_fraction=0.1, val_fraction=0.1))
+    assert (len(b.train), len(b.val), len(b.test)) == (810, 90, 100)
+    np.testing.assert_array_equal(b.test.x.numpy(), x[900:])
+    np.testing.assert_array_equal(b.val.x.numpy(), x[810:900])
+    assert "memory-mapped" in b.split
+    # no copy: a value written to the file afterwards is seen through the training split
+    writer = np.load(tmp_path / "t.npy", mmap_mode="r+")
+    writer[3, 1] = 12345.0
+    writer.flush()
+    assert float(b.train.x[3, 1]) == 12345.0
+    writer[3, 1] = x[3, 1]
+    writer.flush()
+    # statistics of the training rows only, population std (independent reference: numpy)
+    np.testing.assert_allclose(b.standardizer.mean, x[:810].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(b.standardizer.std, x[:810].std(0), rtol=1e-12)
+    batcher = Batcher(b, batch_size=64, seed=0)
+    xb, _ = batcher.next()
+    idx = batcher.perm[:64].numpy()
+    ref = (x[:810][idx] - x[:810].mean(0)) / x[:810].std(0)
+    assert xb.dtype == torch.float32
+    np.testing.assert_allclose(xb.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_column_moments_are_chunked_and_exact_with_large_offsets():
+    x = np.random.default_rng(0).normal(size=(200_000, 2)) + [1e6, -3.0]
+    mean, std = column_moments(x)
+    np.testing.assert_allclose(mean, x.mean(0), rtol=1e-14)
+    np.testing.assert_allclose(std, x.std(0), rtol=1e-9)
+
+
+def test_standardizer_jacobian_matches_finite_differences_and_inverse():
+    x = torch.tensor([[1.0, 10.0, 100.0], [3.0, 30.0, 500.0]], dtype=torch.float64)
+    s = Standardizer.fit(x, ["a", "b", "c"])
+    u = s.transform(x)
+    np.testing.assert_allclose(s.inverse(u).numpy(), x.numpy(), rtol=1e-6)
+    # d u / d x by central finite differences: the log-determinant of the (diagonal) Jacobian
+    eps = 1e-3
+    jac = torch.stack([(s.transform(x[:1] + eps * e).double() - s.transform(x[:1] - eps * e).double())[0] / (2 * eps)
+                       for e in torch.eye(3, dtype=torch.float64)], 1)
+    assert math.isclose(float(torch.linalg.slogdet(jac)[1]), s.log_abs_det, rel_tol=1e-3)
+
+
+def test_evaluation_reports_nats_in_the_data_units(tmp_path):
+    """An identity flow (zero velocity) with a standard normal prior is N(mean, diag std^2) in the
+    user's units: evaluation's NLL must equal scipy's Gaussian NLL of the test rows."""
+    from scipy.stats import norm
+
+    from fastcnf import CNFBlock, ConcatSquashMLP, FlowModel, SequentialFlow
+    from fastcnf.config import EvalConfig
+    from fastcnf.evaluation.metrics import evaluate_density
+
+    x = _rows(200)
+    np.save(tmp_path / "t.npy", x)
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "t.npy")))
+    model = FlowModel(SequentialFlow([CNFBlock(ConcatSquashMLP(4))], input_shape=(4,)))
+    for p in model.parameters():
+        p.data.zero_()
+    nll = evaluate_density(model, b, EvalConfig())["test_nll_nats"]
+    ref = -norm.logpdf(x[160:], b.standardizer.mean, b.standardizer.std).sum(1).mean()
+    assert math.isclose(nll, ref, rel_tol=1e-5)
+    assert torch.equal(model_scale(b, b.test.x), b.standardizer.transform(b.test.x))
