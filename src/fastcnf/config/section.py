@@ -10,7 +10,7 @@ from fastcnf.config.errors import ConfigError, check_choice
 __all__ = ["Section", "SolverMethod", "SOLVER_METHODS", "ADAPTIVE_METHODS", "END_TIME_POLICIES",
            "TOLERANCE_POLICIES", "EndTimePolicyName", "TolerancePolicyName"]
 
-SolverMethod = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
+SolverMethod = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint", "heun"]
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 SOLVER_METHODS = typing.get_args(SolverMethod)
 EndTimePolicyName = Literal["fixed", "joint", "toflow", "steer"]
