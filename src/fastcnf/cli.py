@@ -1,4 +1,4 @@
-"""Command line: ``fastcnf recipes | train | eval | sample``.
+"""Command line: ``fastcnf recipes | train | eval | sample | reflow | distill``.
 
 Errors a user can fix (unknown recipe or key, malformed value, missing data, corrupt
 checkpoint, NaN in data) print one line on stderr and exit with code 2; ``--debug`` shows the
@@ -122,6 +122,17 @@ def cmd_eval(args) -> int:
 
     cfg, bundle, task, model = _load_run(args.run_dir, args.set)
     dtype = next(model.parameters()).dtype
+    if args.steps is not None:  # a fixed-step solver: its figures go under their own key
+        from fastcnf.ode.fixed_step import fixed_steps
+
+        with fixed_steps(model, args.method, args.steps):
+            fixed = task.evaluate(model, cfg.device, dtype)
+        fixed.pop("eval_tol", None)  # no tolerance: the solver is the fixed-step method
+        path = Path(args.run_dir) / "metrics.json"
+        earlier = json.loads(path.read_text()).get("fixed_steps", {}) if path.exists() else {}
+        write_metrics(args.run_dir, {"fixed_steps": {**earlier, f"{args.method}-{args.steps}": fixed}}, merge=True)
+        print(json.dumps({"method": args.method, "steps": args.steps, **fixed}, indent=2))
+        return 0
     metrics = task.evaluate(model, cfg.device, dtype)
     if args.integrate:
         from fastcnf.evaluation.integrate import integrate_run
@@ -155,18 +166,41 @@ def cmd_sample(args) -> int:
             raise ValueError(f"--label must be in 0..{model.prior.num_classes - 1}, got {args.label}")
         y = torch.full((args.n,), args.label, dtype=torch.long)
     torch.manual_seed(args.seed)
-    x = model.sample(args.n, y).float().cpu()
+    x = model.sample(args.n, y, steps=args.steps, method=args.method).float().cpu()
+    nfe = model.nfe_last()[0]
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy())  # (N, *data shape), in the data's own scale ([0, 1) pixels for images)
     else:
         plot_samples(x, out, bundle.is_image, nrow=min(args.n, 10),
                      title=None if y is None else f"label {args.label}")
-    print(f"wrote {args.n} samples to {out}")
+    solver = "adaptive" if args.steps is None else f"{args.method}, {args.steps} step{'s' if args.steps > 1 else ''}"
+    print(f"wrote {args.n} samples to {out} ({solver}: {nfe} function evaluations)")
     return 0
 
 
-COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_reflow(args, grid_steps: int = 0) -> int:
+    from fastcnf.reflow.pipeline import reflow_run
+
+    _, _, _, teacher = _load_run(args.run_dir, [])
+    if not hasattr(teacher, "prior") or not hasattr(teacher, "sample"):
+        raise ValueError(f"reflow draws pairs from density models; {args.run_dir} holds another kind of run")
+    metrics = reflow_run(teacher, args.run_dir, args.out, args.pairs, args.recipe, args.set, grid_steps,
+                         args.teacher_method if args.teacher_steps else None, args.teacher_steps,
+                         args.chunk_size, args.seed, args.quiet)
+    _print_metrics(metrics, Path(args.out))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from fastcnf.ode.fixed_step import check_fixed_step
+
+    check_fixed_step("euler", args.steps)
+    return cmd_reflow(args, grid_steps=args.steps)
+
+
+COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+            "reflow": cmd_reflow, "distill": cmd_distill}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     e.add_argument("--integrate", action="store_true",
                    help="1-D/2-D models: integrate the density over a grid at tolerances 1e-8..1e-1")
+    _fixed_step_flags(e)
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
@@ -199,8 +234,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(N, *data shape), in the data's scale)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    _fixed_step_flags(s)
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r = sub.add_parser("reflow", help="rectified flow: train a flow-matching model on a run's own (noise, sample) "
+                                      "pairs (Liu et al. 2023)")
+    d = sub.add_parser("distill", help="distil a run into a k-step Euler sampler from its (noise, endpoint) "
+                                       "pairs (Liu et al. 2023, §2.3)")
+    d.add_argument("--steps", type=int, required=True, help="k, the Euler steps of the distilled sampler")
+    for q in (r, d):
+        q.add_argument("run_dir", help="the teacher run")
+        q.add_argument("--out", required=True, help="the new run directory (a rerun continues it)")
+        q.add_argument("--pairs", type=int, default=5000, help="number of (noise, sample) pairs (default 5000)")
+        q.add_argument("--recipe", default=None, help="the retraining stage's recipe (e.g. toy-reflow; default: "
+                                                      "the teacher's configuration)")
+        q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+        q.add_argument("--seed", type=int, default=None, help="seed of the pairs (default: the run's seed)")
+        q.add_argument("--chunk-size", type=int, default=1000, help="pairs per chunk (progress, resumption)")
+        q.add_argument("--teacher-steps", type=int, default=None,
+                       help="decode the teacher with this many fixed steps (default: its evaluation solver)")
+        q.add_argument("--teacher-method", default="euler", choices=("euler", "midpoint", "heun", "rk4"))
+        q.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _fixed_step_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None,
+                   help="solve with this many fixed steps of --method (default: the run's adaptive solver)")
+    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "rk4"),
+                   help="fixed-step method of --steps (default euler)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

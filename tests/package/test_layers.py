@@ -22,7 +22,7 @@ LAYERS = {
     "cnf": 2, "flows": 2, "priors": 2,
     "models": 3,
     "evaluation": 4,
-    "training": 5,
+    "training": 5, "reflow": 5,
     "cli": 6,
     "__main__": 7,
 }

@@ -15,6 +15,7 @@ from fastcnf.config.loader import (
     recipe_dict,
     valid_keys,
 )
+from fastcnf.config.reflow import ReflowConfig
 from fastcnf.config.schema import (
     Config,
     ConditioningConfig,
@@ -37,5 +38,5 @@ __all__ = [
     "load_run_config", "recipe_dict", "valid_keys",
     "Config", "ConditioningConfig", "DataConfig", "DistributedConfig", "EndTimeConfig", "EvalConfig",
     "FlowMatchingConfig", "LatentODEConfig", "ModelConfig", "PartsConfig", "SolverConfig",
-    "TolerancesConfig", "TrainConfig",
+    "TolerancesConfig", "TrainConfig", "ReflowConfig",
 ]

@@ -20,6 +20,7 @@ from fastcnf.config.features import (
     PartsConfig,
     TolerancesConfig,
 )
+from fastcnf.config.reflow import ReflowConfig
 from fastcnf.config.section import ADAPTIVE_METHODS, SOLVER_METHODS, Section, SolverMethod
 
 __all__ = [
@@ -335,11 +336,14 @@ class Config(Section):
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     latent_ode: LatentODEConfig = field(default_factory=LatentODEConfig)
     flow_matching: FlowMatchingConfig = field(default_factory=FlowMatchingConfig)
+    reflow: ReflowConfig = field(default_factory=ReflowConfig)
 
     def check(self) -> None:
         """Checks across sections."""
         if self.train.objective == "flow_matching":
             self._check_flow_matching()
+        if self.reflow.pairs and self.train.objective != "flow_matching":
+            raise ConfigError("reflow.pairs trains by flow matching on the pairs: set train.objective=flow_matching")
         if self.endtime.policy in ("toflow", "steer"):
             t0 = self.model.end_time
             width = self.endtime.clip_eps if self.endtime.policy == "toflow" else self.endtime.steer_b

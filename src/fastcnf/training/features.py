@@ -6,6 +6,7 @@ from typing import Callable
 
 from fastcnf.config import Config
 from fastcnf.data.base import DataBundle
+from fastcnf.reflow.hook import reflow_hook
 from fastcnf.training.conditioning import ConditioningHook
 from fastcnf.training.endtime import EndTimeHook
 from fastcnf.training.hooks import Hook
@@ -41,7 +42,7 @@ def _parts(cfg: Config) -> Hook | None:
 
 
 #: the feature hooks, in the order the trainer calls them
-FEATURES: list[Callable[[Config], Hook | None]] = [_conditioning, _end_time, _tolerances, _parts]
+FEATURES: list[Callable[[Config], Hook | None]] = [reflow_hook, _conditioning, _end_time, _tolerances, _parts]
 
 
 def build_hooks(cfg: Config) -> list[Hook]:

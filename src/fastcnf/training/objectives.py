@@ -7,7 +7,9 @@
   between the data (t = 0) and the prior (t = 1), no ODE solve (Lipman et al. 2023, "Flow Matching
   for Generative Modeling"; Tong et al. 2024, "Improving and generalizing flow-based generative
   models with minibatch optimal transport"). The flow's fixed preprocessing steps run first; the
-  source of a class-conditional model is its class-conditional prior, drawn per label.
+  source of a class-conditional model is its class-conditional prior, drawn per label. A data
+  source may hand over the noise paired with each example (``ctx["noise"]``, kept as paired) and
+  its own time sampler (``ctx["time_sampler"]``): reflow and distillation (:mod:`fastcnf.reflow`).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Callable
 import torch
 
 from fastcnf.cnf.block import CNFBlock
-from fastcnf.cnf.coupling import COUPLINGS
+from fastcnf.cnf.coupling import COUPLINGS, IndependentCoupling
 from fastcnf.cnf.flow_matching import flow_matching_loss
 from fastcnf.cnf.paths import IndependentCFMPath, LipmanOTPath, TIME_SAMPLERS
 from fastcnf.config import Config, ConfigError
@@ -72,9 +74,15 @@ class FlowMatching:
         labels = model.check_label(y, x.shape[0]) if y is not None else None
         with torch.no_grad():  # fixed preprocessing (e.g. centring) before the block
             h = model.flow.forward_range(x, 0, len(steps) - 1)[0]
-        noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype).reshape(h.shape)
+        coupling, noise = self.coupling, ctx.get("noise")
+        if noise is None:
+            noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype)
+        else:  # a data source that pairs each example with its noise (reflow): keep the pairs
+            coupling = IndependentCoupling()
+        noise = noise.to(h).reshape(h.shape)
         model.reset_nfe()
-        loss = flow_matching_loss(block.net, h, noise, self.path, self.coupling, self.time_sampler, labels=labels)
+        time_sampler = ctx.get("time_sampler", self.time_sampler)
+        loss = flow_matching_loss(block.net, h, noise, self.path, coupling, time_sampler, labels=labels)
         ctx.update(labels=labels, loss=loss, nll=torch.tensor(math.nan))
 
 
