@@ -182,7 +182,8 @@ def cmd_sample(args) -> int:
 def cmd_reflow(args, grid_steps: int = 0) -> int:
     from fastcnf.reflow.pipeline import reflow_run
 
-    _, _, _, teacher = _load_run(args.run_dir, [])
+    # the teacher keeps its own configuration; only where and how fast it runs follows --set
+    _, _, _, teacher = _load_run(args.run_dir, [s for s in args.set if s.split("=")[0] in ("threads", "device")])
     if not hasattr(teacher, "prior") or not hasattr(teacher, "sample"):
         raise ValueError(f"reflow draws pairs from density models; {args.run_dir} holds another kind of run")
     metrics = reflow_run(teacher, args.run_dir, args.out, args.pairs, args.recipe, args.set, grid_steps,

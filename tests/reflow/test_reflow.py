@@ -176,3 +176,31 @@ def test_cli_reflow_distill_and_fixed_step_eval(tmp_path, capsys):
     # bad input: one line, exit 2
     assert main(["distill", str(tmp_path / "r2"), "--steps", "0", "--out", str(tmp_path / "d0")]) == 2
     assert main(["sample", str(tmp_path / "d1"), "--steps", "0", "--out", str(tmp_path / "s.npy")]) == 2
+
+
+def test_class_conditional_pairs_keep_their_label(tmp_path, capsys):
+    fast = ["data.name=mix1d", "conditioning.kind=ccnf", "model.hidden_dims=[8,8]", "data.n_test=50",
+            "eval.batch_size=50", "eval.atol=1e-3", "eval.rtol=1e-3", "threads=1", "eval.figures=false",
+            "eval.sample_accuracy_per_class=5"]
+    assert main(["train", "toy-fm", "--out", str(tmp_path / "fm"), "--quiet", "--set", "train.iterations=2", *fast]) == 0
+    assert main(["reflow", str(tmp_path / "fm"), "--out", str(tmp_path / "r1"), "--pairs", "400", "--quiet",
+                 "--set", "train.iterations=2", "train.batch_size=64"]) == 0
+    arrays = load_pairs(tmp_path / "r1" / "pairs.npz")
+    assert arrays["labels"].shape == (400,) and set(arrays["labels"].tolist()) == {0, 1, 2}
+    # each noise was drawn from its label's source N(mu_y, I): Bayes' rule on the source reads the label back
+    from fastcnf.cli import _load_run
+
+    _, _, _, model = _load_run(str(tmp_path / "r1"), [])
+    scores = model.prior.classify(torch.from_numpy(arrays["noise"]))
+    assert float((scores.argmax(1).numpy() == arrays["labels"]).mean()) > 0.9
+    # the student's prior is the teacher's source
+    _, _, _, teacher = _load_run(str(tmp_path / "fm"), [])
+    for a, b in zip(model.prior.state_dict().values(), teacher.prior.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_pairs_refuse_gradient_accumulation(tmp_path):
+    pairs = generate_pairs(teacher(), 64, tmp_path, seed=0, chunk_size=64, progress=False)
+    with pytest.raises(ConfigError, match="accumulation"):
+        Trainer(_student(tmp_path, pairs, 1, ["train.accumulation_steps=2", "train.batch_size=16"]),
+                tmp_path / "s", progress=False)

@@ -81,6 +81,11 @@ class PairsSource(Hook):
         if conditional != (self.labels is not None):
             raise DataError(f"{self.path}: {'no ' if conditional else ''}labels, but the model is "
                             f"{'' if conditional else 'not '}class-conditional")
+        world = getattr(getattr(trainer, "dist", None), "world_size", 1)
+        if self.cfg.train.accumulation_steps > 1 or world > 1:
+            # the paired noise is one per example of the whole batch: micro-batches and shards would split x only
+            raise ConfigError("reflow.pairs trains in one process without train.accumulation_steps "
+                              f"(got {self.cfg.train.accumulation_steps} steps, {world} processes)")
         if self.cfg.train.batch_size > len(self.data):
             raise ConfigError(f"train.batch_size={self.cfg.train.batch_size} exceeds the {len(self.data)} pairs")
         if self.cfg.reflow.teacher:
