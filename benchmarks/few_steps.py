@@ -31,7 +31,7 @@ figure of quality against NFE (``--figure``); prints Markdown tables. One torch 
     python benchmarks/few_steps.py [--parts toys digits] [--seeds 0 1 2] [--toy-data 8gaussians]
         [--toy-iterations 1000] [--toy-reflow-iterations 1000] [--toy-pairs 10000]
         [--digits-iterations 1500] [--digits-reflow-iterations 1000] [--digits-pairs 5000]
-        [--steps 1 2 4 8] [--n-samples 2000] [--work DIR]
+        [--steps 1 2 4 8] [--n-samples 2000] [--work DIR] [--reuse]
 """
 from __future__ import annotations
 
@@ -67,7 +67,10 @@ def wasserstein2(a: np.ndarray, b: np.ndarray) -> float:
 def frechet(a: np.ndarray, b: np.ndarray) -> float:
     """Frechet distance between Gaussians fitted to two sets of vectors (Heusel et al. 2017)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # digits' border pixels are constant (and ReLU features may be dead): the covariances are
+    # singular, so both get eps * I, as the reference FID code does when sqrtm fails
+    eps = 1e-6 * np.eye(a.shape[1])
+    ca, cb = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
     root = linalg.sqrtm(ca @ cb)
     root = root.real if np.iscomplexobj(root) else root
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * root))
@@ -126,19 +129,24 @@ def quiet_cli(argv: list[str]) -> float:
 
 
 def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflow_iterations: int,
-             pairs: int, seed: int, extra: list[str]) -> dict[str, dict[str, Any]]:
+             pairs: int, seed: int, extra: list[str], reuse: bool = False) -> dict[str, dict[str, Any]]:
     sets = [f"seed={seed}", "threads=1", "eval.figures=false", *extra]
     runs: dict[str, dict[str, Any]] = {}
-    wall = quiet_cli(["train", recipe, "--out", str(work / "fm"), "--quiet", "--force",
-                      "--set", f"train.iterations={iterations}", *sets])
-    runs["fm"] = {"wall_seconds": wall}
+    done = lambda stage: reuse and (work / stage / "metrics.json").exists()  # noqa: E731
+    if not done("fm"):
+        wall = quiet_cli(["train", recipe, "--out", str(work / "fm"), "--quiet", "--force",
+                          "--set", f"train.iterations={iterations}", *sets])
+        runs["fm"] = {"wall_seconds": wall}
     retrain = ["--set", f"train.iterations={reflow_iterations}", *sets]
     for stage, teacher, cmd in (("reflow1", "fm", ["reflow", "--recipe", reflow_recipe]),
                                 ("reflow2", "reflow1", ["reflow"]),
                                 ("distill1", "reflow2", ["distill", "--steps", "1"])):
-        wall = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs", str(pairs),
-                          "--quiet", *cmd[1:], *retrain])
-        runs[stage] = {"wall_seconds": wall}
+        if not done(stage):
+            wall = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs", str(pairs),
+                              "--quiet", *cmd[1:], *retrain])
+            runs[stage] = {"wall_seconds": wall}
+    for stage in STAGES:
+        runs.setdefault(stage, {"wall_seconds": None})  # reused from an earlier invocation
     for stage in STAGES:
         m = json.loads((work / stage / "metrics.json").read_text())
         runs[stage].update({k: m.get(k) for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
@@ -168,14 +176,14 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
     if part == "toys":
         extra = [f"data.name={args.toy_data}", f"data.n_test={args.n_samples}"]
         runs = pipeline(work, "toy-fm", "toy-reflow", args.toy_iterations, args.toy_reflow_iterations,
-                        args.toy_pairs, seed, extra)
+                        args.toy_pairs, seed, extra, args.reuse)
         bundle = load_data(load_recipe("toy-fm", extra).data, seed)
         test = bundle.test.x.double().numpy()[:args.n_samples]
         score = lambda x, y: {"w2": wasserstein2(x, test)}  # noqa: E731
         conditional = False
     else:
         runs = pipeline(work, "digits-fm-conditional", "digits-fm-conditional-reflow", args.digits_iterations,
-                        args.digits_reflow_iterations, args.digits_pairs, seed, [])
+                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse)
         bundle = load_data(load_recipe("digits-fm-conditional").data, seed)
         score, conditional = DigitsScorer(bundle), True
     for stage in STAGES:
@@ -252,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--work", default="/tmp/few_steps")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the runs of an earlier invocation in --work that finished (rescore only)")
     p.add_argument("--out", default=str(RESULTS / "few_steps.json"))
     p.add_argument("--figure", default=str(RESULTS / "few_steps.png"))
     args = p.parse_args(argv)
