@@ -14,6 +14,9 @@ from pathlib import Path
 
 __all__ = ["main", "COMMANDS"]
 
+#: fastcnf.ode.fixed_step.EVALUATIONS_PER_STEP's methods (spelt out: the parser imports no torch)
+_FIXED_STEP_METHODS = ("euler", "midpoint", "heun", "rk4")
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fastcnf.config import ConfigError
@@ -253,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--chunk-size", type=int, default=1000, help="pairs per chunk (progress, resumption)")
         q.add_argument("--teacher-steps", type=int, default=None,
                        help="decode the teacher with this many fixed steps (default: its evaluation solver)")
-        q.add_argument("--teacher-method", default="euler", choices=("euler", "midpoint", "heun", "rk4"))
+        q.add_argument("--teacher-method", default="euler", choices=_FIXED_STEP_METHODS)
         q.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
         q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
@@ -262,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _fixed_step_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="solve with this many fixed steps of --method (default: the run's adaptive solver)")
-    p.add_argument("--method", default="euler", choices=("euler", "midpoint", "heun", "rk4"),
+    p.add_argument("--method", default="euler", choices=_FIXED_STEP_METHODS,
                    help="fixed-step method of --steps (default euler)")
 
 

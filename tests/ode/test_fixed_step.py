@@ -101,3 +101,9 @@ def test_one_euler_step_of_a_sample_is_the_explicit_formula():
         expected = z - t_end * block.net(t_end, z)
     torch.testing.assert_close(x, expected)
     assert nfe == 1
+
+
+def test_cli_offers_every_fixed_step_method():
+    from fastcnf.cli import _FIXED_STEP_METHODS
+
+    assert set(_FIXED_STEP_METHODS) == set(EVALUATIONS_PER_STEP)
