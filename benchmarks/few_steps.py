@@ -22,6 +22,9 @@ Each model then samples at N = 1, 2, 4, 8 Euler steps and with its adaptive eval
   the test split; unbiased estimate), and the sample accuracy: the share of samples a logistic
   regression fitted on the training split assigns to the label they were drawn for.
 
+The same distances from the training split to the test split (``train_split_vs_test``) are the
+floor a perfect sampler reaches with that many points.
+
 Also per run: test NLL / bits/dim and evaluation NFE at the evaluation tolerance (``metrics.json``
 of the trainer's final evaluation), the wall time of pair generation and of retraining.
 
@@ -181,20 +184,25 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
         test = bundle.test.x.double().numpy()[:args.n_samples]
         score = lambda x, y: {"w2": wasserstein2(x, test)}  # noqa: E731
         conditional = False
+        train = bundle.train.x.double().numpy()[:args.n_samples]
+        reference = score(train, None)
     else:
         runs = pipeline(work, "digits-fm-conditional", "digits-fm-conditional-reflow", args.digits_iterations,
                         args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse)
         bundle = load_data(load_recipe("digits-fm-conditional").data, seed)
         score, conditional = DigitsScorer(bundle), True
+        reference = score(score.train_x, score.train_y)
     for stage in STAGES:
         runs[stage]["samples"] = sample_scores(work / stage, args.steps, args.n_samples, seed, score, conditional)
-    return {"seed": seed, "runs": runs}
+    # the same distances from training data to the test split: the floor a perfect sampler reaches
+    return {"seed": seed, "runs": runs, "train_split_vs_test": reference}
 
 
 # ---- summary ------------------------------------------------------------------------------------
 def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["w2"] if part == "toys" else ["frechet_pixels", "frechet_features", "mmd2", "sample_accuracy"]
-    table: dict[str, Any] = {}
+    table: dict[str, Any] = {"train_split_vs_test": {k: mean_std(s["train_split_vs_test"][k] for s in seeds)
+                                                     for k in keys}}
     for stage in STAGES:
         samplers = [r["sampler"] for r in seeds[0]["runs"][stage]["samples"]]
         rows = {}
@@ -204,6 +212,10 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
                                            for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
                                                      "train_seconds", "pair_seconds", "wall_seconds")}}
     return table
+
+
+def stages(table: dict[str, Any]):
+    return [(stage, table[stage]) for stage in STAGES]
 
 
 def fmt(v: dict | None, digits: int = 3) -> str:
@@ -217,13 +229,15 @@ def print_tables(part: str, table: dict[str, Any]) -> None:
     print(f"\n### {part}: sample quality against NFE\n")
     print("| model | sampler | NFE | " + " | ".join(keys) + " |")
     print("|---|---|---|" + "---|" * len(keys))
-    for stage, t in table.items():
+    ref = table["train_split_vs_test"]
+    print("| training split (reference) | - | - | " + " | ".join(fmt(ref[k], 4) for k in keys) + " |")
+    for stage, t in stages(table):
         for sampler, row in t["samplers"].items():
             print(f"| {stage} | {sampler} | {fmt(row['nfe'], 1)} | " + " | ".join(fmt(row[k], 4) for k in keys) + " |")
     print(f"\n### {part}: likelihood at the evaluation tolerance and wall times\n")
     print("| model | test NLL (nats) | bits/dim | eval NFE | pairs s | retraining s | command wall s |")
     print("|---|---|---|---|---|---|---|")
-    for stage, t in table.items():
+    for stage, t in stages(table):
         print(f"| {stage} | {fmt(t['test_nll_nats'], 4)} | {fmt(t['test_bits_per_dim'], 4)} | "
               f"{fmt(t['eval_nfe_forward'], 1)} | {fmt(t['pair_seconds'], 1)} | {fmt(t['train_seconds'], 1)} | "
               f"{fmt(t['wall_seconds'], 1)} |")
@@ -235,12 +249,14 @@ def figure(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
     for ax, part in zip(axes[0], parts):
         key = "w2" if part == "toys" else "frechet_pixels"
-        for stage, t in results["summary"][part].items():
+        for stage, t in stages(results["summary"][part]):
             rows = list(t["samplers"].values())
             ax.plot([r["nfe"]["mean"] for r in rows], [r[key]["mean"] for r in rows], "o-", label=stage)
         ax.set_xscale("log")
         ax.set_xlabel("function evaluations per sample batch")
         ax.set_ylabel("2-Wasserstein to test" if part == "toys" else "pixel Frechet distance to test")
+        ax.axhline(results["summary"][part]["train_split_vs_test"][key]["mean"], color="grey", ls="--",
+                   label="training split")
         ax.set_title(part)
         ax.legend()
     save_figure(fig, path)
