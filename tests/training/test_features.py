@@ -55,7 +55,7 @@ def test_feature_list_builds_only_the_hooks_a_config_turns_on():
     from fastcnf.training.tolerances import LearnedToleranceHook, StaticToleranceHook
 
     assert TASKS == {"density": DensityTask, "latent_ode": LatentODETask}
-    assert len(FEATURES) == 4
+    assert len(FEATURES) == 5
     assert build_hooks(load_recipe("toy-ffjord")) == []
     assert build_hooks(load_recipe("toy-ffjord", ["endtime.policy=joint"])) == []  # joint T: no hook
     hooks = build_hooks(load_recipe("digits-infocnf-learned-tol", ["endtime.policy=toflow"]))
@@ -66,3 +66,7 @@ def test_feature_list_builds_only_the_hooks_a_config_turns_on():
                                                    "tolerances.atol=[1e-3]", "parts.enabled=true",
                                                    "parts.boundaries=[1]"]))
     assert [type(h) for h in hooks] == [EndTimeHook, StaticToleranceHook, PartsHook]
+    from fastcnf.reflow.hook import PairsSource
+
+    hooks = build_hooks(load_recipe("toy-fm", ["reflow.pairs=pairs.npz"]))
+    assert [type(h) for h in hooks] == [PairsSource]
