@@ -107,3 +107,9 @@ def test_cli_offers_every_fixed_step_method():
     from fastcnf.cli import _FIXED_STEP_METHODS
 
     assert set(_FIXED_STEP_METHODS) == set(EVALUATIONS_PER_STEP)
+
+
+def test_fixed_steps_refuses_a_model_without_cnf_blocks():
+    with pytest.raises(ConfigError, match="CNF blocks"):
+        with fixed_steps(torch.nn.Linear(2, 2), "euler", 1):
+            pass

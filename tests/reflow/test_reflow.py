@@ -204,3 +204,18 @@ def test_pairs_refuse_gradient_accumulation(tmp_path):
     with pytest.raises(ConfigError, match="accumulation"):
         Trainer(_student(tmp_path, pairs, 1, ["train.accumulation_steps=2", "train.batch_size=16"]),
                 tmp_path / "s", progress=False)
+
+
+def test_rerunning_reflow_continues_the_run_and_keeps_the_pairs(tmp_path):
+    fast = ["model.hidden_dims=[8,8]", "data.n_test=50", "eval.batch_size=50", "eval.atol=1e-3", "eval.rtol=1e-3",
+            "threads=1", "eval.figures=false"]
+    assert main(["train", "toy-fm", "--out", str(tmp_path / "fm"), "--quiet", "--set", "train.iterations=2", *fast]) == 0
+    args = ["reflow", str(tmp_path / "fm"), "--out", str(tmp_path / "r1"), "--pairs", "200", "--quiet", "--set",
+            "train.batch_size=32", "train.checkpoint_every=1"]
+    assert main([*args, "train.iterations=2"]) == 0
+    before = (tmp_path / "r1" / "pairs.npz").read_bytes()
+    assert main([*args, "train.iterations=5"]) == 0
+    assert (tmp_path / "r1" / "pairs.npz").read_bytes() == before
+    log = (tmp_path / "r1" / "log.csv").read_text().strip().splitlines()
+    assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3", "4", "5"]  # continued, not restarted
+    assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["iterations"] == 5

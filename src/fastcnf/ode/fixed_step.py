@@ -81,6 +81,8 @@ def fixed_steps(model, method: str, steps: int) -> Iterator[int]:
         (8, 8)
     """
     check_fixed_step(method, steps)
+    if not hasattr(model, "cnf_blocks"):
+        raise ConfigError(f"fixed-step solvers apply to flows made of CNF blocks, not to a {type(model).__name__}")
     blocks = list(model.cnf_blocks())
     saved = [b.pinned_solver for b in blocks]
     try:
