@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fastcnf.config import ConfigError
 from fastcnf.data.base import DataError
@@ -112,8 +113,6 @@ def generate_pairs(model: nn.Module, n_pairs: int, out_dir: str | Path, seed: in
     n_chunks = -(-n_pairs // chunk_size)
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=n_pairs, desc="pairs", unit="pair", disable=not progress)
     nfe_sum, drawn, seconds = 0, 0, 0.0
     try:

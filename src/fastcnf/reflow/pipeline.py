@@ -9,6 +9,7 @@ Rectified Flow", §2.2 (reflow, k-rectified flows), §2.3 (distillation).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from fastcnf.config import Config, load_recipe, load_run_config
 from fastcnf.reflow.pairs import PAIRS_FILE, generate_pairs
+from fastcnf.training.runlog import write_metrics
 from fastcnf.training.trainer import Trainer
 
 __all__ = ["student_config", "reflow_run"]
@@ -26,8 +28,9 @@ def student_config(teacher_dir: str | Path, out_dir: str | Path, recipe: str | N
     """The student's configuration: ``recipe`` (e.g. ``toy-reflow``) or else the teacher's own,
     trained by flow matching on ``out_dir/pairs.npz`` from the teacher's weights; ``overrides``
     (``--set``) come last."""
-    teacher_ckpt = Path(teacher_dir) / "checkpoints" / "last.pt"
-    fixed = [f"reflow.pairs={Path(out_dir) / PAIRS_FILE}", f"reflow.teacher={teacher_ckpt}",
+    # absolute paths: the run resumes and re-evaluates from any working directory
+    teacher_ckpt = (Path(teacher_dir) / "checkpoints" / "last.pt").resolve()
+    fixed = [f"reflow.pairs={(Path(out_dir) / PAIRS_FILE).resolve()}", f"reflow.teacher={teacher_ckpt}",
              f"reflow.grid_steps={int(grid_steps)}", "train.objective=flow_matching"]
     sets = fixed + list(overrides or [])
     return load_recipe(recipe, sets) if recipe else load_run_config(teacher_dir, sets)
@@ -47,8 +50,6 @@ def reflow_run(teacher: nn.Module, teacher_dir: str | Path, out_dir: str | Path,
             evaluation solver, the accurate endpoint).
         seed: seed of the pairs (default: the student's ``seed``).
     """
-    import time
-
     out_dir = Path(out_dir)
     cfg = student_config(teacher_dir, out_dir, recipe, overrides, grid_steps)  # bad keys fail before any work
     start = time.perf_counter()
@@ -60,6 +61,4 @@ def reflow_run(teacher: nn.Module, teacher_dir: str | Path, out_dir: str | Path,
     trainer = Trainer.from_run_dir(out_dir, overrides, resume=True, quiet=quiet, progress=progress) if resume \
         else Trainer(cfg, out_dir, quiet=quiet, progress=progress)
     trainer.fit()
-    from fastcnf.training.runlog import write_metrics
-
     return write_metrics(out_dir, {"pair_seconds": round(pair_seconds, 3), "pairs": n_pairs}, merge=True)
