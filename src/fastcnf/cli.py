@@ -1,4 +1,4 @@
-"""Command line: ``fastcnf recipes | train | eval | sample | score``.
+"""Command line: ``fastcnf recipes | train | eval | sample | score | reflow | distill``.
 
 Errors a user can fix (unknown recipe or key, malformed value, missing data, corrupt
 checkpoint, NaN in data) print one line on stderr and exit with code 2; ``--debug`` shows the
@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 __all__ = ["main", "COMMANDS"]
+
+#: fastcnf.ode.fixed_step.EVALUATIONS_PER_STEP's methods (spelt out: the parser imports no torch)
+_FIXED_STEP_METHODS = ("euler", "midpoint", "heun", "rk4")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -124,12 +127,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from fastcnf.training.runlog import write_metrics
-
     from fastcnf.ode.budget import SolveBudget
+    from fastcnf.training.runlog import write_metrics
 
     cfg, bundle, task, model = _load_run(args.run_dir, args.set)
     dtype = next(model.parameters()).dtype
+    if args.steps is not None:  # a fixed-step solver: its figures go under their own key
+        from fastcnf.ode.fixed_step import fixed_steps
+
+        with fixed_steps(model, args.method, args.steps), SolveBudget(cfg.eval.max_seconds, "evaluation"):
+            fixed = task.evaluate(model, cfg.device, dtype)
+        fixed.pop("eval_tol", None)  # no tolerance: the solver is the fixed-step method
+        path = Path(args.run_dir) / "metrics.json"
+        earlier = json.loads(path.read_text()).get("fixed_steps", {}) if path.exists() else {}
+        write_metrics(args.run_dir, {"fixed_steps": {**earlier, f"{args.method}-{args.steps}": fixed}}, merge=True)
+        print(json.dumps({"method": args.method, "steps": args.steps, **fixed}, indent=2))
+        return 0
     with SolveBudget(cfg.eval.max_seconds, "evaluation"):  # wall-time cap (eval.max_seconds) and progress
         metrics = task.evaluate(model, cfg.device, dtype)
     if args.integrate:
@@ -168,7 +181,8 @@ def cmd_sample(args) -> int:
 
     torch.manual_seed(args.seed)
     with SolveBudget(cfg.eval.max_seconds, "sampling"):  # wall-time cap (eval.max_seconds) and progress
-        x = model.sample(args.n, y).float().cpu()
+        x = model.sample(args.n, y, steps=args.steps, method=args.method).float().cpu()
+    nfe = model.nfe_last()[0]
     if bundle.standardizer is not None:  # tables: back in the data's own units
         x = bundle.standardizer.inverse(x)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +191,8 @@ def cmd_sample(args) -> int:
     else:
         plot_samples(x, out, bundle.is_image, nrow=min(args.n, 10),
                      title=None if y is None else f"label {args.label}")
-    print(f"wrote {args.n} samples to {out}")
+    solver = "adaptive" if args.steps is None else f"{args.method}, {args.steps} step{'s' if args.steps > 1 else ''}"
+    print(f"wrote {args.n} samples to {out} ({solver}: {nfe} function evaluations)")
     return 0
 
 
@@ -188,7 +203,30 @@ def cmd_score(args) -> int:
                          progress=not args.quiet)
 
 
-COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "score": cmd_score}
+
+def cmd_reflow(args, grid_steps: int = 0) -> int:
+    from fastcnf.pipelines.reflow import reflow_run
+
+    # the teacher keeps its own configuration; only where and how fast it runs follows --set
+    _, _, _, teacher = _load_run(args.run_dir, [s for s in args.set if s.split("=")[0] in ("threads", "device")])
+    if not hasattr(teacher, "prior") or not hasattr(teacher, "sample"):
+        raise ValueError(f"reflow draws pairs from density models; {args.run_dir} holds another kind of run")
+    metrics = reflow_run(teacher, args.run_dir, args.out, args.pairs, args.recipe, args.set, grid_steps,
+                         args.teacher_method if args.teacher_steps else None, args.teacher_steps,
+                         args.chunk_size, args.seed, args.quiet)
+    _print_metrics(metrics, Path(args.out))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from fastcnf.ode.fixed_step import check_fixed_step
+
+    check_fixed_step("euler", args.steps)
+    return cmd_reflow(args, grid_steps=args.steps)
+
+
+COMMANDS = {"recipes": cmd_recipes, "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "score": cmd_score,
+            "reflow": cmd_reflow, "distill": cmd_distill}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -212,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     e.add_argument("--integrate", action="store_true",
                    help="1-D/2-D models: integrate the density over a grid at tolerances 1e-8..1e-1")
+    _fixed_step_flags(e)
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
@@ -221,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(N, *data shape), in the data's scale)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    _fixed_step_flags(s)
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c = sub.add_parser("score", help="log-density of every row of a file (or image of a folder) under a run")
     c.add_argument("run_dir")
@@ -236,7 +276,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override the run's configuration (e.g. eval.atol=1e-3 eval.rtol=1e-3)")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    r = sub.add_parser("reflow", help="rectified flow: train a flow-matching model on a run's own (noise, sample) "
+                                      "pairs (Liu et al. 2023)")
+    d = sub.add_parser("distill", help="distil a run into a k-step Euler sampler from its (noise, endpoint) "
+                                       "pairs (Liu et al. 2023, §2.3)")
+    d.add_argument("--steps", type=int, required=True, help="k, the Euler steps of the distilled sampler")
+    for q in (r, d):
+        q.add_argument("run_dir", help="the teacher run")
+        q.add_argument("--out", required=True, help="the new run directory (a rerun continues it)")
+        q.add_argument("--pairs", type=int, default=5000, help="number of (noise, sample) pairs (default 5000)")
+        q.add_argument("--recipe", default=None, help="the retraining stage's recipe (e.g. toy-reflow; default: "
+                                                      "the teacher's configuration)")
+        q.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+        q.add_argument("--seed", type=int, default=None, help="seed of the pairs (default: the run's seed)")
+        q.add_argument("--chunk-size", type=int, default=1000, help="pairs per chunk (progress, resumption)")
+        q.add_argument("--teacher-steps", type=int, default=None,
+                       help="decode the teacher with this many fixed steps (default: its evaluation solver)")
+        q.add_argument("--teacher-method", default="euler", choices=_FIXED_STEP_METHODS)
+        q.add_argument("--quiet", action="store_true", help="log lines instead of progress bars")
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
+
+
+def _fixed_step_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None,
+                   help="solve with this many fixed steps of --method (default: the run's adaptive solver)")
+    p.add_argument("--method", default="euler", choices=_FIXED_STEP_METHODS,
+                   help="fixed-step method of --steps (default euler)")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:

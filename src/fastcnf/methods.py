@@ -21,13 +21,15 @@ from fastcnf.models.builder import build_model as _build_model
 from fastcnf.models.flow_model import FlowModel
 from fastcnf.models.objectives import Likelihood
 from fastcnf.parts import PARTS
+from fastcnf.reflow import REFLOW
 from fastcnf.tolerances import TOLERANCES
 
 __all__ = ["METHODS", "OBJECTIVES", "Config", "LOADER", "load_recipe", "load_run_config", "config_from_dict",
            "valid_keys", "build_model", "build_hooks", "ConfigError"]
 
 #: every method, in the order the trainer calls their hooks and the builder asks them
-METHODS: tuple[Method, ...] = (CONDITIONING, END_TIME, TOLERANCES, PARTS, FLOW_MATCHING)
+#: (reflow first: its hook supplies each step's batch before the others see it)
+METHODS: tuple[Method, ...] = (REFLOW, CONDITIONING, END_TIME, TOLERANCES, PARTS, FLOW_MATCHING)
 
 #: ``train.objective`` -> ``(cfg, bundle) -> objective(model, ctx)``: maximum likelihood and the methods' own
 OBJECTIVES: dict[str, Callable[[Any, DataBundle], Callable]] = {

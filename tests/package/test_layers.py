@@ -1,5 +1,6 @@
 """The package's imports go one way: config < ode, data < cnf, flows, priors < models < evaluation
-< method (the protocol) < the method packages < methods (the one table) < training < cli, with no
+< method (the protocol) < the method packages < methods (the one table) < training < pipelines
+(workflows chaining runs) < cli, with no
 cycle between modules. No core module imports a method package.
 
 Every import statement counts, at module level or inside a function, under ``TYPE_CHECKING`` or
@@ -24,11 +25,12 @@ LAYERS = {
     "models": 3,
     "evaluation": 4,
     "method": 5,
-    "flow_matching": 6, "endtime": 6, "tolerances": 6, "conditioning": 6, "parts": 6,
+    "flow_matching": 6, "endtime": 6, "tolerances": 6, "conditioning": 6, "parts": 6, "reflow": 6,
     "methods": 7,
     "training": 8,
-    "cli": 9,
-    "__main__": 10,
+    "pipelines": 9,
+    "cli": 10,
+    "__main__": 11,
 }
 
 #: the method packages: each may import the core layers and the protocol, never another method

@@ -52,7 +52,7 @@ def test_the_table_lists_each_method_with_its_section_and_objectives():
     from fastcnf.methods import METHODS, OBJECTIVES, Config
 
     names = [m.name for m in METHODS]
-    assert len(set(names)) == len(names) == 5
+    assert len(set(names)) == len(names) == 6
     fields = {f.name: f.type for f in dataclasses.fields(Config)}
     for m in METHODS:
         assert m.name in fields and isinstance(getattr(Config(), m.name), m.section), m.name

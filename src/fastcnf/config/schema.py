@@ -93,7 +93,7 @@ class SolverConfig(Section):
 
     Attributes:
         method: torchdiffeq method; adaptive (dopri5, bosh3, adaptive_heun, dopri8) or fixed
-            (rk4, euler, midpoint).
+            (rk4, euler, midpoint, heun: Heun's second-order method, torchdiffeq's ``heun2``).
         atol, rtol: error tolerances of adaptive methods (forward solve) in training.
         adjoint: back-propagate with the adjoint method (O(1) memory) instead of through the solver.
         adjoint_atol, adjoint_rtol: tolerances of the backward (adjoint) solve; None: the forward ones.

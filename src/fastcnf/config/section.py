@@ -9,7 +9,7 @@ from fastcnf.config.errors import ConfigError, check_choice
 
 __all__ = ["Section", "SolverMethod", "SOLVER_METHODS", "ADAPTIVE_METHODS"]
 
-SolverMethod = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint"]
+SolverMethod = Literal["dopri5", "bosh3", "adaptive_heun", "dopri8", "rk4", "euler", "midpoint", "heun"]
 ADAPTIVE_METHODS = ("dopri5", "bosh3", "adaptive_heun", "dopri8")
 SOLVER_METHODS = typing.get_args(SolverMethod)
 

@@ -4,7 +4,10 @@ Regression of the CNF block's dynamics onto a probability path's velocity betwee
 (t = 0) and the prior (t = 1), no ODE solve (Lipman et al. 2023, "Flow Matching for Generative
 Modeling"; Tong et al. 2024, "Improving and generalizing flow-based generative models with minibatch
 optimal transport"). The flow's fixed preprocessing steps run first; the source of a
-class-conditional model is its class-conditional prior, drawn per label.
+class-conditional model is its class-conditional prior, drawn per label. A data source may hand
+over the noise paired with each example (``ctx["noise"]``, kept as paired: no fresh noise, no
+re-pairing) and its own time sampler (``ctx["time_sampler"]``): reflow and distillation
+(:mod:`fastcnf.reflow`).
 """
 from __future__ import annotations
 
@@ -50,6 +53,8 @@ class FlowMatching:
 
     #: the step maps no data to a latent (a classifier on the latent has nothing to read)
     computes_latent = False
+    #: trains on given (example, noise) pairs when the step context holds ``noise`` (reflow)
+    trains_on_pairs = True
 
     def __init__(self, cfg: Any, bundle: DataBundle) -> None:
         f = cfg.flow_matching
@@ -67,7 +72,13 @@ class FlowMatching:
         labels = model.check_label(y, x.shape[0]) if y is not None else None
         with torch.no_grad():  # fixed preprocessing (e.g. centring) before the block
             h = model.flow.forward_range(x, 0, len(steps) - 1)[0]
-        noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype).reshape(h.shape)
+        coupling, noise = self.coupling, ctx.get("noise")
+        if noise is None:
+            noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype)
+        else:  # a data source that pairs each example with its noise (reflow): keep the pairs
+            coupling = IndependentCoupling()
+        noise = noise.to(h).reshape(h.shape)
         model.reset_nfe()
-        loss = flow_matching_loss(block.net, h, noise, self.path, self.coupling, self.time_sampler, labels=labels)
+        time_sampler = ctx.get("time_sampler", self.time_sampler)
+        loss = flow_matching_loss(block.net, h, noise, self.path, coupling, time_sampler, labels=labels)
         ctx.update(labels=labels, loss=loss, nll=torch.tensor(math.nan))

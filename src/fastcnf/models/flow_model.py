@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastcnf.flows.sequential import SequentialFlow
+from fastcnf.ode.fixed_step import fixed_steps
 from fastcnf.priors import Prior, StandardNormal
 
 __all__ = ["InputError", "FlowModel", "bits_per_dim_from_log_prob"]
@@ -132,14 +133,23 @@ class FlowModel(nn.Module):
         return bits_per_dim_from_log_prob(self.log_prob(x, y), self.dim, self.levels)
 
     @torch.no_grad()
-    def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Draw ``n`` samples (class-conditional when ``y`` is given and the prior is conditional)."""
+    def sample(self, n: int, y: Tensor | None = None, generator: torch.Generator | None = None,
+               steps: int | None = None, method: str = "euler") -> Tensor:
+        """Draw ``n`` samples (class-conditional when ``y`` is given and the prior is conditional).
+
+        ``steps``: solve every CNF block with that many fixed steps of ``method`` (``euler``,
+        ``midpoint``, ``heun``, ``rk4``; :func:`fastcnf.ode.fixed_step.fixed_steps`) instead of its
+        own (adaptive) solver; :meth:`nfe_last` then holds the evaluations spent.
+        """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
             raise InputError(f"number of samples must be a positive int, got {n!r}")
         device, dtype = self._device_dtype()
         y = self.check_label(y, n)
         z = self.prior.sample(n, y, generator=generator, device=device, dtype=dtype or torch.get_default_dtype())
-        return self.decode(z)
+        if steps is None:
+            return self.decode(z)
+        with fixed_steps(self, method, steps):
+            return self.decode(z)
 
     # ---- NFE record ------------------------------------------------------------------------
     def cnf_blocks(self) -> list[nn.Module]:

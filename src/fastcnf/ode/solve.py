@@ -26,6 +26,7 @@ from torchdiffeq import odeint, odeint_adjoint
 from fastcnf.config.schema import SolverConfig
 from fastcnf.ode.budget import check_budget
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
+from fastcnf.ode.fixed_step import TORCHDIFFEQ_NAMES, fixed_grid_options
 from fastcnf.ode.recompute import recomputed_solve
 
 __all__ = [
@@ -210,11 +211,11 @@ def solve(
     if config.backend == "fastcnf" and config.method in LEAN_METHODS and not use_adjoint:
         return _solve_lean(func, state, t, config, counter, name, adjoint_params)
     wrapped = _CountedFunc(func, counter, config.max_nfe, name, direct=not config.adjoint)
-    kwargs: dict = {"method": config.method}
+    kwargs: dict = {"method": TORCHDIFFEQ_NAMES.get(config.method, config.method)}
     if config.adaptive:
         kwargs.update(atol=config.atol, rtol=config.rtol)
     else:
-        kwargs["options"] = {"step_size": config.step_size * float(abs(t[-1] - t[0]))}
+        kwargs["options"] = fixed_grid_options(config.step_size, float(abs(t[-1] - t[0])))
     wrapped.in_forward = True
     try:
         if config.adjoint and torch.is_grad_enabled():
