@@ -5,7 +5,9 @@ whether the working tree had uncommitted changes, the date and the machine: ``ru
 taken when the run starts (the commit of the code that ran, even if one is made meanwhile) and
 put first in the result that ``write_json`` writes. The rest are the small pieces the scripts
 share: wall/CPU timing (``Timer``), mean ± std over seeds, time to reach a target, the
-trainer's ``log.csv``, child processes that run this checkout, figures drawn without a display.
+trainer's ``log.csv``, child processes that run this checkout (one run each, a few at a time), a
+results file that several scripts share (one section each, kept when another script rewrites it),
+Markdown table cells, figures drawn without a display.
 
 Importing this module puts the checkout's ``src/`` first on ``sys.path`` so that
 ``python benchmarks/X.py`` runs the fastcnf of this working tree without ``PYTHONPATH``; the
@@ -14,6 +16,7 @@ scripts therefore import it before any ``fastcnf`` name. Import it as ``from com
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import json
@@ -24,22 +27,29 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torchdiffeq
 
-__all__ = ["ROOT", "SRC", "RESULTS", "commit", "working_tree_dirty", "machine", "load_average", "command_line",
-           "run_metadata", "write_json", "source_env", "Timer", "mean_std", "time_to_target", "read_log",
-           "pyplot", "save_figure"]
+__all__ = ["ROOT", "SRC", "RESULTS", "FLOW_MATCHING_JSON", "FLOW_MATCHING_DESCRIPTION", "commit", "working_tree_dirty",
+           "machine", "load_average", "command_line", "run_metadata", "write_json", "source_env", "worker_main",
+           "start_worker", "run_worker", "run_jobs", "open_report", "save_section", "print_section",
+           "merge_earlier_runs", "add_section_arguments", "run_section", "Timer", "mean_std", "time_to_target",
+           "read_log", "fmt", "pyplot", "save_figure"]
 
 #: the repository root, its ``src/`` and the folder of committed benchmark results
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 RESULTS = ROOT / "benchmarks" / "results"
+#: the results file of ``fm_toys.py``, ``fm_digits.py`` and ``fm_torchcfm.py`` (sections ``toys``, ``digits``,
+#: ``torchcfm``) and what it holds
+FLOW_MATCHING_JSON = RESULTS / "flow_matching.json"
+FLOW_MATCHING_DESCRIPTION = ("Flow matching vs maximum likelihood: toys (fm_toys.py), digits (fm_digits.py) and "
+                             "torchcfm side by side (fm_torchcfm.py).")
 
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
@@ -149,6 +159,181 @@ def source_env(**overrides: str) -> dict[str, str]:
     return env
 
 
+# ---- child processes: one run each, a few at a time ---------------------------------------------
+def worker_main(spec_path: str | Path, run: Callable[[dict], dict]) -> None:
+    """The child's side of :func:`start_worker`: ``run`` the JSON spec at ``spec_path`` and write
+    what it returns, as JSON, to the spec's ``result`` path."""
+    spec = json.loads(Path(spec_path).read_text())
+    Path(spec["result"]).write_text(json.dumps(run(spec)))
+
+
+def start_worker(script: str | Path, job: dict, work: Path) -> tuple[subprocess.Popen, IO[str]]:
+    """Launch ``python SCRIPT --worker SPEC`` for ``job`` (a spec with ``tag`` and ``result``) from
+    the repository root, with one OpenMP thread and this working tree's fastcnf; its output goes
+    to ``work/TAG.log``. ``job["launched"]`` (``time.time()``) is set before the spec is written,
+    so the child knows when it was launched. Returns the process and its open log."""
+    spec_path = work / f"{job['tag']}.spec.json"
+    Path(job["result"]).unlink(missing_ok=True)
+    log = open(work / f"{job['tag']}.log", "w")
+    job["launched"] = time.time()
+    spec_path.write_text(json.dumps(job))
+    proc = subprocess.Popen([sys.executable, str(Path(script).resolve()), "--worker", str(spec_path)], cwd=ROOT,
+                            env=source_env(OMP_NUM_THREADS="1"), stdout=log, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def run_worker(script: str | Path, job: dict, work: Path) -> tuple[dict, float, float]:
+    """Run ``job`` in its own process (:func:`start_worker`) and wait for it: its result, launch
+    and end times (``time.time()``); ``RuntimeError`` naming the log if it fails."""
+    proc, log = start_worker(script, job, work)
+    with log:
+        rc = proc.wait()
+    ended = time.time()
+    if rc != 0:
+        raise RuntimeError(f"{job['tag']} failed ({rc}); see {work / (job['tag'] + '.log')}")
+    return json.loads(Path(job["result"]).read_text()), job["launched"], ended
+
+
+def run_jobs(script: str | Path, jobs: list[dict], work: Path, concurrency: int,
+             on_done: Callable[[dict, dict, float, float], None]) -> None:
+    """Run each job as :func:`start_worker` does, at most ``concurrency`` at a time, in order;
+    ``on_done(job, result, launched, ended)`` after each that succeeds (each end is printed)."""
+    pending, running = list(jobs), []
+    while pending or running:
+        while pending and len(running) < concurrency:
+            job = pending.pop(0)
+            proc, log = start_worker(script, job, work)
+            running.append((job, proc, log))
+            print(f"started {job['tag']} (pid {proc.pid})", flush=True)
+        time.sleep(1.0)
+        for item in list(running):
+            job, proc, log = item
+            if proc.poll() is None:
+                continue
+            ended = time.time()
+            log.close()
+            running.remove(item)
+            if proc.returncode != 0:
+                print(f"{job['tag']} failed ({proc.returncode}); see {work / (job['tag'] + '.log')}", flush=True)
+                continue
+            on_done(job, json.loads(Path(job["result"]).read_text()), job["launched"], ended)
+            print(f"done {job['tag']} in {ended - job['launched']:.1f} s", flush=True)
+
+
+# ---- a results file that several scripts share -----------------------------------------------------
+_RUN_KEYS = ("command", "commit", "working_tree_dirty", "date", "machine")
+
+
+def open_report(path: Path, metadata: dict[str, Any], description: str, first_part: str,
+                summarize_only: bool = False) -> tuple[dict, dict]:
+    """The report a script writes into the shared results file ``path``, and the file as it was.
+
+    The report keeps every section of the file and its ``verdicts``; its top carries ``metadata``
+    (this invocation's :func:`run_metadata`) and ``description``, or, with ``summarize_only``,
+    the file's own top with this invocation as ``resummarized_by``. A file written before it had
+    sections (one experiment's ``runs`` at its top level) is read as the section ``first_part``.
+    """
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if "runs" in previous:
+        previous = {first_part: previous}
+    if summarize_only:
+        return {**previous, "resummarized_by": metadata}, previous
+    kept = {k: v for k, v in previous.items() if k not in (*_RUN_KEYS, "description", "resummarized_by")}
+    return {**metadata, "description": description, **kept}, previous
+
+
+def save_section(path: Path, report: dict, part: str, about: str, section: dict,
+                 verdicts: dict[str, dict] | None = None) -> None:
+    """Put ``section`` as ``report[part]`` (described by ``about`` in ``report["sections"]``) and
+    write the report to ``path``. ``verdicts``, keyed ``"PART/..."``, replace the part's earlier
+    ones in ``report["verdicts"]`` (``None``: leave them, e.g. for a partial save)."""
+    report.setdefault("sections", {})[part] = about
+    report[part] = section
+    if verdicts is not None:
+        others = {k: v for k, v in report.get("verdicts", {}).items() if not k.startswith(f"{part}/")}
+        report["verdicts"] = {**others, **verdicts}
+    write_json(path, report)
+
+
+def print_section(path: Path, report: dict, part: str) -> None:
+    """Print a section's Markdown table and note, then the part's verdicts (``MET`` / ``MISSED``)."""
+    section = report.get(part, {})
+    if section.get("table"):
+        print(f"\n## {part}: {report['sections'][part]}\n\n{section['table']}")
+        if section.get("note"):
+            print("\nNote: " + section["note"])
+    for name, v in report.get("verdicts", {}).items():
+        if name.startswith(f"{part}/"):
+            print(f"{'MET   ' if v['met'] else 'MISSED'} {name}: {v['value']}")
+    print(f"wrote {path}")
+
+
+def merge_earlier_runs(section: dict, earlier: dict | None, rerun: set[str]) -> None:
+    """Keep ``earlier``'s runs (the same section as last written) whose keys are not rerun now,
+    each stamped with the command and commit that produced it (the section's own command is this
+    invocation's); a run that is a dict of runs (method -> run) has each of them stamped."""
+    if not earlier:
+        return
+    kept = []
+    for key, run in earlier.get("runs", {}).items():
+        if key in rerun:
+            continue
+        stamp = {"command": earlier.get("command"), "commit": earlier.get("commit"), "date": earlier.get("date")}
+        if isinstance(run, dict) and all(isinstance(v, dict) for v in run.values()) and "methods" not in run:
+            run = {m: {**stamp, **r} for m, r in run.items()}  # method -> run
+        else:
+            run = {**stamp, **run}
+        section["runs"][key] = run
+        kept.append(key)
+    if kept:
+        section["kept_from_earlier_invocation"] = {"runs": kept, "command": earlier.get("command"),
+                                                   "commit": earlier.get("commit"), "date": earlier.get("date")}
+
+
+def add_section_arguments(parser: argparse.ArgumentParser, part: str, out: Path, work: str) -> None:
+    """The flags of a script that writes the section ``part`` of a shared results file: the
+    hidden ``--worker SPEC`` (a child's job, :func:`start_worker`), ``--summarize-only``, ``--work``
+    (run directories and logs) and ``--out`` (default ``out``)."""
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--summarize-only", action="store_true",
+                        help=f"recompute the {part} summary, table and verdicts in --out from its runs; run nothing")
+    parser.add_argument("--work", default=work, help="run directories and logs")
+    parser.add_argument("--out", default=str(out))
+
+
+def run_section(args: argparse.Namespace, argv: Sequence[str] | None, script: str | Path, part: str, about: str, *,
+                description: str, first_part: str, worker: Callable[[dict], dict],
+                run: Callable[[dict | None, Path, Callable[[dict], None]], dict],
+                summarize: Callable[[dict], None], verdicts: Callable[[dict], dict]) -> None:
+    """The body of such a script (flags from :func:`add_section_arguments`). As a child
+    (``--worker``): ``worker(spec)``. Otherwise ``run(earlier, work, save)`` makes the section
+    (``earlier``: the file's section as it was; ``save(section)`` writes a partial one, summarized
+    and stamped with ``load_average_end``), or with ``--summarize-only`` the file's section is taken
+    as it is; then ``summarize(section)`` fills its summary and table from its runs, and the section
+    and its ``verdicts(section)`` are written into ``args.out`` (:func:`open_report`,
+    :func:`save_section`; ``description`` and ``first_part`` as there) and printed."""
+    if args.worker:
+        worker_main(args.worker, worker)
+        return
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    report, previous = open_report(out, run_metadata(script, argv), description, first_part, args.summarize_only)
+    if args.summarize_only:
+        if part not in previous:
+            raise SystemExit(f"{out} has no {part} section to summarize")
+        section = previous[part]
+    else:
+        def save(partial: dict) -> None:
+            summarize(partial)
+            partial["load_average_end"] = load_average()
+            save_section(out, report, part, about, partial)
+
+        section = run(previous.get(part), work, save)
+    summarize(section)
+    save_section(out, report, part, about, section, verdicts(section))
+    print_section(out, report, part)
+
+
 # ---- measurements -------------------------------------------------------------------------------
 class Timer:
     """Wall-clock and process-CPU seconds spent inside ``with`` blocks, summed over every use.
@@ -206,6 +391,11 @@ def read_log(path: str | Path) -> list[dict[str, str]]:
     """The rows of a trainer's ``log.csv`` (column -> text as written)."""
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def fmt(value: float | None, spec: str = ".1f") -> str:
+    """``value`` formatted by ``spec`` for a Markdown table cell, ``"-"`` when ``None``."""
+    return "-" if value is None else format(value, spec)
 
 
 # ---- figures ------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """End-time policies compared at equal iterations: FFJORD (fixed T) vs TO-FLOW vs STEER vs RNODE vs
-TO-FLOW + RNODE (issue 11; TO-FLOW, Du et al. 2022, Table 1 and Figure 1), plus a TO-FLOW settings study.
+TO-FLOW + RNODE (TO-FLOW, Du et al. 2022, Table 1 and Figure 1), plus a TO-FLOW settings study.
 
 For every (data set, variant, seed) it trains with the one fastcnf trainer and records the test
 NLL (toy) or bits/dim (images), mean forward/backward NFE per training iteration, training wall

@@ -1,6 +1,6 @@
 """FFJORD's 2-D toy training (``train_toy.py`` defaults) in plain torch + torchdiffeq.
 
-This is the reference fastcnf's speed is measured against (issue 8). It does not import fastcnf.
+This is the reference fastcnf's speed is measured against (``speed_toy.py``). It does not import fastcnf.
 It re-implements, from the published FFJORD code (Grathwohl et al. 2019, github.com/rtqichen/ffjord,
 ``train_toy.py``, ``train_misc.py``, ``lib/layers/{cnf,odefunc}.py``,
 ``lib/layers/diffeq_layers/basic.py``, ``lib/toy_data.py``), the parts its toy defaults use:

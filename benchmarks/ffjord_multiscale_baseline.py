@@ -1,4 +1,4 @@
-"""FFJORD's multiscale image training (``train_cnf.py``) in plain torch + torchdiffeq (issue 18).
+"""FFJORD's multiscale image training (``train_cnf.py``) in plain torch + torchdiffeq.
 
 The reference fastcnf's image speed is measured against. It does not import fastcnf. It
 re-implements, from the published FFJORD code (Grathwohl et al. 2019, github.com/rtqichen/ffjord at

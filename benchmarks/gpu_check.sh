@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for issue 18 (image speed): about 8 minutes on one GPU.
+# GPU check of image speed (speed_images.py): about 8 minutes on one GPU.
 #   (a) per iteration, side by side: FFJORD's MNIST model (one block per scale, 400,323 parameters) with
 #       FFJORD's engine (benchmarks/ffjord_multiscale_baseline.py) against fastcnf (direct back-propagation,
 #       and direct with per-stage recomputation, in float32 and with a bfloat16 backward pass), batch 200 on

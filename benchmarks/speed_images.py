@@ -1,4 +1,4 @@
-"""Speed of fastcnf against FFJORD's multiscale image training, side by side (issue 18).
+"""Speed of fastcnf against FFJORD's multiscale image training, side by side.
 
 Every side runs in its own worker process (one torch thread each by default) so that its peak
 memory is its own; the parent interleaves their iterations (side order reversed every other
@@ -22,7 +22,7 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
 * ``fastcnf-recompute-bf16``: the same with the backward pass's re-evaluations in bfloat16
   (``solver.backward_precision=bfloat16``: the same forward solve, the gradient rounded).
 
-Since issue 17 fastcnf's ``mnist-ffjord`` uses FFJORD's concat layers (``model.layer_type: concat``):
+fastcnf's ``mnist-ffjord`` now uses FFJORD's concat layers (``model.layer_type: concat``):
 with one block per scale the two sides build the same model (400,318 trained parameters; FFJORD's
 400,323 include 5 untrained end-time scalars). The rows recorded before that change (JSON
 ``speed_images.json``) compared concat (FFJORD) with concat-squash (fastcnf), which differ by 5,874
@@ -428,7 +428,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     if "fastcnf-cl" in args.sides + args.train_sides and \
             load_recipe(args.recipe, cfg_overrides(args)).model.layer_type != "concatsquash":
-        # mnist-ffjord builds FFJORD's concat layers since issue 17: the layout switch would do nothing
+        # mnist-ffjord builds FFJORD's concat layers: the layout switch would do nothing
         p.error("side fastcnf-cl needs concat-squash conv dynamics: add --fastcnf-set model.layer_type=concatsquash")
     if args.memory and args.device != "cpu":
         p.error("--memory counts CPU tensors; on CUDA every row reports torch.cuda.max_memory_allocated")

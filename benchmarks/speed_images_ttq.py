@@ -1,4 +1,4 @@
-"""Part (c) of ``speed_images.py``: time to quality on images (issue 18).
+"""Part (c) of ``speed_images.py``: time to quality on images.
 
 fastcnf trains the same model as FFJORD's baseline (FFJORD's multiscale concat CNF at the
 benchmark's size) with a *fast* recipe (``digits-fast`` / ``mnist-fast``: any combination of

@@ -1,4 +1,4 @@
-"""Speed of fastcnf against FFJORD's toy training, side by side (issue 8).
+"""Speed of fastcnf against FFJORD's toy training, side by side.
 
 For each 2-D data set, in one invocation:
 
@@ -249,7 +249,7 @@ def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats
     trainer = Trainer(cfg, work / f"ablation-{data}", quiet=True, progress=False)
     trainer.model.load_state_dict(load_checkpoint(work / f"fastcnf-{data}" / "checkpoints" / "last.pt")["model"])
     variants = {
-        "torchdiffeq, autograd trace (fastcnf before issue 8)": dict(backend="torchdiffeq", trace=False),
+        "torchdiffeq, autograd trace (fastcnf's first solve path)": dict(backend="torchdiffeq", trace=False),
         "torchdiffeq + forward-mode trace, hand-written VJP": dict(backend="torchdiffeq", trace=True),
         "lean dopri5 + autograd trace": dict(backend="fastcnf", trace=False),
         "lean dopri5 + forward-mode trace, node per evaluation": dict(backend="fastcnf", trace=True, fused=False),
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     report: dict = {
-        "benchmark": "speed_toy (issue 8)",
+        "benchmark": "speed_toy",
         **run_metadata(__file__, argv),
         "load_average_start": load_average(),
         "settings": {"data": args.data, "iterations": args.iterations, "seed": args.seed,
