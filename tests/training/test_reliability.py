@@ -130,6 +130,9 @@ def test_time_checkpoints_one_writer_and_stale_lock_after_kill_9(tmp_path: Path)
     out = tmp_path / "run"
     first = _start(_train(out, "train.iterations=100000", "train.checkpoint_every=0", "train.checkpoint_minutes=0.001"))
     _wait_for_iteration(first, 5)
+    deadline = time.monotonic() + 30  # the run goes on: a checkpoint by time comes within 0.06 s of running
+    while not (out / "checkpoints" / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert (out / "checkpoints" / "last.pt").exists()  # written by time only (checkpoint_every=0)
     lock = (out / LOCK_NAME).read_text()
     assert f"pid={first.pid}" in lock and f"host={socket.gethostname()}" in lock
