@@ -172,8 +172,30 @@ def _move_fixed_tolerances(values: dict) -> str | None:
     return None
 
 
+#: the three switches ``solver.gradient`` replaced
+_OLD_GRADIENT_KEYS = ("adjoint", "recompute", "fused")
+
+
+def _merge_gradient_switches(values: dict) -> str | None:
+    """``solver.adjoint`` / ``recompute`` / ``fused`` -> ``solver.gradient``: adjoint=true -> adjoint,
+    recompute=true -> recompute, fused=false -> direct (no fused solve), otherwise auto."""
+    solver = values.get("solver") or {}
+    old = {k: solver.pop(k) for k in _OLD_GRADIENT_KEYS if k in solver}
+    if not old:
+        return None
+    if old.get("adjoint") and old.get("recompute"):
+        raise ConfigError("solver.recompute=true recomputes direct back-propagation: it conflicts with "
+                          "solver.adjoint=true; use solver.gradient=recompute or solver.gradient=adjoint")
+    gradient = ("adjoint" if old.get("adjoint") else "recompute" if old.get("recompute")
+                else "direct" if old.get("fused") is False else "auto")
+    solver["gradient"] = gradient  # an old switch set explicitly (e.g. --set) overrides a recipe's gradient
+    spelled = " ".join(f"solver.{k}={str(v).lower()}" for k, v in old.items())
+    return f"{spelled} is deprecated: it became solver.gradient={gradient}"
+
+
 #: rewrites of old spellings, each ``values -> message | None`` (applied before the keys are checked)
-DEPRECATIONS: list[Callable[[dict], str | None]] = [_move_train_end_time, _move_fixed_tolerances]
+DEPRECATIONS: list[Callable[[dict], str | None]] = [_move_train_end_time, _move_fixed_tolerances,
+                                                    _merge_gradient_switches]
 
 
 def config_from_dict(values: dict) -> Config:
@@ -204,7 +226,8 @@ def _parse_value(text: str, key: str) -> Any:
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
     """Apply ``KEY=VALUE`` strings (dotted keys) to a nested mapping, validating the keys."""
-    valid = set(valid_keys(Config)) | {"model.train_end_time"}  # deprecated keys still load
+    # deprecated keys still load
+    valid = set(valid_keys(Config)) | {"model.train_end_time"} | {f"solver.{k}" for k in _OLD_GRADIENT_KEYS}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"malformed override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")

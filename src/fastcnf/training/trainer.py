@@ -28,6 +28,8 @@ from fastcnf.training.features import TASKS, build_hooks
 from fastcnf.training.hooks import StepContext
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
 from fastcnf.training.schedules import LRSchedule, build_optimizer, set_group_lrs
+from fastcnf.cnf.gradient import gradient_paths
+from fastcnf.training.startup import plan_gradients, precision_notes, start_line
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "BASE_LOG_COLUMNS"]
 
@@ -232,8 +234,12 @@ class Trainer:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "config.yaml", "w") as fh:
                 yaml.safe_dump(config_to_dict(cfg), fh, sort_keys=False)
+        # [solver.gradient] each block's path, planned on the first batch, and the run's first line
+        self.gradient_paths = plan_gradients(self) if self.iteration < cfg.train.iterations else {}
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
+        for line in [start_line(self, self.gradient_paths), *precision_notes(self.gradient_paths)]:
+            log.message(line)
         interrupted = False
         try:
             while self.iteration < cfg.train.iterations:
@@ -286,6 +292,8 @@ class Trainer:
         metrics.update(self.evaluate())
         metrics["seed"] = self.cfg.seed
         metrics["end_times"] = self.model_end_times()
+        # [solver.gradient] the path (and backward precision) of each block's last training solve
+        metrics["gradient_paths"] = gradient_paths(self.model)
         metrics.update(ddp.large_batch_summary(self.cfg, self.dist.world_size, self.base_lr, self.iteration,
                                                metrics.get("train_seconds") or 0.0))
         return write_metrics(self.out_dir, metrics)
