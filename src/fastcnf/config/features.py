@@ -296,6 +296,8 @@ class FlowMatchingConfig(Section):
         coupling: ``independent`` pairs, ``exact`` minibatch optimal transport (Hungarian
             algorithm on squared distances) or ``sinkhorn`` (entropic OT; needs the POT package).
         sinkhorn_reg: sinkhorn: entropic regularisation, relative to the mean squared cost.
+        sinkhorn_solver: sinkhorn: ``pot`` (POT's ``ot.sinkhorn``, on the CPU) or ``torch`` (fastcnf's
+            log-domain iteration on the batch's device, no POT needed).
         time_sampling: ``uniform`` on [0, 1] or ``logit_normal``.
         class_separation: class-conditional runs (``conditioning.kind: ccnf``): norm of each class's
             fixed source mean (random directions, one per class); the source of class y is
@@ -308,6 +310,7 @@ class FlowMatchingConfig(Section):
     sigma_min: float = 1e-4
     coupling: Literal["independent", "exact", "sinkhorn"] = "independent"
     sinkhorn_reg: float = 0.05
+    sinkhorn_solver: Literal["pot", "torch"] = "pot"
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     class_separation: float = 4.0
 

@@ -58,7 +58,8 @@ class FlowMatching:
     def __init__(self, cfg: Config, bundle: DataBundle) -> None:
         f = cfg.flow_matching
         self.path = IndependentCFMPath(f.sigma) if f.path == "cfm" else LipmanOTPath(f.sigma_min)
-        kwargs = {"epsilon": f.sinkhorn_reg} if f.coupling == "sinkhorn" else {}
+        kwargs = {"epsilon": f.sinkhorn_reg, "method": "torch" if f.sinkhorn_solver == "torch" else "auto"} \
+            if f.coupling == "sinkhorn" else {}
         self.coupling = COUPLINGS[f.coupling](**kwargs)
         self.time_sampler = TIME_SAMPLERS[f.time_sampling]()
 
