@@ -157,3 +157,22 @@ def test_old_switches_load_with_one_line_saying_what_they_became():
         assert cfg.solver.gradient == expected
         messages = [str(w.message) for w in caught if issubclass(w.category, DeprecatedOption)]
         assert messages == [f"{' '.join(overrides)} is deprecated: it became solver.gradient={expected}"]
+
+
+def test_planned_blocks_share_the_budget():
+    """Two identical blocks planned together: a budget that holds one direct graph but not two gives
+    the first block direct and the second a leaner path."""
+    from fastcnf.cnf.gradient import planning
+    from fastcnf.flows.sequential import SequentialFlow
+
+    x = torch.randn(16, 3, dtype=D, generator=torch.Generator().manual_seed(1))
+    probe_block = _hutchinson_block(64.0)
+    _grads(probe_block, x)
+    p = probe_block._gradient_probe
+    direct = p.per_eval * 16 * p.evals
+    blocks = [_hutchinson_block(1.5 * direct / GIB) for _ in range(2)]
+    flow = SequentialFlow(blocks, (3,))
+    with planning(flow), torch.enable_grad():
+        torch.manual_seed(3)
+        flow(x)
+    assert [b.gradient_record.path for b in blocks] == ["direct", "recompute"]

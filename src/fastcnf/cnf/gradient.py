@@ -73,12 +73,18 @@ def plan_and_run(block: nn.Module, solver: SolverConfig, state: tuple[Tensor, ..
         finally:
             block.nfe = counter
         _, per_eval = saved_bytes(lambda: func(t[0], state), exclude=params)
-        probe = _Probe(per_eval / batch, _bytes(state) / batch, evals, memory_budget_bytes(solver, device))
+        budget = memory_budget_bytes(solver, device)
+        ledger = getattr(block, "_budget_ledger", None) if planning_now else None
+        if ledger is not None:  # the blocks of one model share the budget: what earlier ones took is gone
+            budget = max(0.0, budget - ledger["used"])
+        probe = _Probe(per_eval / batch, _bytes(state) / batch, evals, budget)
         block._gradient_probe = probe
     evals = max(probe.evals, block.nfe.forward)
     estimate = MemoryEstimate(probe.per_eval * batch, probe.state * batch, evals, probe.budget)
     path = gradient_path(solver, device=device, fused_ok=fused_ok, estimate=estimate)
     block.gradient_record = path
+    if planning_now and getattr(block, "_budget_ledger", None) is not None:
+        block._budget_ledger["used"] += estimate.need(path.path)
     if planning_now and measured is not None:
         # the planning pass only measures: leaves stand in for the solution (no graph is kept)
         return tuple(o.detach().requires_grad_(o.is_floating_point()) for o in measured)
@@ -93,15 +99,18 @@ def _blocks(module: nn.Module) -> Iterator[nn.Module]:
 def planning(module: nn.Module):
     """Within this context every CNF block of ``module`` that solves with gradients under ``auto``
     measures and records its path and returns its no-grad solution (as leaves) without building the
-    solve's graph: one forward pass of the training loss plans every block."""
+    solve's graph: one forward pass of the training loss plans every block. The blocks share the
+    budget: each is planned against what the blocks planned before it left (their graphs coexist
+    in the backward pass)."""
     blocks = list(_blocks(module))
+    ledger = {"used": 0.0}
     for b in blocks:
-        b._planning = True
+        b._planning, b._budget_ledger = True, ledger
     try:
         yield
     finally:
         for b in blocks:
-            b._planning = False
+            b._planning, b._budget_ledger = False, None
 
 
 def gradient_paths(module: nn.Module) -> dict[str, dict[str, str]]:

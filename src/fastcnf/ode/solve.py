@@ -342,6 +342,11 @@ class MemoryEstimate:
         """Recomputation keeps each evaluation's state derivative and one evaluation's graph."""
         return self.per_eval + self.state * self.evals
 
+    def need(self, path: str) -> float:
+        """The bytes ``path`` holds (the adjoint: one evaluation's graph)."""
+        return {"fused": self.direct, "direct": self.direct, "recompute": self.recompute}.get(
+            path, lambda: self.per_eval)()
+
 
 def _size(n: float) -> str:
     return f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / (1 << 20):.1f} MiB"
