@@ -12,7 +12,8 @@ from fastcnf.config import ConfigError, load_recipe
 from fastcnf.data.toy import MIX1D_MEANS
 from fastcnf.training.trainer import Trainer
 
-FAST = ["threads=1", "train.checkpoint_every=0", "eval.figures=false", "data.n_train=2000", "data.n_test=500"]
+FAST = ["threads=1", "train.checkpoint_every=0", "eval.figures=false", "data.n_train=2000", "data.n_test=500",
+        "train.batch_size=256", "train.lr=1e-3", "train.schedule=constant"]  # the settings these tests were sized for
 
 
 def _fit(recipe: str, tmp_path, *overrides: str) -> Trainer:
