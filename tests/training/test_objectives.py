@@ -68,3 +68,26 @@ def test_flow_matching_reaches_the_entropy_of_the_data(tmp_path):
 def test_flow_matching_rejects_settings_it_cannot_train(override):
     with pytest.raises(ConfigError, match="flow_matching"):
         load_recipe("toy-fm", [override])
+
+
+def test_ot_batch_size_pairs_within_consecutive_groups(tmp_path):
+    """flow_matching.ot_batch_size=4 on a batch of 10: the coupling sees groups 0,0,0,0,1,1,1,1,2,2
+    (and with classes, the class-group pairs), so every partner comes from its own group."""
+    from fastcnf.cnf.coupling import ExactOTCoupling
+
+    trainer = Trainer(load_recipe("toy-otcfm", FAST + ["train.batch_size=10", "flow_matching.ot_batch_size=4",
+                                                       "train.iterations=1", "model.hidden_dims=[8]"]),
+                      tmp_path / "ot", progress=False)
+    objective = trainer.task.objective
+    seen = {}
+
+    def recording(x, noise, labels=None, generator=None):
+        seen["labels"] = labels
+        seen["index"] = ExactOTCoupling()(x, noise, labels=labels)
+        return seen["index"]
+
+    objective.coupling = recording
+    trainer.train_step()
+    groups = torch.arange(10) // 4
+    assert torch.equal(seen["labels"], groups)
+    assert torch.equal(groups[seen["index"]], groups)

@@ -62,6 +62,7 @@ class FlowMatching:
             if f.coupling == "sinkhorn" else {}
         self.coupling = COUPLINGS[f.coupling](**kwargs)
         self.time_sampler = TIME_SAMPLERS[f.time_sampling]()
+        self.ot_batch_size = int(f.ot_batch_size)
 
     def __call__(self, model: FlowModel, ctx: StepContext) -> None:
         steps = list(model.flow.steps)
@@ -75,7 +76,12 @@ class FlowMatching:
             h = model.flow.forward_range(x, 0, len(steps) - 1)[0]
         noise = model.prior.sample(x.shape[0], labels, device=x.device, dtype=x.dtype).reshape(h.shape)
         model.reset_nfe()
-        loss = flow_matching_loss(block.net, h, noise, self.path, self.coupling, self.time_sampler, labels=labels)
+        groups = labels
+        if 0 < self.ot_batch_size < x.shape[0]:  # pair within consecutive groups (and classes)
+            groups = torch.arange(x.shape[0], device=x.device) // self.ot_batch_size
+            if labels is not None:
+                groups = labels.reshape(-1) * (groups.max() + 1) + groups
+        loss = flow_matching_loss(block.net, h, noise, self.path, self.coupling, self.time_sampler, labels=groups)
         ctx.update(labels=labels, loss=loss, nll=torch.tensor(math.nan))
 
 
