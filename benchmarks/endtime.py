@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         for v in image_variants:
             plan.append(("mnist-test-split", v, "mnist-ffjord", [
                 "data.name=mnist-test-split", f"data.root={mnist_root}", f"train.iterations={args.mnist_iterations}",
-                "model.hidden_dims=[32,32]", "model.num_blocks=1", "solver.adjoint=false", "train.batch_size=100",
+                "model.hidden_dims=[32,32]", "model.num_blocks=1", "solver.gradient=auto", "train.batch_size=100",
                 # a CPU-scale run of tens of iterations: FFJORD's 1,000-iteration warm-up would keep lr ~ 0
                 "train.warmup_iterations=0", "eval.max_examples=500", *VARIANTS[v]]))
     results: dict = {**run_metadata(__file__, argv), "settings": vars(args), "data": {}}

@@ -19,13 +19,13 @@ mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/nvidia_smi.csv" || true
 # (a) ~2 minutes
 timeout 200 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" --sides ffjord fastcnf \
-    --fastcnf-set solver.adjoint=false --iterations 5 --batch-size 200 --json "$OUT/speed_images_a.json"
+    --fastcnf-set solver.gradient=auto --iterations 5 --batch-size 200 --json "$OUT/speed_images_a.json"
 timeout 150 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" \
     --sides ffjord fastcnf-recompute fastcnf-recompute-bf16 --iterations 4 --batch-size 200 \
     --json "$OUT/speed_images_a_recompute.json"
 # (b) + (c) ~3 minutes
 timeout 240 "$PY" benchmarks/speed_images.py --device cuda --iterations 0 --train-iterations 100 \
-    --train-data digits --dims 64,64,64 --train-sides ffjord fastcnf --fastcnf-set solver.adjoint=false \
+    --train-data digits --dims 64,64,64 --train-sides ffjord fastcnf --fastcnf-set solver.gradient=auto \
     --eval-every 25 --ttq --ttq-max-iterations 300 --json "$OUT/speed_images_bc.json"
 # the suite (CUDA-aware tests included), ~1.5 minutes
 timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/package/test_cuda.py tests/ode tests/cnf

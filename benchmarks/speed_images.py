@@ -16,11 +16,13 @@ round) so that load on the shared machine hits all sides alike. Sides (``--sides
   (``ConcatSquashConvNet(channels_last=True)``; off by default; needs ``--fastcnf-set
   model.layer_type=concatsquash``, as ``mnist-ffjord`` builds FFJORD's concat layers);
 * ``fastcnf-jvp``: the same with Hutchinson by forward mode (``model.hutchinson_mode=jvp``);
-* ``fastcnf-direct``: direct back-propagation through the lean dopri5 (``solver.adjoint=false``);
-* ``fastcnf-recompute``: the same by per-stage recomputation (``solver.recompute=true``: the
+* ``fastcnf-direct``: direct back-propagation through the lean dopri5 (``solver.gradient=direct``);
+* ``fastcnf-recompute``: the same by per-stage recomputation (``solver.gradient=recompute``: the
   same gradient, about one evaluation's graph of memory);
 * ``fastcnf-recompute-bf16``: the same with the backward pass's re-evaluations in bfloat16
-  (``solver.backward_precision=bfloat16``: the same forward solve, the gradient rounded).
+  (``solver.backward_precision=bfloat16``: the same forward solve, the gradient rounded);
+* ``fastcnf-adjoint``: FFJORD's own gradient method in fastcnf (``solver.gradient=adjoint``); the plain
+  ``fastcnf`` side takes the recipe's default, ``solver.gradient=auto``.
 
 fastcnf's ``mnist-ffjord`` now uses FFJORD's concat layers (``model.layer_type: concat``):
 with one block per scale the two sides build the same model (400,318 trained parameters; FFJORD's
@@ -81,13 +83,13 @@ from fastcnf import load_data, load_recipe  # noqa: E402
 from fastcnf.cnf.dynamics import ConcatSquashConvNet  # noqa: E402
 
 SIDES = ("ffjord", "ffjord-cs", "fastcnf", "fastcnf-cl", "fastcnf-jvp", "fastcnf-direct", "fastcnf-recompute",
-         "fastcnf-recompute-bf16")
+         "fastcnf-recompute-bf16", "fastcnf-adjoint")
 #: overrides a fastcnf side adds to the recipe (and ``--fastcnf-set``)
 SIDE_OVERRIDES = {"fastcnf-jvp": ["model.hutchinson_mode=jvp"],
-                  "fastcnf-direct": ["solver.adjoint=false"],
-                  "fastcnf-recompute": ["solver.adjoint=false", "solver.recompute=true"],
-                  "fastcnf-recompute-bf16": ["solver.adjoint=false", "solver.recompute=true",
-                                             "solver.backward_precision=bfloat16"]}
+                  "fastcnf-direct": ["solver.gradient=direct"],
+                  "fastcnf-recompute": ["solver.gradient=recompute"],
+                  "fastcnf-recompute-bf16": ["solver.gradient=recompute", "solver.backward_precision=bfloat16"],
+                  "fastcnf-adjoint": ["solver.gradient=adjoint"]}
 TARGETS = {"per_iteration_speedup": 2.0}
 
 

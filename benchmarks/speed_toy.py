@@ -252,18 +252,17 @@ def run_ablation(data: str, seed: int, overrides: list[str], work: Path, repeats
         "torchdiffeq, autograd trace (fastcnf's first solve path)": dict(backend="torchdiffeq", trace=False),
         "torchdiffeq + forward-mode trace, hand-written VJP": dict(backend="torchdiffeq", trace=True),
         "lean dopri5 + autograd trace": dict(backend="fastcnf", trace=False),
-        "lean dopri5 + forward-mode trace, node per evaluation": dict(backend="fastcnf", trace=True, fused=False),
+        "lean dopri5 + forward-mode trace, node per evaluation": dict(backend="fastcnf", trace=True, gradient="direct"),
         "fastcnf now: fused solve (one node, discrete adjoint)": dict(backend="fastcnf", trace=True),
-        "fastcnf now, adjoint instead of direct": dict(backend="fastcnf", trace=True, adjoint=True),
+        "fastcnf now, adjoint instead of direct": dict(backend="fastcnf", trace=True, gradient="adjoint"),
     }
     models = {}
     for name, v in variants.items():
         model = copy.deepcopy(trainer.model)
         for block in model.cnf_blocks():
             block.solver = SolverConfig(**{**vars(block.solver), "backend": v["backend"],
-                                           "adjoint": v.get("adjoint", False),
                                            # a patched trace kernel is not the fused solve's kernel
-                                           "fused": v.get("fused", True) and v["trace"]})
+                                           "gradient": v.get("gradient", "auto" if v["trace"] else "direct")})
             if not v["trace"]:
                 block.net.trace_forward = block.net._trace_forward_autograd
         models[name] = (model, torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))

@@ -128,7 +128,7 @@ def test_linear_dynamics_log_prob_derivative_in_end_time_equals_analytic():
 def _loss_and_grads(adjoint: bool, estimator_factory, regularizers=(), learnable=True):
     torch.manual_seed(0)
     net = _net(2, scale=1.5, activation="softplus")
-    solver = SolverConfig(atol=1e-10, rtol=1e-10, adjoint=adjoint)
+    solver = SolverConfig(atol=1e-10, rtol=1e-10, gradient="adjoint" if adjoint else "auto")
     block = CNFBlock(net, estimator_factory(), solver, end_time=FixedEndTime(0.6, learnable=learnable),
                      regularizers=[r() for r in regularizers]).to(DTYPE)
     model = _model(block, 2)
@@ -169,7 +169,7 @@ def test_end_time_receives_gradients_only_when_learnable():
 def test_log_prob_derivative_in_end_time_matches_finite_difference(adjoint):
     net = _net(2, scale=2.0)
     policy = FixedEndTime(0.7, learnable=True)
-    block = CNFBlock(net, ExactTrace(), SolverConfig(atol=1e-11, rtol=1e-11, adjoint=adjoint), end_time=policy)
+    block = CNFBlock(net, ExactTrace(), SolverConfig(atol=1e-11, rtol=1e-11, gradient="adjoint" if adjoint else "auto"), end_time=policy)
     model = _model(block, 2)
     x = torch.randn(5, 2, dtype=DTYPE)
     (grad_t,) = torch.autograd.grad(model.log_prob(x).sum(), policy.end_time)
@@ -230,7 +230,7 @@ def _two_solve_grads(adjoint: bool, together: bool):
     Hutchinson noise (drawn per solve): both solves before one backward (``together``), or each
     solve differentiated before the next one starts. Each solve's draws come from its own seed."""
     net = _net(2, scale=1.5)
-    block = CNFBlock(net, Hutchinson("rademacher"), SolverConfig(atol=1e-10, rtol=1e-10, adjoint=adjoint),
+    block = CNFBlock(net, Hutchinson("rademacher"), SolverConfig(atol=1e-10, rtol=1e-10, gradient="adjoint" if adjoint else "auto"),
                      end_time=RandomEndTime(0.6, half_width=0.3)).to(DTYPE)
     g = torch.Generator().manual_seed(5)
     x1 = torch.randn(5, 2, generator=g, dtype=DTYPE).requires_grad_(True)

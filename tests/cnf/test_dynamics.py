@@ -54,7 +54,7 @@ def _block_grads(fused: bool, losses, adjoint=False, learnable=False):
     net = _mlp(2, (16, 16), "tanh", scale=1.5)
     if not fused:
         net.trace_forward = net._trace_forward_autograd
-    block = CNFBlock(net, ExactTrace(), SolverConfig(atol=1e-8, rtol=1e-8, adjoint=adjoint),
+    block = CNFBlock(net, ExactTrace(), SolverConfig(atol=1e-8, rtol=1e-8, gradient="adjoint" if adjoint else "auto"),
                      end_time=FixedEndTime(0.7, learnable=learnable)).to(DTYPE)
     model = FlowModel(SequentialFlow([block], (2,))).to(DTYPE)
     losses(model)

@@ -178,7 +178,7 @@ class _CountingMLP(ConcatSquashMLP):
 def _jacobian_frobenius_block(mode: str, net: nn.Module) -> CNFBlock:
     # euler with 6 steps: the cost of each evaluation's vector-Jacobian product stays small even
     # if it walked back through the whole solve
-    return CNFBlock(net, ExactTrace(mode), SolverConfig(method="euler", step_size=1 / 6), end_time=0.5,
+    return CNFBlock(net, ExactTrace(mode), SolverConfig(method="euler", step_size=1 / 6, gradient="direct"), end_time=0.5,
                     regularizers=[JacobianFrobenius(1.0)]).to(DTYPE)
 
 

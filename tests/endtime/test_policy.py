@@ -71,7 +71,7 @@ def test_eq12_13_with_upstream_gradient_of_a_later_layer():
                          ids=["toflow", "joint"])
 def test_end_time_receives_gradient_direct_and_adjoint(adjoint, make_policy):
     # regression for FFJORD's --train_T: torch.tensor([0, T]) cut T out of the graph (grad None)
-    solver = SolverConfig(method="dopri5", atol=1e-7, rtol=1e-7, adjoint=adjoint)
+    solver = SolverConfig(method="dopri5", atol=1e-7, rtol=1e-7, gradient="adjoint" if adjoint else "auto")
     block = _block(make_policy(), solver=solver, divergence=Hutchinson("rademacher"))
     z, logdet = block(_x(8))
     _nll(z, logdet).backward()
@@ -82,7 +82,7 @@ def test_end_time_receives_gradient_direct_and_adjoint(adjoint, make_policy):
 def test_adjoint_and_direct_give_the_same_time_gradient():
     grads = []
     for adjoint in (False, True):
-        solver = SolverConfig(method="dopri5", atol=1e-9, rtol=1e-9, adjoint=adjoint)
+        solver = SolverConfig(method="dopri5", atol=1e-9, rtol=1e-9, gradient="adjoint" if adjoint else "auto")
         block = _block(LearnedEndTime(0.5), solver=solver)
         _nll(*block(_x(8))).backward()
         grads.append(float(block.end_time.grad))

@@ -13,7 +13,8 @@ from fastcnf.methods import load_recipe
 from fastcnf.data.toy import MIX1D_MEANS
 from fastcnf.training.trainer import Trainer
 
-FAST = ["threads=1", "train.checkpoint_every=0", "eval.figures=false", "data.n_train=2000", "data.n_test=500"]
+FAST = ["threads=1", "train.checkpoint_every=0", "eval.figures=false", "data.n_train=2000", "data.n_test=500",
+        "train.batch_size=256", "train.lr=1e-3", "train.schedule=constant"]  # the settings these tests were sized for
 
 
 def _fit(recipe: str, tmp_path, *overrides: str) -> Trainer:
@@ -82,3 +83,26 @@ def test_flow_matching_rejects_a_model_it_cannot_train(override):
         cfg = load_recipe("digits-fm", [override])
     with pytest.raises(ConfigError, match="flow_matching"):
         build_model(cfg, load_data(cfg.data))
+
+
+def test_ot_batch_size_pairs_within_consecutive_groups(tmp_path):
+    """flow_matching.ot_batch_size=4 on a batch of 10: the coupling sees groups 0,0,0,0,1,1,1,1,2,2
+    (and with classes, the class-group pairs), so every partner comes from its own group."""
+    from fastcnf.flow_matching.pairing import ExactOTCoupling
+
+    trainer = Trainer(load_recipe("toy-otcfm", FAST + ["train.batch_size=10", "flow_matching.ot_batch_size=4",
+                                                       "train.iterations=1", "model.hidden_dims=[8]"]),
+                      tmp_path / "ot", progress=False)
+    objective = trainer.task.objective
+    seen = {}
+
+    def recording(x, noise, labels=None, generator=None):
+        seen["labels"] = labels
+        seen["index"] = ExactOTCoupling()(x, noise, labels=labels)
+        return seen["index"]
+
+    objective.coupling = recording
+    trainer.train_step()
+    groups = torch.arange(10) // 4
+    assert torch.equal(seen["labels"], groups)
+    assert torch.equal(groups[seen["index"]], groups)

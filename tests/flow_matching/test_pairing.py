@@ -131,3 +131,86 @@ def test_sinkhorn_draws_are_reproducible_and_stay_within_class():
     b = coupling(x, eps, labels=labels, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert torch.equal(labels[a], labels)
+
+
+# ---- the torch Sinkhorn (log domain, on the batch's device) and the background pairing -------------
+
+@pytest.mark.parametrize("epsilon", [0.5, 0.05, 0.01])
+def test_torch_sinkhorn_plan_equals_pots(epsilon):
+    ot = pytest.importorskip("ot", reason="POT (pip install pot) is the reference")
+    from fastcnf.flow_matching.pairing import sinkhorn_log
+    x, eps = _batches(7, seed=3)
+    cost = squared_distances(x, eps)[:, :6]  # unequal sizes: 7 x 6
+    c = cost / cost.max()
+    ours = sinkhorn_log(c, epsilon, max_iter=20000, stop_threshold=1e-13)
+    ref = ot.sinkhorn(np.full(7, 1 / 7), np.full(6, 1 / 6), c.numpy(), epsilon, method="sinkhorn_log",
+                      numItermax=20000, stopThr=1e-13)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-7, atol=1e-12)
+    plan = SinkhornCoupling(epsilon, method="torch", max_iter=20000, stop_threshold=1e-13).plan(cost)
+    np.testing.assert_allclose(plan.numpy(), ref, rtol=1e-7, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_torch_sinkhorn_tends_to_the_exact_assignment_as_epsilon_shrinks(seed):
+    """Small problems: the plan (times B) approaches the permutation matrix of the exact assignment."""
+    from fastcnf.flow_matching.pairing import sinkhorn_log
+    x, eps = _batches(6, seed=seed)
+    cost = squared_distances(x, eps)
+    perm = ExactOTCoupling()(x, eps)
+    target = torch.zeros(6, 6, dtype=torch.float64)
+    target[torch.arange(6), perm] = 1.0
+    c = cost / cost.max()
+    errors = [float((sinkhorn_log(c, e, max_iter=5000, stop_threshold=1e-8) * 6 - target).abs().max())
+              for e in (1e-1, 1e-2, 2e-3)]
+    assert errors == sorted(errors, reverse=True) and errors[-1] < 0.1, errors
+    index = SinkhornCoupling(2e-3, method="torch", max_iter=5000)(x, eps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(index, perm)
+
+
+def test_background_pairing_gives_the_in_line_pairs_under_a_fixed_seed():
+    """A run of batches paired ahead in the worker thread (each batch submitted while the previous
+    one is used) against the same batches paired in line, classes included; a batch that was not
+    submitted (or differs) is paired in line."""
+    import threading
+
+    from fastcnf.flow_matching.pairing import BackgroundPairing
+
+    threads = set()
+
+    class Recording(ExactOTCoupling):
+        def __call__(self, *args, **kwargs):
+            threads.add(threading.current_thread().name)
+            return super().__call__(*args, **kwargs)
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(40, 2, generator=g) + 2, torch.randn(40, 2, generator=g), torch.randint(0, 3, (40,),
+                generator=g)) for _ in range(6)]
+    in_line = [ExactOTCoupling()(x, n, labels=y) for x, n, y in batches]
+    pairing = BackgroundPairing(Recording(), upcoming=None)
+    k = [0]
+    pairing.upcoming = lambda: batches[k[0] + 1] if k[0] + 1 < len(batches) else None
+    got = []
+    for k[0], (x, n, y) in enumerate(batches):
+        got.append(pairing(x, n, labels=y))
+    pairing.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, in_line))
+    assert pairing.prefetched == len(batches) - 1  # all but the first came from the worker
+    assert any(name.startswith("fastcnf-pairing") for name in threads)
+    # a submitted batch that is not the one asked for: paired in line, still right
+    x, n, y = batches[0]
+    pairing = BackgroundPairing(ExactOTCoupling())
+    pairing.submit(x, n, y)
+    other = batches[1]
+    assert torch.equal(pairing(*other), ExactOTCoupling()(*other)) and pairing.prefetched == 0
+    pairing.close()
+
+
+def test_background_pairing_leaves_random_couplings_in_line():
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
+    from fastcnf.flow_matching.pairing import BackgroundPairing
+    x, eps = _batches(10, seed=1)
+    pairing = BackgroundPairing(SinkhornCoupling(0.1))
+    pairing.submit(x, eps)
+    a = pairing(x, eps, generator=torch.Generator().manual_seed(3))
+    b = SinkhornCoupling(0.1)(x, eps, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and pairing.prefetched == 0

@@ -1,6 +1,6 @@
-"""Direct back-propagation by per-stage recomputation (``solver.recompute``, fastcnf.ode.recompute).
+"""Direct back-propagation by per-stage recomputation (``solver.gradient=recompute``, fastcnf.ode.recompute).
 
-The reference is direct back-propagation through the recorded lean solve (``recompute=false``):
+The reference is direct back-propagation through the recorded lean solve (``gradient=direct``):
 autograd differentiates every operation of every step, an independent route to the gradient of
 the discrete solution. Recompute mode must give the same solution, forward NFE and gradients (initial
 state, every parameter, the learned end time) on a nonlinear tuple ODE and on conv CNFs built as the
@@ -32,18 +32,17 @@ F64 = torch.float64
 # ---- configuration -------------------------------------------------------------------------------
 
 def test_recompute_with_the_adjoint_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"solver\.recompute.*solver\.adjoint=false"):
-        SolverConfig(recompute=True, adjoint=True)
-    with pytest.raises(ConfigError, match=r"solver\.recompute"):
+    with pytest.raises(ConfigError, match=r"solver\.recompute.*solver\.adjoint=true"):
         load_recipe("digits-cnf", ["solver.recompute=true", "solver.adjoint=true"])
-    assert load_recipe("digits-cnf", ["solver.recompute=true"]).solver.recompute is True
-    assert SolverConfig().recompute is False
+    with pytest.warns(FutureWarning, match="solver.recompute=true is deprecated: it became solver.gradient=recompute"):
+        assert load_recipe("digits-cnf", ["solver.recompute=true"]).solver.gradient == "recompute"
+    assert SolverConfig().gradient == "auto"
 
 
 @pytest.mark.parametrize("kwargs", [dict(backend="torchdiffeq"), dict(method="rk4"), dict(method="dopri8")])
 def test_recompute_outside_the_lean_solver_is_a_config_error(kwargs):
-    with pytest.raises(ConfigError, match=r"solver\.recompute=true needs solver\.backend=fastcnf"):
-        SolverConfig(recompute=True, **kwargs)
+    with pytest.raises(ConfigError, match=r"solver\.gradient=recompute needs solver\.backend=fastcnf"):
+        SolverConfig(gradient="recompute", **kwargs)
 
 
 def test_the_config_knows_the_lean_methods():
@@ -76,7 +75,7 @@ def _tuple_run(recompute: bool, method: str, times, dtype=F64, tol=1e-7, loss_we
     w = torch.randn(4, 2, dtype=dtype, requires_grad=True)
     counter = NFECounter()
     t = torch.tensor(times, dtype=dtype)
-    out = solve(f, (x, w), t, SolverConfig(method=method, atol=tol, rtol=tol, recompute=recompute), counter)
+    out = solve(f, (x, w), t, SolverConfig(method=method, atol=tol, rtol=tol, gradient="recompute" if recompute else "direct"), counter)
     forward_calls = f.calls
     # every output time enters the loss, with its own weight
     lw = torch.linspace(0.5, 1.5, len(times), dtype=dtype).view(-1, 1, 1)
@@ -181,7 +180,7 @@ def test_gradient_reaches_what_the_state_and_the_given_parameters_depend_on(whic
             f.gain.retain_grad()
         params = (f.inner.a.weight, f.inner.b.bias, f.raw if which == "leaf" else f.gain)
         out = solve(f, (x, w), torch.tensor([0.0, 0.4, 1.0], dtype=F64),
-                    SolverConfig(atol=1e-8, rtol=1e-8, recompute=recompute), NFECounter(), adjoint_params=params)
+                    SolverConfig(atol=1e-8, rtol=1e-8, gradient="recompute" if recompute else "direct"), NFECounter(), adjoint_params=params)
         # the weight also enters the loss outside the solve: its graph serves both
         (out[0][-1].pow(2).sum() + out[1].sum() + out[0][1].sum() * f.gain.sum()).backward()
         assert (f.inner.c.weight.grad is None) == recompute  # not in adjoint_params
@@ -194,7 +193,7 @@ def test_recompute_keeps_the_nfe_cap_of_the_forward_solve():
     torch.manual_seed(1)
     f = _TupleODE()
     y0 = (torch.randn(4, 3, dtype=F64, requires_grad=True), torch.randn(4, 2, dtype=F64))
-    cfg = SolverConfig(atol=1e-9, rtol=1e-9, recompute=True, max_nfe=20)
+    cfg = SolverConfig(atol=1e-9, rtol=1e-9, gradient="recompute", max_nfe=20)
     with pytest.raises(SolverBudgetExceeded, match="blk: forward solve exceeded max_nfe=20"):
         solve(f, y0, torch.tensor([0.0, 1.0], dtype=F64), cfg, NFECounter(), name="blk")
 
@@ -203,12 +202,12 @@ def test_recompute_refuses_what_it_cannot_differentiate():
     torch.manual_seed(1)
     f = _TupleODE()
     y0 = (torch.randn(4, 3, dtype=F64, requires_grad=True), torch.randn(4, 2, dtype=F64))
-    cfg = SolverConfig(recompute=True)
+    cfg = SolverConfig(gradient="recompute")
     t = torch.tensor([0.0, 1.0], dtype=F64, requires_grad=True)
-    with pytest.raises(ValueError, match="solver.recompute=true does not differentiate through the time"):
+    with pytest.raises(ValueError, match="solver.gradient=recompute does not differentiate through the time"):
         solve(f, y0, t, cfg, NFECounter())
     out = solve(f, y0, t.detach(), cfg, NFECounter())
-    with pytest.raises(RuntimeError, match="create_graph=True.*solver.recompute=false"):
+    with pytest.raises(RuntimeError, match="create_graph=True.*solver.gradient=direct"):
         torch.autograd.grad(out[0].sum(), y0[0], create_graph=True)
     out = solve(f, y0, t.detach(), cfg, NFECounter())
     out[0].sum().backward()
@@ -228,7 +227,7 @@ def _digits_bundle(n: int = 4) -> DataBundle:
 def _conv_model(overrides, dtype=F64, gain=3.0):
     """The multiscale model of ``mnist-ffjord``, small, on 8x8 digits; the dynamics' weights scaled by
     ``gain`` so that the solves take several steps and reject some (at initialisation they take 3)."""
-    base = ["data.name=digits", "model.num_blocks=1", "model.hidden_dims=[8,8]", "solver.adjoint=false",
+    base = ["data.name=digits", "model.num_blocks=1", "model.hidden_dims=[8,8]", "solver.gradient=direct",
             "solver.atol=1e-4", "solver.rtol=1e-4"]
     cfg = load_recipe("mnist-ffjord", base + list(overrides))
     torch.manual_seed(0)
@@ -245,7 +244,7 @@ def _conv_model(overrides, dtype=F64, gain=3.0):
 
 def _set_recompute(model, on: bool, precision: str = "float32") -> None:
     for b in model.cnf_blocks():
-        b.solver = replace(b.solver, recompute=on, backward_precision=precision)
+        b.solver = replace(b.solver, gradient="recompute" if on else "direct", backward_precision=precision)
 
 
 def _conv_step(model, calls, recompute: bool, dtype=F64, precision: str = "float32"):
@@ -307,13 +306,13 @@ def test_recompute_in_float32_on_a_conv_cnf():
 def test_recompute_on_mlp_blocks_with_the_packed_exact_trace():
     """Concat-squash MLP blocks with exact trace and no fusion: every evaluation takes the packed
     parameters (one autograd node shared by all evaluations) through the hand-written trace."""
-    cfg = load_recipe("toy-ffjord", ["solver.fused=false", "model.hidden_dims=[16,16]", "model.num_blocks=2",
+    cfg = load_recipe("toy-ffjord", ["solver.gradient=direct", "model.hidden_dims=[16,16]", "model.num_blocks=2",
                                      "solver.atol=1e-6", "solver.rtol=1e-6"])
     results = []
     x = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(2)) * 1.5
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = build_model(replace(cfg, solver=replace(cfg.solver, recompute=recompute)),
+        model = build_model(replace(cfg, solver=replace(cfg.solver, gradient="recompute" if recompute else "direct")),
                             DataBundle(name="fake", train=DataSplit(x.float()), test=DataSplit(x.float()), shape=(2,),
                                        num_classes=None, levels=None, split="fake")).to(F64)
         xx = x.clone().requires_grad_(True)
@@ -327,12 +326,16 @@ def test_recompute_on_mlp_blocks_with_the_packed_exact_trace():
 # ---- mixed precision: the recomputed backward pass in bfloat16 ----------------------------------
 
 def test_backward_precision_needs_recompute():
-    with pytest.raises(ConfigError, match=r"solver\.backward_precision=bfloat16 needs solver\.recompute=true"):
-        SolverConfig(backward_precision="bfloat16")
+    for gradient in ("direct", "adjoint"):
+        with pytest.raises(ConfigError, match=r"solver\.backward_precision=bfloat16 needs solver\.gradient=recompute"):
+            SolverConfig(gradient=gradient, backward_precision="bfloat16")
+    with pytest.raises(ConfigError, match="backward_precision=bfloat16 needs per-stage recomputation"):
+        SolverConfig(backward_precision="bfloat16", backend="torchdiffeq")
     with pytest.raises(ConfigError, match="backward_precision"):
-        SolverConfig(recompute=True, backward_precision="float16")
+        SolverConfig(gradient="recompute", backward_precision="float16")
     assert SolverConfig().backward_precision == "float32"
-    cfg = load_recipe("digits-cnf", ["solver.recompute=true", "solver.backward_precision=bfloat16"])
+    assert SolverConfig(backward_precision="bfloat16").gradient == "auto"
+    cfg = load_recipe("digits-cnf", ["solver.gradient=recompute", "solver.backward_precision=bfloat16"])
     assert cfg.solver.backward_precision == "bfloat16"
 
 
@@ -504,12 +507,12 @@ def test_a_fused_eligible_block_with_recompute_takes_the_recompute_path(monkeypa
     monkeypatch.setattr(solve_module, "recomputed_solve", counting("recompute", solve_module.recomputed_solve))
     cfg = load_recipe("toy-ffjord", ["model.hidden_dims=[16,16]", "model.num_blocks=2",
                                      "solver.atol=1e-6", "solver.rtol=1e-6"])
-    assert cfg.solver.fused
+    assert cfg.solver.gradient == "auto"
     x = torch.randn(6, 2, dtype=F64, generator=torch.Generator().manual_seed(2)) * 1.5
     results, used = [], []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = build_model(replace(cfg, solver=replace(cfg.solver, recompute=recompute)),
+        model = build_model(replace(cfg, solver=replace(cfg.solver, gradient="recompute" if recompute else "auto")),
                             DataBundle(name="fake", train=DataSplit(x.float()), test=DataSplit(x.float()), shape=(2,),
                                        num_classes=None, levels=None, split="fake")).to(F64)
         calls.update(fused=0, recompute=0)
@@ -522,6 +525,7 @@ def test_a_fused_eligible_block_with_recompute_takes_the_recompute_path(monkeypa
         with torch.no_grad():
             model.log_prob(x)
         assert calls == {"fused": 2, "recompute": 0}
-    assert used == [{"fused": 2, "recompute": 0}, {"fused": 0, "recompute": 2}]
+    # auto: two of the four fused solves are its probes (one no-grad solve per block, first batch)
+    assert used == [{"fused": 4, "recompute": 0}, {"fused": 0, "recompute": 2}]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -39,7 +39,7 @@ def test_solve_integrates_exponential_decay_and_its_gradient(method, kwargs, tol
     func = _Decay(1.3)
     y0 = torch.tensor([1.0, -2.0], dtype=DTYPE, requires_grad=True)
     t = torch.tensor([0.0, 1.0], dtype=DTYPE)
-    y1 = solve(func, y0, t, SolverConfig(method=method, adjoint=adjoint, **kwargs), NFECounter())[-1]
+    y1 = solve(func, y0, t, SolverConfig(method=method, gradient="adjoint" if adjoint else "direct", **kwargs), NFECounter())[-1]
     torch.testing.assert_close(y1, y0.detach() * math.exp(-1.3), rtol=tol, atol=0)
     # d y1 / d k = -t y0 exp(-k t), d y1 / d y0 = exp(-k t)
     gk, gy0 = torch.autograd.grad(y1.sum(), (func.k, y0))
@@ -80,7 +80,7 @@ def _counting_block(estimator=None, name="cnf", seed=0, **solver) -> tuple[CNFBl
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(2.0)
-    cfg = dict(atol=1e-6, rtol=1e-6)
+    cfg = dict(atol=1e-6, rtol=1e-6, gradient="direct")  # NFE == calls: no auto probe
     cfg.update(solver)
     block = CNFBlock(net, estimator or ExactTrace("vmap"), SolverConfig(**cfg), end_time=0.8, name=name)
     return block.to(DTYPE), net
@@ -108,7 +108,7 @@ def test_nfe_counts_equal_dynamics_calls_with_direct_backpropagation(estimator):
 
 @pytest.mark.parametrize("estimator", [ExactTrace("vmap"), Hutchinson("rademacher")], ids=["exact", "hutchinson"])
 def test_nfe_counts_equal_dynamics_calls_with_the_adjoint(estimator):
-    block, net = _counting_block(estimator, adjoint=True)
+    block, net = _counting_block(estimator, gradient="adjoint")
     x = torch.randn(5, 2, dtype=DTYPE)
     loss = _loss(block, x)
     assert block.nfe.forward == net.calls > 6
@@ -147,7 +147,7 @@ def test_nfe_running_mean_is_the_mean_over_solves():
 
 def test_model_exposes_the_last_nfe_record_and_running_mean_per_block():
     b1, n1 = _counting_block(name="first", seed=1)
-    b2, n2 = _counting_block(name="second", seed=2, adjoint=True)
+    b2, n2 = _counting_block(name="second", seed=2, gradient="adjoint")
     model = FlowModel(SequentialFlow([b1, b2], (2,))).to(DTYPE)
     history = []
     for _ in range(2):
@@ -198,7 +198,7 @@ def _capped_solve(adjoint: bool, backend: str = "fastcnf", max_nfe: int = 20):
         free(x)
     end_time = float(free.end_time.detach())
     steps = _dopri5_steps([t / end_time for t in free_net.times])
-    block, net = _counting_block(name="scale0.cnf1", max_nfe=max_nfe, atol=1e-10, rtol=1e-10, adjoint=adjoint,
+    block, net = _counting_block(name="scale0.cnf1", max_nfe=max_nfe, atol=1e-10, rtol=1e-10, gradient="adjoint" if adjoint else "direct",
                                  backend=backend)
     with pytest.raises(SolverBudgetExceeded) as info:
         _loss(block, x)
@@ -232,12 +232,12 @@ def test_nfe_cap_reports_the_solvers_step_size(adjoint, backend):
 
 
 def test_nfe_cap_applies_to_the_adjoint_backward_solve():
-    block, net = _counting_block(adjoint=True, name="blk")
+    block, net = _counting_block(gradient="adjoint", name="blk")
     x = torch.randn(4, 2, dtype=DTYPE)
     _loss(block, x).backward()
     forward, backward = block.nfe.forward, block.nfe.backward
     assert backward > forward  # the augmented backward solve is the costlier one here
-    block.solver = SolverConfig(atol=1e-6, rtol=1e-6, adjoint=True, max_nfe=forward)
+    block.solver = SolverConfig(atol=1e-6, rtol=1e-6, gradient="adjoint", max_nfe=forward)
     loss = _loss(block, x)  # the forward solve fits exactly under the cap
     assert block.nfe.forward == forward
     with pytest.raises(SolverBudgetExceeded, match=rf"blk: backward solve exceeded max_nfe={forward} at time t="):

@@ -23,7 +23,7 @@ def _twin_blocks(adjoint: bool = False) -> list[CNFBlock]:
     with torch.no_grad():
         for p in net.parameters():
             p.mul_(2.0)
-    solver = SolverConfig(atol=1e-5, rtol=1e-5, adjoint=adjoint)
+    solver = SolverConfig(atol=1e-5, rtol=1e-5, gradient="adjoint" if adjoint else "auto")
     return [CNFBlock(copy.deepcopy(net), ExactTrace(), solver, end_time=1.0, name=f"cnf{i}") for i in range(2)]
 
 

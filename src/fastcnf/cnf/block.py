@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from fastcnf.cnf.divergence import DivergenceEstimator, DivergenceResult, ExactTrace
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
 from fastcnf.cnf.fused import fused_applicable, fused_solve
+from fastcnf.cnf.gradient import plan_and_run
 from fastcnf.cnf.regularizers import Regularizer
 from fastcnf.config import check_tolerance
-from fastcnf.ode.solve import NFECounter, SolverConfig, solve
+from fastcnf.ode.solve import GradientPath, NFECounter, SolverConfig, solve
 
 __all__ = ["CNFBlock", "ToleranceChoice", "pinned_tolerance"]
 
@@ -137,6 +138,8 @@ class CNFBlock(nn.Module):
         self.pinned_solver: SolverConfig | None = None
         #: regulariser integrals of the last forward (name -> per-example value); outputs, not inputs
         self.reg_states: dict[str, Tensor] = {}
+        #: the gradient path of the last training solve (``solver.gradient``; fastcnf.cnf.gradient)
+        self.gradient_record: GradientPath | None = None
         self._register_load_state_dict_pre_hook(_drop_odefunc_copy)
 
     @property
@@ -170,13 +173,18 @@ class CNFBlock(nn.Module):
         if with_logdet and (not isinstance(self.divergence, ExactTrace) or differentiate_f):
             est = self.divergence if not isinstance(self.divergence, ExactTrace) else None
             noise = est.sample_noise(state[0]) if est is not None else torch.randn_like(state[0])
-        if fused_applicable(self, solver, state, with_logdet):
-            return fused_solve(self, state, s0, s1, solver, end_time)
         func = _SolveODE(self.net, self.divergence, end_time, noise, with_logdet, regs)
         t = torch.tensor([s0, s1], dtype=state[0].dtype, device=state[0].device)
         params = tuple(self.net.parameters()) + tuple(p for p in self.end_time_policy.parameters() if p.requires_grad)
-        out = solve(func, state, t, solver, self.nfe, name=self.name, adjoint_params=params)
-        return tuple(o[-1] for o in out)
+
+        def run(path: GradientPath) -> tuple[Tensor, ...]:
+            if path.path == "fused":
+                return fused_solve(self, state, s0, s1, solver, end_time)
+            out = solve(func, state, t, solver, self.nfe, name=self.name, adjoint_params=params, path=path)
+            return tuple(o[-1] for o in out)
+
+        fused_ok = fused_applicable(self, solver, state, with_logdet)
+        return plan_and_run(self, solver, state, fused_ok, func, t, params, run)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Data -> latent. Returns ``(z, logdet)`` with ``log p(x) = log p(z) + logdet``."""

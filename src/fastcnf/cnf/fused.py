@@ -25,10 +25,10 @@ dynamics, so its cotangent is constant along the solve. ``dL/dT`` (TO-FLOW) foll
 Step sizes are constants of the backward pass (as in direct back-propagation through the lean
 solver). The solution, the NFE and the gradients equal the unfused path's (``tests/engine``).
 
-With ``solver.recompute=true`` a block whose gradient is needed does not take this path but the
-unfused per-stage recomputation (:mod:`fastcnf.ode.recompute`): this solve keeps every evaluation's
-activations for its backward pass, memory growing with the NFE, where recompute promises one
-evaluation's graph.
+Whether a block takes this path is decided by ``solver.gradient`` (:func:`fastcnf.ode.solve.gradient_path`:
+``auto`` takes it where it applies and fits the memory budget): this solve keeps every evaluation's
+activations for its backward pass, memory growing with the NFE, where per-stage recomputation
+(:mod:`fastcnf.ode.recompute`) holds one evaluation's graph.
 """
 from __future__ import annotations
 
@@ -45,16 +45,13 @@ __all__ = ["fused_applicable", "fused_solve"]
 
 
 def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], with_logdet: bool) -> bool:
-    """Whether ``block`` can solve ``state`` through :func:`fused_solve` under ``solver``."""
+    """Whether ``block`` can solve ``state`` through :func:`fused_solve` under ``solver`` (its structure;
+    whether it does is the gradient path's choice)."""
     net = block.net
     return (
         with_logdet
-        and solver.fused
         and solver.backend == "fastcnf"
         and solver.method in LEAN_METHODS
-        and not (solver.adjoint and torch.is_grad_enabled())
-        # recompute promises one evaluation's graph; this solve keeps every evaluation's activations
-        and not (solver.recompute and torch.is_grad_enabled())
         and len(state) == 2  # no regulariser states
         and type(net) is ConcatSquashMLP
         and len(net.layers) >= 2
@@ -174,7 +171,7 @@ class _FusedSolve(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "a differentiable backward pass (create_graph=True) through a fused CNF solve is not "
-                "supported; set solver.fused=false for higher-order gradients")
+                "supported; set solver.gradient=direct for higher-order gradients")
         need_z, need_l, need_T, need_p = ctx.needs_input_grad[1:5]
         gz0, gl0, gT, gflat = ctx.run.backward(gz, gl, need_z, need_l, need_T, need_p)
         if gT is not None:

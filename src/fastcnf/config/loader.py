@@ -151,11 +151,33 @@ def _nest_architecture_options(values: dict) -> str | None:
     return "; ".join(moved) + " (old spelling deprecated)" if moved else None
 
 
+#: the three switches ``solver.gradient`` replaced
+_OLD_GRADIENT_KEYS = ("adjoint", "recompute", "fused")
+
+
+def _merge_gradient_switches(values: dict) -> str | None:
+    """``solver.adjoint`` / ``recompute`` / ``fused`` -> ``solver.gradient``: adjoint=true -> adjoint,
+    recompute=true -> recompute, fused=false -> direct (no fused solve), otherwise auto."""
+    solver = values.get("solver") or {}
+    old = {k: solver.pop(k) for k in _OLD_GRADIENT_KEYS if k in solver}
+    if not old:
+        return None
+    if old.get("adjoint") and old.get("recompute"):
+        raise ConfigError("solver.recompute=true recomputes direct back-propagation: it conflicts with "
+                          "solver.adjoint=true; use solver.gradient=recompute or solver.gradient=adjoint")
+    gradient = ("adjoint" if old.get("adjoint") else "recompute" if old.get("recompute")
+                else "direct" if old.get("fused") is False else "auto")
+    solver["gradient"] = gradient  # an old switch set explicitly (e.g. --set) overrides a recipe's gradient
+    spelled = " ".join(f"solver.{k}={str(v).lower()}" for k, v in old.items())
+    return f"{spelled} is deprecated: it became solver.gradient={gradient}"
+
+
 #: keys that no longer exist but still load through a rewrite below (accepted by ``--set``)
-DEPRECATED_KEYS = {f"model.{arch}_{name}" for arch, names in _NESTED.items() for name in names}
+DEPRECATED_KEYS = {f"model.{arch}_{name}" for arch, names in _NESTED.items() for name in names} | {
+    f"solver.{k}" for k in _OLD_GRADIENT_KEYS}
 
 #: rewrites of old spellings, each ``values -> message | None`` (applied before the keys are checked)
-DEPRECATIONS: list[Callable[[dict], str | None]] = [_nest_architecture_options]
+DEPRECATIONS: list[Callable[[dict], str | None]] = [_nest_architecture_options, _merge_gradient_switches]
 
 
 def _copy(values: Any) -> Any:

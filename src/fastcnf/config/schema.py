@@ -95,7 +95,24 @@ class SolverConfig(Section):
         method: torchdiffeq method; adaptive (dopri5, bosh3, adaptive_heun, dopri8) or fixed
             (rk4, euler, midpoint, heun: Heun's second-order method, torchdiffeq's ``heun2``).
         atol, rtol: error tolerances of adaptive methods (forward solve) in training.
-        adjoint: back-propagate with the adjoint method (O(1) memory) instead of through the solver.
+        gradient: how a training solve's gradient is computed. ``auto`` (default) picks per block
+            the fastest path whose gradient is exact for the discretised solve -- the fused toy solve
+            (a concat-squash MLP with its own exact trace and no regulariser states: one autograd node
+            with a hand-written discrete adjoint), direct back-propagation through the solver, or
+            per-stage recomputation -- within ``memory_budget``, and the adjoint only when none fits
+            (:func:`fastcnf.ode.solve.gradient_path`; the estimate is documented there). ``direct``:
+            back-propagation through the solver's graph (every evaluation's activations kept).
+            ``recompute``: direct back-propagation through the lean solver (``backend=fastcnf``,
+            dopri5 or bosh3) by per-stage recomputation: the forward solve records nothing and keeps
+            every accepted step's start state and stage derivatives; the backward pass re-evaluates
+            one stage at a time (the discrete adjoint of the Runge-Kutta steps taken; Gholami et al.
+            2019, "ANODE"; Zhuang et al. 2020, "ACA"): the same gradient with about one evaluation's
+            graph in memory, for one more evaluation per accepted step. ``adjoint``: the continuous
+            adjoint (Chen et al. 2018, "Neural Ordinary Differential Equations"; FFJORD's choice):
+            O(1) memory, a gradient exact only up to the backward solve's tolerance.
+        memory_budget: GiB a block's gradient path may hold (``auto``); 0 (default): a share
+            (``fastcnf.ode.solve.BUDGET_SHARE``) of the memory free at planning time -- RAM on a CPU,
+            device memory on a GPU.
         adjoint_atol, adjoint_rtol: tolerances of the backward (adjoint) solve; None: the forward ones.
         step_size: step of fixed-step methods (fraction of the block's rescaled interval [0, 1]).
         max_nfe: cap on function evaluations per solve; exceeding it raises
@@ -103,52 +120,47 @@ class SolverConfig(Section):
         backend: ``fastcnf`` integrates dopri5 and bosh3 with the lean solvers (same steps and
             solutions as torchdiffeq, faster) unless the adjoint is used; ``torchdiffeq`` always
             uses torchdiffeq.
-        fused: with the ``fastcnf`` backend, a block whose dynamics compute their exact trace
-            themselves (concat-squash MLP, no regularisers) solves as one autograd node with a
-            hand-written discrete adjoint: the same solution and gradient, less overhead.
-        recompute: direct back-propagation through the lean solver (``adjoint=false``, ``backend=
-            fastcnf``, dopri5 or bosh3) by per-stage recomputation: the forward solve records
-            nothing and keeps every accepted step's start state and stage derivatives; the backward
-            pass re-evaluates one stage at a time and back-propagates through it (the discrete
-            adjoint of the Runge-Kutta steps taken; Gholami et al. 2019, "ANODE"; Zhuang et al.
-            2020, "ACA"). The same gradient with the memory of about one evaluation's graph (plus
-            the kept states) instead of the whole solve's, for one more evaluation of every
-            accepted step. Takes precedence over ``fused`` when a gradient is needed (a fused solve
-            keeps every evaluation's activations).
-        backward_precision: ``float32`` (default: the state's own precision) or ``bfloat16``: with
-            ``recompute``, the precision of the backward pass's re-evaluations (autocast:
-            convolutions and matrix products in bfloat16, cotangents and gradients accumulated in
-            the state's precision). The forward solve, its error control, NFE and the likelihood
-            are untouched; the gradient carries bfloat16 rounding (Micikevicius et al. 2018,
-            "Mixed Precision Training"), for ~2x cheaper convolutions where the hardware has
-            bfloat16 units.
+        backward_precision: ``float32`` (default: the state's own precision) or ``bfloat16``: the
+            precision of per-stage recomputation's backward re-evaluations (autocast: convolutions
+            and matrix products in bfloat16, cotangents and gradients accumulated in the state's
+            precision); with ``gradient=auto`` it makes recomputation the path. The forward solve,
+            its error control, NFE and the likelihood are untouched; the gradient carries bfloat16
+            rounding (Micikevicius et al. 2018, "Mixed Precision Training"). Honoured only where the
+            hardware computes bfloat16 natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or
+            AMX); elsewhere (emulated, several times slower) one line says so and the run keeps
+            float32 (``metrics.json``: ``backward_precision``).
     """
 
     _key = "solver"
     method: SolverMethod = "dopri5"
     atol: float = 1e-5
     rtol: float = 1e-5
-    adjoint: bool = False
+    gradient: Literal["auto", "direct", "adjoint", "recompute"] = "auto"
+    memory_budget: float = 0.0
     adjoint_atol: float | None = None
     adjoint_rtol: float | None = None
     step_size: float = 0.05
     max_nfe: int = 10000
     backend: Literal["fastcnf", "torchdiffeq"] = "fastcnf"
-    fused: bool = True
-    recompute: bool = False
     backward_precision: Literal["float32", "bfloat16"] = "float32"
 
     def check(self) -> None:
         for a in ("atol", "rtol", "adjoint_atol", "adjoint_rtol"):
             check_tolerance(getattr(self, a), f"solver.{a}", allow_none=True)
-        if self.recompute and self.adjoint:
-            raise ConfigError("solver.recompute=true recomputes direct back-propagation: it needs solver.adjoint=false")
-        if self.recompute and (self.backend != "fastcnf" or self.method not in _LEAN_METHODS):
-            raise ConfigError(f"solver.recompute=true needs solver.backend=fastcnf and solver.method in "
+        if self.gradient == "recompute" and (self.backend != "fastcnf" or self.method not in _LEAN_METHODS):
+            raise ConfigError(f"solver.gradient=recompute needs solver.backend=fastcnf and solver.method in "
                               f"{', '.join(_LEAN_METHODS)} (got {self.backend}, {self.method})")
-        if self.backward_precision != "float32" and not self.recompute:
-            raise ConfigError(f"solver.backward_precision={self.backward_precision} needs solver.recompute=true (the "
-                              "only backward pass that re-evaluates the dynamics without error control)")
+        if self.backward_precision != "float32" and self.gradient not in ("auto", "recompute"):
+            raise ConfigError(f"solver.backward_precision={self.backward_precision} needs solver.gradient=recompute "
+                              "or auto (per-stage recomputation is the only backward pass that re-evaluates the "
+                              "dynamics without error control)")
+        if self.backward_precision != "float32" and self.gradient == "auto" and \
+                (self.backend != "fastcnf" or self.method not in _LEAN_METHODS):
+            raise ConfigError(f"solver.backward_precision={self.backward_precision} needs per-stage recomputation: "
+                              f"solver.backend=fastcnf and solver.method in {', '.join(_LEAN_METHODS)}")
+        if isinstance(self.memory_budget, bool) or float(self.memory_budget) < 0:
+            raise ConfigError(f"solver.memory_budget must be a number of GiB >= 0 (0: automatic), got "
+                              f"{self.memory_budget!r}")
         if not 0.0 < float(self.step_size) <= 1.0:
             raise ConfigError(f"solver.step_size must be in (0, 1], got {self.step_size!r}")
         if int(self.max_nfe) < 0:

@@ -27,7 +27,7 @@ from fastcnf.priors import ClassConditionalGaussian
 __all__ = ["FLOW_MATCHING", "FlowMatchingMethod"]
 
 #: the training solver's options: flow matching solves nothing in training (evaluation uses eval.*)
-_TRAINING_SOLVER = ("atol", "rtol", "adjoint", "adjoint_atol", "adjoint_rtol")
+_TRAINING_SOLVER = ("atol", "rtol", "gradient", "memory_budget", "adjoint_atol", "adjoint_rtol", "backward_precision")
 
 
 class FlowMatchingMethod(Method):

@@ -25,6 +25,11 @@ class FlowMatchingConfig(Section):
         coupling: ``independent`` pairs, ``exact`` minibatch optimal transport (Hungarian
             algorithm on squared distances) or ``sinkhorn`` (entropic OT; needs the POT package).
         sinkhorn_reg: sinkhorn: entropic regularisation, relative to the mean squared cost.
+        sinkhorn_solver: sinkhorn: ``pot`` (POT's ``ot.sinkhorn``, on the CPU) or ``torch`` (fastcnf's
+            log-domain iteration on the batch's device, no POT needed).
+        ot_batch_size: exact / sinkhorn: pair within consecutive groups of this many examples of
+            the batch (0: the whole batch); a batch of 1024 with groups of 256 costs four 256x256
+            assignments instead of one 1024x1024 (Tong et al. 2024 solve OT per minibatch).
         time_sampling: ``uniform`` on [0, 1] or ``logit_normal``.
         class_separation: class-conditional runs (``conditioning.kind: ccnf``): norm of each class's
             fixed source mean (random directions, one per class); the source of class y is
@@ -37,6 +42,8 @@ class FlowMatchingConfig(Section):
     sigma_min: float = 1e-4
     coupling: Literal["independent", "exact", "sinkhorn"] = "independent"
     sinkhorn_reg: float = 0.05
+    sinkhorn_solver: Literal["pot", "torch"] = "pot"
+    ot_batch_size: int = 0
     time_sampling: Literal["uniform", "logit_normal"] = "uniform"
     class_separation: float = 4.0
 
@@ -44,3 +51,5 @@ class FlowMatchingConfig(Section):
         if self.sigma < 0 or self.sigma_min < 0:
             raise ConfigError("flow_matching.sigma and flow_matching.sigma_min must be >= 0")
         self._positive("sinkhorn_reg", "class_separation")
+        if isinstance(self.ot_batch_size, bool) or int(self.ot_batch_size) < 0:
+            raise ConfigError(f"flow_matching.ot_batch_size must be an integer >= 0, got {self.ot_batch_size!r}")

@@ -38,7 +38,8 @@ _PATHS: dict[str, Callable[[FlowMatchingConfig], ProbabilityPath]] = {
 _PAIRINGS: dict[str, Callable[[FlowMatchingConfig], Coupling]] = {
     "independent": lambda f: IndependentCoupling(),
     "exact": lambda f: ExactOTCoupling(),
-    "sinkhorn": lambda f: SinkhornCoupling(epsilon=f.sinkhorn_reg),
+    "sinkhorn": lambda f: SinkhornCoupling(epsilon=f.sinkhorn_reg,
+                                           method="torch" if f.sinkhorn_solver == "torch" else "auto"),
 }
 #: ``flow_matching.time_sampling`` -> the distribution of t
 _TIMES: dict[str, Callable[[], TimeSampler]] = {"uniform": UniformTime, "logit_normal": LogitNormalTime}
@@ -61,6 +62,7 @@ class FlowMatching:
         self.path = _PATHS[f.path](f)
         self.coupling = _PAIRINGS[f.coupling](f)
         self.time_sampler = _TIMES[f.time_sampling]()
+        self.ot_batch_size = int(f.ot_batch_size)
 
     def __call__(self, model: FlowModel, ctx: StepContext) -> None:
         steps = list(model.flow.steps)
@@ -80,5 +82,10 @@ class FlowMatching:
         noise = noise.to(h).reshape(h.shape)
         model.reset_nfe()
         time_sampler = ctx.get("time_sampler", self.time_sampler)
-        loss = flow_matching_loss(block.net, h, noise, self.path, coupling, time_sampler, labels=labels)
+        groups = labels
+        if 0 < self.ot_batch_size < x.shape[0]:  # pair within consecutive groups (and classes)
+            groups = torch.arange(x.shape[0], device=x.device) // self.ot_batch_size
+            if labels is not None:
+                groups = labels.reshape(-1) * (groups.max() + 1) + groups
+        loss = flow_matching_loss(block.net, h, noise, self.path, coupling, time_sampler, labels=groups)
         ctx.update(labels=labels, loss=loss, nll=torch.tensor(math.nan))

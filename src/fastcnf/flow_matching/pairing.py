@@ -9,13 +9,18 @@ solves the assignment problem with squared Euclidean cost
 * :class:`ExactOTCoupling`: the optimal permutation (``scipy.optimize.linear_sum_assignment``);
   for uniform weights on two batches of equal size the OT plan is a permutation (Birkhoff).
 * :class:`SinkhornCoupling`: the entropic plan ``pi`` (Cuturi 2013, via POT's ``ot.sinkhorn``,
-  an optional dependency); each data point ``i`` draws its partner from row ``i`` of ``pi``,
+  an optional dependency, or ``method="torch"``: :func:`sinkhorn_log`, log-domain, on the batch's
+  device); each data point ``i`` draws its partner from row ``i`` of ``pi``,
   ``j ~ pi[i, .] / pi[i, .].sum()`` -- a sample of the plan stratified over its uniform first
   marginal, so the data are used once each and may share a noise partner.
 
 With ``labels`` every coupling pairs only within each class: ``noise[i]`` is taken to belong to
 class ``labels[i]`` (the caller draws the noise per class, e.g. from a class-conditional Gaussian
 source), and the assignment is solved class by class.
+
+:class:`BackgroundPairing` takes the pairing off the critical path: the next batch's assignment is
+computed in a worker thread while the current step runs (deterministic couplings; the indices are the
+ones pairing in line gives).
 
 References: Tong et al. 2024, "Improving and generalizing flow-based generative models with
 minibatch optimal transport" (OT-CFM and its entropic variant); Pooladian et al. 2023,
@@ -24,7 +29,10 @@ minibatch optimal transport" (OT-CFM and its entropic variant); Pooladian et al.
 """
 from __future__ import annotations
 
+import math
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import torch
@@ -37,6 +45,8 @@ __all__ = [
     "ExactOTCoupling",
     "SinkhornCoupling",
     "squared_distances",
+    "sinkhorn_log",
+    "BackgroundPairing",
 ]
 
 
@@ -52,6 +62,14 @@ class Coupling:
     on ``x_data``'s device; ``noise[index]`` is the paired noise batch."""
 
     name = "base"
+    #: whether the indices depend on the inputs alone (no random draw): then they can be computed ahead
+    deterministic = True
+    #: whether the cost matrix goes to the CPU first (scipy, POT) or stays on the batch's device
+    cost_on_cpu = True
+
+    def _cost(self, x_data: Tensor, noise: Tensor) -> Tensor:
+        cost = squared_distances(x_data, noise)
+        return cost.cpu() if self.cost_on_cpu else cost
 
     def plan_indices(self, cost: Tensor, generator: torch.Generator | None) -> Tensor:
         """Partner indices (B,) for one (class) block of the cost matrix (CPU, float64)."""
@@ -63,7 +81,7 @@ class Coupling:
         if noise.shape[0] != b:
             raise ValueError(f"data ({b}) and noise ({noise.shape[0]}) batches differ in size")
         if labels is None:
-            index = self.plan_indices(squared_distances(x_data, noise).cpu(), generator)
+            index = self.plan_indices(self._cost(x_data, noise), generator)
             return index.to(x_data.device)
         labels = labels.reshape(-1)
         if labels.shape[0] != b:
@@ -73,8 +91,8 @@ class Coupling:
         for c in torch.unique(labels_cpu):
             members = torch.nonzero(labels_cpu == c).reshape(-1)
             dev = members.to(x_data.device)
-            cost = squared_distances(x_data[dev], noise[dev]).cpu()
-            index[members] = members[self.plan_indices(cost, generator)]
+            cost = self._cost(x_data[dev], noise[dev])
+            index[members] = members[self.plan_indices(cost, generator).cpu()]
         return index.to(x_data.device)
 
 
@@ -136,13 +154,15 @@ class SinkhornCoupling(Coupling):
         normalize_cost: divide the cost by its maximum first, so ``epsilon`` does not depend on the
             dimension or scale of the data (and ``exp(-C / epsilon)`` does not underflow on images).
         method: POT's solver; ``auto`` runs the plain iteration and, when it warns or its plan is
-            not finite (small ``epsilon``), the log-domain one (``sinkhorn_log``).
+            not finite (small ``epsilon``), the log-domain one (``sinkhorn_log``); ``torch``:
+            :func:`sinkhorn_log` on the batch's device (no POT, no copy to the CPU).
         max_iter: iteration cap of the Sinkhorn loop.
         stop_threshold: stop when the marginals are met to this (POT's ``stopThr``; the plan only
             serves to draw pairs, so POT's default 1e-9 would spend iterations on nothing).
     """
 
     name = "sinkhorn"
+    deterministic = False  # partners are drawn from the plan
 
     def __init__(self, epsilon: float = 0.05, normalize_cost: bool = True, method: str = "auto",
                  max_iter: int = 1000, stop_threshold: float = 1e-6) -> None:
@@ -153,9 +173,14 @@ class SinkhornCoupling(Coupling):
         self.method = method
         self.max_iter = int(max_iter)
         self.stop_threshold = float(stop_threshold)
+        self.cost_on_cpu = method != "torch"
 
     def plan(self, cost: Tensor) -> Tensor:
         """The entropic plan (B, B'), uniform marginals ``1/B`` and ``1/B'``."""
+        if self.method == "torch":
+            if self.normalize_cost and bool(cost.max() > 0):
+                cost = cost / cost.max()
+            return sinkhorn_log(cost, self.epsilon, self.max_iter, self.stop_threshold)
         ot = _import_ot()
         c = cost.numpy()
         if self.normalize_cost and c.max() > 0:
@@ -180,7 +205,7 @@ class SinkhornCoupling(Coupling):
 
     def plan_indices(self, cost, generator):
         pi = self.plan(cost)
-        if not _valid_plan(pi.numpy()):
+        if not _valid_plan(pi.detach().cpu().numpy()):
             raise FloatingPointError(f"Sinkhorn plan is not finite at epsilon={self.epsilon} (method "
                                      f"{self.method!r}); raise epsilon or use method='auto'")
         if generator is not None:  # multinomial draws on the generator's device
@@ -189,3 +214,113 @@ class SinkhornCoupling(Coupling):
 
     def __repr__(self) -> str:
         return f"SinkhornCoupling(epsilon={self.epsilon}, normalize_cost={self.normalize_cost}, method={self.method!r})"
+
+
+def sinkhorn_log(cost: Tensor, epsilon: float, max_iter: int = 1000, stop_threshold: float = 1e-6) -> Tensor:
+    """The entropic OT plan of ``cost`` (B, B') with uniform marginals, by Sinkhorn's iteration in the
+    log domain on ``cost``'s device and dtype (Cuturi 2013; Peyre & Cuturi 2019, "Computational
+    Optimal Transport", §4.4, Remark 4.23)::
+
+        f <- log a - logsumexp_j(g_j - C_ij / eps),   g <- log b - logsumexp_i(f_i - C_ij / eps)
+        pi_ij = exp(f_i + g_j - C_ij / eps)
+
+    No ``exp(-C / eps)`` is formed, so small ``epsilon`` does not underflow. Stops when the row
+    marginal is met to ``stop_threshold`` (L1, checked every 10 iterations) or after ``max_iter``.
+
+    Example:
+        >>> pi = sinkhorn_log(torch.rand(4, 4), 0.1)
+        >>> bool(torch.allclose(pi.sum(0), torch.full((4,), 0.25), atol=1e-6))
+        True
+    """
+    n, m = cost.shape
+    k = -cost / float(epsilon)
+    log_a = torch.full((n,), -math.log(n), dtype=cost.dtype, device=cost.device)
+    log_b = torch.full((m,), -math.log(m), dtype=cost.dtype, device=cost.device)
+    f = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_b)
+    for it in range(int(max_iter)):
+        f = log_a - torch.logsumexp(k + g[None, :], dim=1)
+        g = log_b - torch.logsumexp(k + f[:, None], dim=0)
+        if it % 10 == 9:  # after the g update the column marginal is exact; test the row marginal
+            rows = torch.logsumexp(k + f[:, None] + g[None, :], dim=1).exp()
+            if float((rows - log_a.exp()).abs().sum()) < stop_threshold:
+                break
+    return (k + f[:, None] + g[None, :]).exp()
+
+
+class BackgroundPairing:
+    """Pairs the next batch in a worker thread while the current step runs.
+
+    ``submit(x_next, noise_next, labels_next)`` starts ``coupling(x_next, noise_next, labels_next)``
+    in one worker thread (scipy's assignment and torch's kernels release the interpreter lock);
+    calling the object with the same tensors returns that result, anything else pairs in line. The
+    indices are those of ``coupling`` called in line: the worker computes the same function of the
+    same inputs. Couplings that draw at random (Sinkhorn) always pair in line, on the caller's
+    generator.
+
+    Example:
+        >>> pairing = BackgroundPairing(ExactOTCoupling())
+        >>> x, noise = torch.randn(16, 2), torch.randn(16, 2)
+        >>> pairing.submit(x, noise)
+        >>> bool((pairing(x, noise) == ExactOTCoupling()(x, noise)).all())
+        True
+    """
+
+    def __init__(self, coupling: Coupling,
+                 upcoming: Callable[[], tuple[Tensor, Tensor, Tensor | None] | None] | None = None) -> None:
+        self.coupling = coupling
+        #: ``() -> (x, noise, labels)`` of the batch after the one being paired (or None): submitted
+        #: as soon as a call returns, so it is paired while the caller's step runs
+        self.upcoming = upcoming
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[Tensor, Tensor, Tensor | None, Future] | None = None
+        #: how many calls were answered by the worker (the rest paired in line)
+        self.prefetched = 0
+
+    def submit(self, x_data: Tensor, noise: Tensor, labels: Tensor | None = None) -> None:
+        """Start pairing ``(x_data, noise, labels)`` in the worker (no-op for random couplings)."""
+        if not self.coupling.deterministic:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcnf-pairing")
+        x, n = x_data.detach(), noise.detach()
+        lab = None if labels is None else labels.detach()
+        self._pending = (x, n, lab, self._pool.submit(self.coupling, x, n, lab))
+
+    def __call__(self, x_data: Tensor, noise: Tensor, labels: Tensor | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            x, n, lab, future = pending
+            index = future.result()  # wait for it even if unused: the worker is free again
+            if not (_same(x, x_data) and _same(n, noise) and _same(lab, labels)):
+                index = None
+        if pending is None or index is None:
+            index = self.coupling(x_data, noise, labels=labels, generator=generator)
+        else:
+            self.prefetched += 1
+        nxt = self.upcoming() if self.upcoming is not None else None
+        if nxt is not None:
+            self.submit(*nxt)
+        return index
+
+    def drop(self) -> None:
+        """Forget a submitted pairing (waiting for the worker to finish it)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[3].result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __repr__(self) -> str:
+        return f"BackgroundPairing({self.coupling!r})"
+
+
+def _same(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.device == b.device and bool(torch.equal(a, b.detach()))
+

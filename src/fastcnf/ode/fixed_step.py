@@ -61,7 +61,9 @@ def fixed_step_solver(base: SolverConfig, method: str, steps: int) -> SolverConf
     """``base`` with ``method`` and ``steps`` equal steps over the block's interval (torchdiffeq
     backend, no per-stage recomputation: neither applies to fixed grids)."""
     check_fixed_step(method, steps)
-    return replace(base, method=method, step_size=1.0 / steps, recompute=False, backward_precision="float32")
+    # per-stage recomputation is for the lean adaptive solvers: a fixed-step solve back-propagates directly
+    gradient = "direct" if base.gradient == "recompute" else base.gradient
+    return replace(base, method=method, step_size=1.0 / steps, gradient=gradient, backward_precision="float32")
 
 
 @contextlib.contextmanager

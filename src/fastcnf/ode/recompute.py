@@ -1,4 +1,4 @@
-"""Direct back-propagation through the lean solver with per-stage recomputation (``solver.recompute``).
+"""Direct back-propagation through the lean solver with per-stage recomputation (``solver.gradient=recompute``).
 
 Back-propagating through :func:`~fastcnf.ode.fast_solvers.solve_adaptive` while autograd records
 every stage of every step gives the gradient of the discrete solution for the steps taken (Chen
@@ -259,7 +259,7 @@ class _RecomputedSolve(torch.autograd.Function):
     def backward(ctx, *grads):  # type: ignore[override]
         if torch.is_grad_enabled():
             raise RuntimeError("a differentiable backward pass (create_graph=True) through a solve with "
-                               "solver.recompute=true is not supported; set solver.recompute=false")
+                               "solver.gradient=recompute is not supported; set solver.gradient=direct")
         n_state = ctx.n_state
         needs = ctx.needs_input_grad[2:]
         saved = ctx.saved_tensors

@@ -9,14 +9,16 @@ Two backends integrate: torchdiffeq (the reference; every method, the adjoint) a
 lean dopri5/bosh3 (:mod:`fastcnf.ode.fast_solvers`: the same steps and solutions as torchdiffeq
 in fewer operations), used by default wherever it applies: an adaptive method it implements,
 with direct back-propagation or without gradients. See ``benchmarks/README.md`` (speed). With
-``solver.recompute`` its direct back-propagation recomputes one stage evaluation at a time instead
+``solver.gradient=recompute`` its direct back-propagation recomputes one stage evaluation at a time instead
 of keeping the graph of the whole solve (:mod:`fastcnf.ode.recompute`).
 
 References: Chen et al. 2018 (neural ODEs, adjoint method); Grathwohl et al. 2019 (FFJORD).
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -35,6 +37,14 @@ __all__ = [
     "NFECounter",
     "solve",
     "forward_counter",
+    "GRADIENT_PATHS",
+    "GradientPath",
+    "MemoryEstimate",
+    "gradient_path",
+    "bfloat16_native",
+    "free_memory_bytes",
+    "memory_budget_bytes",
+    "saved_bytes",
 ]
 
 class SolverBudgetExceeded(RuntimeError):
@@ -186,6 +196,7 @@ def solve(
     counter: NFECounter,
     name: str = "block",
     adjoint_params: Sequence[Tensor] | None = None,
+    path: GradientPath | None = None,
 ):
     """Integrate ``d state / dt = func(t, state)`` over the time points ``t`` (first to last).
 
@@ -196,8 +207,9 @@ def solve(
         config: method, tolerances, adjoint choice and NFE cap.
         counter: receives the NFE of this solve (``counter.begin()`` is called here).
         name: names the block in errors.
-        adjoint_params: parameters the adjoint solve (and ``config.recompute``'s backward pass)
+        adjoint_params: parameters the adjoint solve (and recomputation's backward pass)
             differentiates (default: ``func``'s).
+        path: how the gradient is computed (default: :func:`gradient_path` of ``config``).
 
     Returns:
         the solution at every time point (leading dimension ``len(t)``), structured as ``state``.
@@ -207,10 +219,11 @@ def solve(
             evaluations.
     """
     counter.begin()
-    use_adjoint = config.adjoint and torch.is_grad_enabled()
+    path = gradient_path(config) if path is None else path
+    use_adjoint = path.path == "adjoint" and torch.is_grad_enabled()
     if config.backend == "fastcnf" and config.method in LEAN_METHODS and not use_adjoint:
-        return _solve_lean(func, state, t, config, counter, name, adjoint_params)
-    wrapped = _CountedFunc(func, counter, config.max_nfe, name, direct=not config.adjoint)
+        return _solve_lean(func, state, t, config, counter, name, adjoint_params, path)
+    wrapped = _CountedFunc(func, counter, config.max_nfe, name, direct=not use_adjoint)
     kwargs: dict = {"method": TORCHDIFFEQ_NAMES.get(config.method, config.method)}
     if config.adaptive:
         kwargs.update(atol=config.atol, rtol=config.rtol)
@@ -218,7 +231,7 @@ def solve(
         kwargs["options"] = fixed_grid_options(config.step_size, float(abs(t[-1] - t[0])))
     wrapped.in_forward = True
     try:
-        if config.adjoint and torch.is_grad_enabled():
+        if use_adjoint:
             if config.adaptive:
                 kwargs["adjoint_atol"] = config.adjoint_atol if config.adjoint_atol is not None else config.atol
                 kwargs["adjoint_rtol"] = config.adjoint_rtol if config.adjoint_rtol is not None else config.rtol
@@ -252,7 +265,7 @@ def forward_counter(counter: NFECounter, max_nfe: int, name: str) -> Callable[[f
 
 def differentiated_params(func, adjoint_params: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
     """The tensors a solve's backward pass differentiates besides the state (adjoint and
-    ``config.recompute`` alike): ``adjoint_params`` if given, else ``func``'s parameters."""
+    recomputation alike): ``adjoint_params`` if given, else ``func``'s parameters."""
     if adjoint_params is not None:
         return tuple(adjoint_params)
     return tuple(func.parameters()) if isinstance(func, nn.Module) else ()
@@ -263,9 +276,9 @@ LOWER_PRECISION = {"bfloat16": torch.bfloat16}
 
 
 def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounter, name: str,
-                adjoint_params: Sequence[Tensor] | None = None):
+                adjoint_params: Sequence[Tensor] | None = None, path: GradientPath | None = None):
     """:func:`solve` through :func:`fastcnf.ode.fast_solvers.solve_adaptive` (direct or no grad);
-    with ``config.recompute`` and gradients, through :func:`fastcnf.ode.recompute.recomputed_solve`
+    on the ``recompute`` path with gradients, through :func:`fastcnf.ode.recompute.recomputed_solve`
     (backward NFE: the evaluations it makes again)."""
     is_tuple = isinstance(state, tuple)
     y0 = state if is_tuple else (state,)
@@ -273,18 +286,196 @@ def _solve_lean(func, state, t: Tensor, config: SolverConfig, counter: NFECounte
     before_eval = forward_counter(counter, config.max_nfe, name)
     times = t.detach().cpu().tolist()
     tableau = LEAN_METHODS[config.method]
-    if config.recompute and torch.is_grad_enabled():
+    if path is not None and path.path == "recompute" and torch.is_grad_enabled():
         params = differentiated_params(func, adjoint_params)
         if any(p.requires_grad for p in params) or any(s.requires_grad for s in y0):
             if t.requires_grad:
-                raise ValueError(f"{name}: solver.recompute=true does not differentiate through the time "
-                                 "points t (they require grad); pass them detached or set solver.recompute=false")
+                raise ValueError(f"{name}: solver.gradient=recompute does not differentiate through the time "
+                                 "points t (they require grad); pass them detached or set solver.gradient=direct")
             solution = recomputed_solve(rhs, y0, times, tableau, float(config.rtol), float(config.atol),
                                         before_eval, params, counter,
-                                        backward_dtype=LOWER_PRECISION.get(config.backward_precision))
+                                        backward_dtype=LOWER_PRECISION.get(path.backward_precision))
             return tuple(solution) if is_tuple else solution[0]
     solution, graph_evals = solve_adaptive(rhs, y0, times, tableau, float(config.rtol),
                                            float(config.atol), before_eval)
     if torch.is_grad_enabled() and any(s.requires_grad for s in solution):
         solution = _CountGraphBackward.apply(counter, graph_evals, *solution)
     return tuple(solution) if is_tuple else solution[0]
+
+
+# ---- the gradient path of a solve (``solver.gradient``) ----------------------------------------
+
+#: the paths a training solve's gradient can take, fastest first (what ``solver.gradient=auto`` tries)
+GRADIENT_PATHS = ("fused", "direct", "recompute", "adjoint")
+
+#: the share of the free memory (RAM on a CPU, device memory on a GPU) ``solver.memory_budget=0`` grants
+BUDGET_SHARE = 0.5
+
+_GIB = float(1 << 30)
+
+
+@dataclass
+class GradientPath:
+    """How one solve's gradient is computed: ``path`` (one of :data:`GRADIENT_PATHS`), ``why`` (one
+    line), and the precision of recomputation's backward re-evaluations actually used."""
+
+    path: str
+    why: str
+    backward_precision: str = "float32"
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "why": self.why, "backward_precision": self.backward_precision}
+
+
+@dataclass
+class MemoryEstimate:
+    """What ``solver.gradient=auto`` weighs (bytes). ``per_eval``: the tensors one evaluation of the
+    dynamics saves for its backward pass (measured: :func:`saved_bytes`); ``state``: one copy of
+    the solve's state; ``evals``: the evaluations a solve is expected to make (measured by one
+    no-grad solve of the block, raised to the NFE of later solves as training changes it);
+    ``budget``: what a block may hold."""
+
+    per_eval: float
+    state: float
+    evals: int
+    budget: float
+
+    def direct(self) -> float:
+        """Direct back-propagation (and the fused solve) keeps every evaluation's saved tensors."""
+        return self.per_eval * self.evals
+
+    def recompute(self) -> float:
+        """Recomputation keeps each evaluation's state derivative and one evaluation's graph."""
+        return self.per_eval + self.state * self.evals
+
+    def need(self, path: str) -> float:
+        """The bytes ``path`` holds (the adjoint: one evaluation's graph)."""
+        return {"fused": self.direct, "direct": self.direct, "recompute": self.recompute}.get(
+            path, lambda: self.per_eval)()
+
+
+def _size(n: float) -> str:
+    return f"{n / _GIB:.2f} GiB" if n >= _GIB / 10 else f"{n / (1 << 20):.1f} MiB"
+
+
+def free_memory_bytes(device: torch.device | str = "cpu") -> float | None:
+    """Memory free now: ``torch.cuda.mem_get_info`` on a GPU; on a CPU psutil's available RAM when
+    psutil is installed, else ``MemAvailable`` of /proc/meminfo; None where neither can be read."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil  # optional
+        return float(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def memory_budget_bytes(config: SolverConfig, device: torch.device | str = "cpu") -> float:
+    """``solver.memory_budget`` GiB, or (0) :data:`BUDGET_SHARE` of :func:`free_memory_bytes`
+    (infinite when the free memory cannot be read)."""
+    if config.memory_budget > 0:
+        return float(config.memory_budget) * _GIB
+    free = free_memory_bytes(device)
+    return math.inf if free is None else BUDGET_SHARE * free
+
+
+def saved_bytes(fn: Callable[[], object], exclude: Sequence[Tensor] = ()) -> tuple[object, float]:
+    """Run ``fn`` and count the bytes of the distinct storages autograd saves for its backward pass
+    (``torch.autograd.graph.saved_tensors_hooks``), leaving out ``exclude``'s (the parameters)."""
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, float(sum(seen.values()))
+
+
+# Note on the estimate: tensors a custom autograd Function keeps outside ``save_for_backward`` (the
+# fused exact trace's packed activations) escape :func:`saved_bytes`; for the toy MLPs where that
+# path applies they are a few hidden widths per example, far below any budget.
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bfloat16_native(device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """Whether ``device`` computes bfloat16 natively, and a few words on why (not): a CUDA GPU whose
+    torch reports bfloat16 support; a CPU whose torch reports an AVX512-BF16/AMX capability or
+    whose /proc/cpuinfo flags include ``avx512_bf16`` or ``amx_bf16``. Elsewhere bfloat16 is emulated
+    (several times slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        ok = bool(torch.cuda.is_bf16_supported())
+        return ok, f"CUDA {'with' if ok else 'without'} bfloat16 support"
+    capability = str(torch.backends.cpu.get_cpu_capability())
+    flags = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    if flags or "BF16" in capability.upper() or "AMX" in capability.upper():
+        return True, f"CPU with {', '.join(flags) or capability}"
+    return False, f"CPU without avx512_bf16/amx_bf16 (torch capability {capability})"
+
+
+def gradient_path(config: SolverConfig, *, device: torch.device | str = "cpu", fused_ok: bool = False,
+                  estimate: MemoryEstimate | None = None) -> GradientPath:
+    """The one place that maps ``solver.gradient`` (and ``backward_precision``) to a solve's path.
+
+    ``direct`` / ``adjoint`` / ``recompute`` are taken as set. ``auto`` takes the first of
+    fused (where ``fused_ok``: the block's dynamics compute their exact trace), direct
+    back-propagation, per-stage recomputation (lean solver only) whose memory ``estimate`` fits its
+    budget -- every one of them the exact gradient of the discretised solve -- and the adjoint when
+    none fits; without an estimate (a solve outside a CNF block) it takes direct. Direct and fused
+    hold ``per_eval * evals`` bytes, recomputation ``per_eval + state * evals``
+    (:class:`MemoryEstimate`). ``backward_precision=bfloat16`` makes recomputation the path of
+    ``auto`` and is kept only where :func:`bfloat16_native`; elsewhere the path runs in float32
+    and ``why`` says so.
+    """
+    lean = config.backend == "fastcnf" and config.method in LEAN_METHODS
+    precision, note = "float32", ""
+    if config.backward_precision == "bfloat16":
+        native, hardware = bfloat16_native(device)
+        if native:
+            precision = "bfloat16"
+        else:
+            note = f"; backward_precision=bfloat16 not honoured ({hardware}: emulated): float32 kept"
+    if config.gradient != "auto":
+        path = config.gradient
+        return GradientPath(path, f"solver.gradient={path}{note}", precision if path == "recompute" else "float32")
+    if precision == "bfloat16" and lean:
+        return GradientPath("recompute", f"backward_precision=bfloat16 on native hardware: per-stage recomputation "
+                                         f"in bfloat16", precision)
+    if estimate is None:
+        return GradientPath("fused" if fused_ok else "direct", f"no memory estimate{note}")
+    budget = "unbounded" if math.isinf(estimate.budget) else _size(estimate.budget)
+    tried = []
+    for path, need, ok in (("fused", estimate.direct(), fused_ok), ("direct", estimate.direct(), True),
+                           ("recompute", estimate.recompute(), lean)):
+        if not ok:
+            continue
+        if need <= estimate.budget:
+            return GradientPath(path, f"fastest exact path that fits: ~{_size(need)} for {estimate.evals} "
+                                      f"evaluations, budget {budget}" + "".join(f"; {t}" for t in tried) + note)
+        tried.append(f"{path} needs ~{_size(need)}")
+    return GradientPath("adjoint", f"no exact path fits the budget ({budget}): " + "; ".join(tried) + note)

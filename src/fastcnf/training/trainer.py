@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from fastcnf.cnf.gradient import gradient_paths
 from fastcnf.config import Config, config_to_dict
 from fastcnf.data import Batcher, check_finite, load_data
 from fastcnf.data.base import DataBundle
@@ -39,6 +40,7 @@ from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, sav
 from fastcnf.training.latent_ode_task import LatentODETask
 from fastcnf.training.runlock import RunLock, RunLocked
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
+from fastcnf.training.startup import plan_gradients, precision_notes, start_line
 from fastcnf.training.schedules import LRSchedule, build_optimizer, large_batch_summary, scaled_lr, set_group_lrs
 from fastcnf.training.stopping import EXIT_CODES, CheckpointClock, StopSignals, agree
 from fastcnf.training.tasks import DensityTask, Task
@@ -338,8 +340,12 @@ class Trainer:
             (self.out_dir / "figures").mkdir(parents=True, exist_ok=True)
             write_atomic(self.out_dir / "config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             DataRecord.of(self.bundle).save(self.out_dir)  # shape, columns, standardisation: for score / load_run
+        # [solver.gradient] each block's path, planned on the first batch, and the run's first line
+        self.gradient_paths = plan_gradients(self) if self.iteration < cfg.train.iterations else {}
         log = RunLog(self.out_dir, self.log_columns, self.iteration, cfg.train.iterations, cfg.train.log_every,
                      self.progress_mode, cfg.recipe or "train", enabled=main)
+        for line in [start_line(self, self.gradient_paths), *precision_notes(self.gradient_paths)]:
+            log.message(line)
         interrupted, signum = False, 0
         clock = CheckpointClock(cfg.train.checkpoint_minutes)
         signals = StopSignals().install()
@@ -442,6 +448,8 @@ class Trainer:
         metrics["end_times"] = self.model_end_times()
         if self.early.enabled:
             metrics.update(self.early.summary())
+        # [solver.gradient] the path (and backward precision) of each block's last training solve
+        metrics["gradient_paths"] = gradient_paths(self.model)
         metrics.update(large_batch_summary(self.cfg, self.dist.world_size, self.base_lr, self.iteration,
                                            metrics.get("train_seconds") or 0.0))
         return write_metrics(self.out_dir, metrics)
