@@ -90,7 +90,8 @@ def reference_nll(tmp_path_factory) -> dict[int, float]:
     port = free_port()
     procs = [_start(_train(out), rank, port) for rank in range(2)]
     logs = _finish(procs)
-    assert all(p.returncode == 0 for p in procs), logs[0][-2000:]
+    failed = [(r, p.returncode, log) for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
+    assert not failed, "\n".join(f"rank {r} exited {rc}:\n{log[-2000:]}" for r, rc, log in failed)
     return {1: one["test_nll_nats"], 2: _nll(out)}
 
 
