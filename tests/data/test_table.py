@@ -152,3 +152,66 @@ def test_evaluation_reports_nats_in_the_data_units(tmp_path):
     ref = -norm.logpdf(x[160:], b.standardizer.mean, b.standardizer.std).sum(1).mean()
     assert math.isclose(nll, ref, rel_tol=1e-5)
     assert torch.equal(model_scale(b, b.test.x), b.standardizer.transform(b.test.x))
+
+
+def _correlated(n=300, seed=1):
+    g = np.random.default_rng(seed)
+    a = np.array([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [-1.0, 3.0, 0.2]])
+    return g.normal(size=(n, 3)) @ a.T + [5.0, -2.0, 40.0]
+
+
+def test_whitening_decorrelates_the_training_rows_and_its_log_jacobian_is_the_brute_force_one():
+    x = _correlated()
+    s = Standardizer.fit(x, ["a", "b", "c"], whiten=True)
+    u = s.transform(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(u.mean(0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.cov(u.T, bias=True), np.eye(3), atol=1e-5)
+    # the map is affine: its Jacobian column by column, from differences of far-apart points
+    # (exact up to float32 rounding of the output), against the stored log-determinant
+    x0 = torch.from_numpy(x[:1])
+    jac = torch.stack([(s.transform(x0 + 10.0 * e).double() - s.transform(x0).double())[0] / 10.0
+                       for e in torch.eye(3, dtype=torch.float64)], 1)
+    assert math.isclose(float(torch.linalg.slogdet(jac)[1]), s.log_abs_det, rel_tol=1e-5)
+    # and against the closed form: -1/2 log det of the training rows' covariance
+    assert math.isclose(s.log_abs_det, -0.5 * np.linalg.slogdet(np.cov(x.T, bias=True))[1], rel_tol=1e-10)
+    np.testing.assert_allclose(s.inverse(s.transform(torch.from_numpy(x))).numpy(), x, rtol=1e-6, atol=1e-5)
+    t = Standardizer.from_dict(s.to_dict())
+    assert t.log_abs_det == s.log_abs_det and torch.equal(t.transform(x0), s.transform(x0))
+    assert Standardizer.from_dict(Standardizer.fit(x, ["a", "b", "c"]).to_dict()).chol is None
+
+
+def test_whitened_identity_flow_is_the_training_rows_full_covariance_gaussian(tmp_path):
+    """A zero-velocity flow on whitened data is N(mean, cov) of the training rows in the user's
+    units: evaluation's NLL must equal scipy's multivariate normal NLL of the test rows."""
+    from scipy.stats import multivariate_normal
+
+    from fastcnf import CNFBlock, ConcatSquashMLP, FlowModel, SequentialFlow
+    from fastcnf.config import EvalConfig
+    from fastcnf.evaluation.metrics import evaluate_density
+
+    x = _correlated(250)
+    np.save(tmp_path / "t.npy", x)
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "t.npy"), standardize="whiten"))
+    model = FlowModel(SequentialFlow([CNFBlock(ConcatSquashMLP(3))], input_shape=(3,)))
+    for p in model.parameters():
+        p.data.zero_()
+    nll = evaluate_density(model, b, EvalConfig())["test_nll_nats"]
+    train = x[:200]
+    ref = -multivariate_normal(train.mean(0), np.cov(train.T, bias=True)).logpdf(x[200:]).mean()
+    assert math.isclose(nll, ref, rel_tol=1e-5)
+
+
+def test_whitening_names_a_linearly_dependent_column_and_rejects_unknown_modes(tmp_path):
+    from fastcnf.config.errors import ConfigError
+
+    x = _correlated()
+    x = np.concatenate([x, x[:, :1] - 2.0 * x[:, 1:2]], 1)
+    with pytest.raises(DataError, match=r"column 'd' of .* linear combination") as e:
+        Standardizer.fit(x, ["a", "b", "c", "d"], whiten=True)
+    assert "\n" not in str(e.value)
+    Standardizer.fit(x, ["a", "b", "c", "d"])  # per-column standardisation does not need full rank
+    np.save(tmp_path / "t.npy", x)
+    with pytest.raises(DataError, match=r"column '3' of the training split of .*t\.npy"):
+        load_data(DataConfig(name="table", path=str(tmp_path / "t.npy"), standardize="whiten"))
+    with pytest.raises(ConfigError, match="true, false or whiten"):
+        DataConfig(name="table", path="t.npy", standardize="zca").check()

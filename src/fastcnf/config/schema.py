@@ -47,8 +47,10 @@ class DataConfig(Section):
             run's seed; never taken from the test split; tables: of the rows left after the test
             split); synthetic sets draw a validation sample of that share of ``n_train`` instead.
             0: no validation split.
-        standardize: tables: train on ``(x - mean) / std`` of the training split; log-densities,
-            scores and samples stay in the data's own units.
+        standardize: tables: train on ``(x - mean) / std`` of the training split (``true``), or
+            ``whiten``: also decorrelated with the Cholesky factor of the training split's
+            covariance (the best single Gaussian becomes the standard normal); log-densities, scores
+            and samples stay in the data's own units (with the map's log-Jacobian).
         drop_nonfinite: drop the rows holding NaN or inf instead of refusing the file.
     """
 
@@ -67,10 +69,12 @@ class DataConfig(Section):
     label_column: str | int | None = None
     test_fraction: float = 0.2
     val_fraction: float = 0.0
-    standardize: bool = True
+    standardize: bool | str = True
     drop_nonfinite: bool = False
 
     def check(self) -> None:
+        if isinstance(self.standardize, str) and self.standardize != "whiten":
+            raise ConfigError(f"data.standardize must be true, false or whiten, got {self.standardize!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1), got {self.val_fraction!r}")
         for a in ("n_train", "n_test"):

@@ -129,4 +129,5 @@ def standardize(bundle: DataBundle, cfg: DataConfig) -> DataBundle:
     if not cfg.standardize or not isinstance(bundle, TableBundle):
         return bundle
     where = f"the training split of {cfg.path}" if cfg.path else "the training split"
-    return dataclasses.replace(bundle, standardizer=Standardizer.fit(bundle.train.x, bundle.columns, where))
+    whiten = cfg.standardize == "whiten"
+    return dataclasses.replace(bundle, standardizer=Standardizer.fit(bundle.train.x, bundle.columns, where, whiten))
