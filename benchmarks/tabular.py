@@ -1,4 +1,4 @@
-"""Test NLL and wall time of ``tabular-fm`` and ``tabular-cnf`` against scikit-learn's density
+"""Test NLL, CPU and wall time of ``tabular`` (= ``tabular-fm``) and ``tabular-cnf`` against scikit-learn's density
 estimators on scikit-learn's bundled tables.
 
 Tables: breast cancer (569 x 30), wine (178 x 13) and digits (1797 x 64 pixel counts 0..16, used
@@ -17,20 +17,23 @@ get the same log-Jacobian added, so every figure is a test NLL in nats in the da
   validation log-likelihood.
 * ``KernelDensity``: Gaussian kernel, bandwidth on a grid of 25 values in [0.05, 3] (standardised
   units, log-spaced), the best on validation.
-* ``tabular-fm`` / ``tabular-cnf``: the recipes as shipped (validation every 100 iterations,
-  patience 10, best weights), with ``train.iterations`` capped by ``--iters-fm`` /
-  ``--iters-cnf`` so that a fit takes about a minute on one core; ``threads=1``. Their wall time
-  is the whole ``fastcnf train`` process (training, validations and the exact-trace test NLL at
-  dopri5 1e-5).
+* ``tabular`` / ``tabular-fm`` / ``tabular-cnf``: the recipes as shipped (their own iterations,
+  validation, early stopping and best weights; ``tabular-fm`` whitens the table and widens its
+  network to 4 x columns), ``threads=1``; ``--iters-fm`` / ``--iters-cnf`` cap
+  ``train.iterations`` if given. Budget: a fit must stay within 5 minutes of CPU time on one
+  core; ``cpu_s`` is the child process's user + system time (``getrusage``) and ``wall_s`` the
+  whole ``fastcnf train`` process (training, validations and the exact-trace test NLL at dopri5
+  1e-5). ``--set KEY=VALUE`` passes overrides to every fastcnf fit.
 
 Command (committed results)::
 
-    python benchmarks/tabular.py --seeds 0 1 2 --out benchmarks/results/tabular.json
+    python benchmarks/tabular.py --seeds 0 1 2 --methods gmm kde tabular --out benchmarks/results/tabular.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -114,31 +117,39 @@ def kernel_density(train: np.ndarray, val: np.ndarray, test: np.ndarray) -> dict
             "wall_s": time.perf_counter() - start}
 
 
-def fastcnf_fit(recipe: str, files: dict[str, Path], seed: int, iterations: int, out: Path) -> dict:
-    """``fastcnf train RECIPE`` in a child process (one thread); its metrics and wall time."""
+def fastcnf_fit(recipe: str, files: dict[str, Path], seed: int, iterations: int | None, out: Path,
+                extra: list[str] = ()) -> dict:
+    """``fastcnf train RECIPE`` in a child process (one thread); its metrics, wall and CPU time."""
     cmd = [sys.executable, "-m", "fastcnf", "train", recipe, "--quiet", "--out", str(out), "--set",
            f"data.path={files['train']}", f"data.val_path={files['val']}", f"data.test_path={files['test']}",
-           f"seed={seed}", f"train.iterations={iterations}", "threads=1", "eval.n_samples=10"]
+           f"seed={seed}", "threads=1", "eval.n_samples=10", *extra]
+    if iterations:
+        cmd.append(f"train.iterations={iterations}")
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1",
                                "PYTHONPATH": str(ROOT / "src")})
     wall = time.perf_counter() - start
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     m = json.loads((out / "metrics.json").read_text())
     return {"test_nll_nats": m["test_nll_nats"], "val_nll_nats": m.get("best_val_nll_nats"),
             "iterations_run": m.get("iterations"), "best_iteration": m.get("best_iteration"),
-            "stopped_early": m.get("stopped_early"), "iterations_cap": iterations, "wall_s": wall}
+            "stopped_early": m.get("stopped_early"), "iterations_cap": iterations, "wall_s": wall,
+            "cpu_s": cpu, "overrides": list(extra)}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=["gmm", "kde", "tabular-fm", "tabular-cnf"])
-    ap.add_argument("--iters-fm", type=int, default=3000)
-    ap.add_argument("--iters-cnf", type=int, default=150)
+    ap.add_argument("--methods", nargs="+", default=["gmm", "kde", "tabular"])
+    ap.add_argument("--iters-fm", type=int, default=None, help="cap on train.iterations of tabular / tabular-fm")
+    ap.add_argument("--iters-cnf", type=int, default=None, help="cap on train.iterations of tabular-cnf")
+    ap.add_argument("--set", nargs="*", default=[], help="overrides for every fastcnf fit")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tabular.json"))
     args = ap.parse_args(argv)
     meta = run_metadata(__file__, argv)
@@ -160,13 +171,17 @@ def main(argv: list[str] | None = None) -> None:
                     elif method == "kde":
                         run[method] = kernel_density(train, val, test)
                     else:
-                        iters = args.iters_fm if method == "tabular-fm" else args.iters_cnf
-                        run[method] = fastcnf_fit(method, files, seed, iters, Path(tmp) / f"{name}_{seed}_{method}")
+                        iters = args.iters_cnf if method == "tabular-cnf" else args.iters_fm
+                        run[method] = fastcnf_fit(method, files, seed, iters, Path(tmp) / f"{name}_{seed}_{method}",
+                                                  args.set)
                     print(f"{name} seed {seed} {method}: test NLL {run[method]['test_nll_nats']:.3f} nats, "
-                          f"{run[method]['wall_s']:.1f} s", flush=True)
+                          f"{run[method]['wall_s']:.1f} s wall, {run[method].get('cpu_s', float('nan')):.1f} s CPU",
+                          flush=True)
                 rows["runs"].append(run)
             rows["summary"] = {m: {"test_nll_nats": mean_std(r[m]["test_nll_nats"] for r in rows["runs"]),
-                                   "wall_s": mean_std(r[m]["wall_s"] for r in rows["runs"])}
+                                   "wall_s": mean_std(r[m]["wall_s"] for r in rows["runs"]),
+                                   **({"cpu_s": mean_std(r[m]["cpu_s"] for r in rows["runs"])}
+                                      if "cpu_s" in rows["runs"][0][m] else {})}
                                for m in args.methods}
             result["load_average_end"] = load_average()
             write_json(args.out, result)

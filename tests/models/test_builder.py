@@ -137,3 +137,11 @@ def test_conditioning_needs_labels():
                             num_classes=None, levels=None, split="fake")
     with pytest.raises(ValueError, match="needs a labelled data set"):
         build_model(_cfg(conditioning={"kind": "infocnf"}), unlabelled)
+
+
+@pytest.mark.parametrize("dim,widths", [(2, [8, 12]), (4, [12, 12]), (6, [18, 18])])
+def test_min_width_per_dim_widens_only_the_layers_below_k_times_the_dimension(dim, widths):
+    cfg = _cfg(model={"hidden_dims": [8, 12], "num_blocks": 1, "min_width_per_dim": 3})
+    net = build_model(cfg, labelled_vectors(dim=dim)).cnf_blocks()[0].net
+    assert [tuple(layer.layer.weight.shape) for layer in net.layers] == \
+        [(widths[0], dim), (widths[1], widths[0]), (dim, widths[1])]

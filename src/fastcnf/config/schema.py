@@ -228,6 +228,9 @@ class ModelConfig(Section):
             or ``unet`` (one CNF block whose dynamics is a U-Net over the whole image, after
             centring x - 0.5; the image architecture of flow matching).
         hidden_dims: hidden widths of each dynamics network (FFJORD: 64-64-64).
+        min_width_per_dim: vector data: every hidden width is at least this many times the data's
+            dimension (``max(h, k * D)``), so one recipe fits a 6-column and a 64-column table
+            without widening the small one; 0: ``hidden_dims`` as given.
         layer_type: how time enters the dynamics network: ``concatsquash`` (``(W x + b) *
             sigmoid(G t + g) + H t``, FFJORD's toy model) or ``concat`` (t as an extra input
             feature / channel, FFJORD's multiscale image model, ``--layer_type concat``).
@@ -253,6 +256,7 @@ class ModelConfig(Section):
     _key = "model"
     arch: Literal["mlp", "multiscale", "glow", "unet"] = "mlp"
     hidden_dims: list[int] = field(default_factory=lambda: [64, 64, 64])
+    min_width_per_dim: int = 0
     layer_type: Literal["concatsquash", "concat"] = "concatsquash"
     activation: Literal["tanh", "softplus", "relu", "elu", "swish"] = "tanh"
     num_blocks: int = 1
@@ -271,6 +275,8 @@ class ModelConfig(Section):
 
     def check(self) -> None:
         self._positive("end_time", "num_blocks")
+        if self.min_width_per_dim < 0:
+            raise ConfigError(f"model.min_width_per_dim must be >= 0, got {self.min_width_per_dim}")
         if self.hidden_dims and min(self.hidden_dims) <= 0:
             raise ConfigError(f"model.hidden_dims must be positive, got {self.hidden_dims}")
         if self.kinetic_weight < 0 or self.jacobian_weight < 0:

@@ -72,8 +72,9 @@ def make_block_factory(cfg: Config, image: bool, per_dim_loss: bool | None = Non
     eval_solver = cfg.solver.with_tolerance(cfg.eval.atol, cfg.eval.rtol)
 
     def make(channels: int, name: str) -> CNFBlock:
+        widths = m.hidden_dims if image else [max(h, m.min_width_per_dim * channels) for h in m.hidden_dims]
         net: nn.Module = network(channels) if network is not None else \
-            LAYER_TYPES[m.layer_type][1 if image else 0](channels, m.hidden_dims, m.activation)
+            LAYER_TYPES[m.layer_type][1 if image else 0](channels, widths, m.activation)
         div = _divergence(m)
         regs = [cls(getattr(m, f"{key}_weight"), reduction) for key, cls in REGULARIZERS.items()
                 if getattr(m, f"{key}_weight") > 0]
