@@ -65,6 +65,11 @@ def test_npy_memory_map_scores_the_same_and_hutchinson_gives_a_standard_error(ta
     assert abs((h - exact).mean()) < 4 * math.sqrt((se ** 2).sum()) / 100 + 1e-3
 
 
+def _in_data_units(s, u):
+    """``mean + std * (u L^T)`` (``L``: the whitening's Cholesky factor; identity per column)."""
+    return s.mean + s.std * (u if s.chol is None else u @ s.chol.T)
+
+
 def test_load_run_scores_and_samples_in_the_data_units(table_run):
     from fastcnf import load_run
 
@@ -79,7 +84,7 @@ def test_load_run_scores_and_samples_in_the_data_units(table_run):
     with torch.no_grad():
         samples = run.sample(5, generator=g1)
         u = run.flow.sample(5, generator=g2)
-    np.testing.assert_allclose(samples.numpy(), (s.mean + s.std * u.double().numpy()), rtol=1e-6)
+    np.testing.assert_allclose(samples.numpy(), _in_data_units(s, u.double().numpy()), rtol=1e-6)
 
 
 def _fails(capsys, argv, *needles):
@@ -214,7 +219,7 @@ def test_sample_writes_rows_in_the_data_units(table_run, capsys):
     with torch.no_grad():
         u = run.flow.sample(7).float().double()
     s = run.standardizer
-    np.testing.assert_allclose(np.load(d / "x.npy"), s.mean + s.std * u.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(np.load(d / "x.npy"), _in_data_units(s, u.numpy()), rtol=1e-6)
 
 
 def test_a_label_column_makes_the_class_conditional_model_available(tmp_path, capsys):
