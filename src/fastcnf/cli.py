@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "columns, or a folder of images of the run's size")
     c.add_argument("--out", required=True, help="scores.npy: log p per row, nats in the data's own units "
                                                "(beside it: _stderr.npy with Hutchinson, _bits_per_dim.npy for images)")
-    c.add_argument("--batch-size", type=int, default=None, help="rows per solve (default: the run's eval.batch_size)")
+    c.add_argument("--batch-size", type=int, default=None, help="rows per solve (default: the run's eval.batch_size, at most 2000)")
     c.add_argument("--probes", type=int, default=8, help="Hutchinson probes per row when the trace is estimated")
     c.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="auto: exact trace up to 64 dimensions, else Hutchinson")

@@ -42,7 +42,7 @@ EXACT_TRACE_MAX_DIM = 64
 class ScoreResult:
     """Per-row scores: ``log_prob`` (nats, float64), ``stderr`` (Hutchinson's standard error per
     row, or None with the exact trace), ``bits_per_dim`` (images, else None), ``exact`` (trace used)
-    and ``nfe`` (function evaluations per batch, mean)."""
+    and ``nfe`` (function evaluations per batch, mean; per row with per-row error control)."""
 
     log_prob: np.ndarray
     stderr: np.ndarray | None
