@@ -200,7 +200,7 @@ def cmd_score(args) -> int:
     from fastcnf.training.trained_run import score_command
 
     return score_command(args.run_dir, args.data, args.out, args.batch_size, args.probes, args.trace, args.set,
-                         progress=not args.quiet)
+                         progress=not args.quiet, error_control=args.error_control, check_rows=args.check_rows)
 
 
 
@@ -268,10 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "columns, or a folder of images of the run's size")
     c.add_argument("--out", required=True, help="scores.npy: log p per row, nats in the data's own units "
                                                "(beside it: _stderr.npy with Hutchinson, _bits_per_dim.npy for images)")
-    c.add_argument("--batch-size", type=int, default=None, help="rows per solve (default: the run's eval.batch_size)")
+    c.add_argument("--batch-size", type=int, default=None, help="rows per solve (default: the run's eval.batch_size, at most 2000)")
     c.add_argument("--probes", type=int, default=8, help="Hutchinson probes per row when the trace is estimated")
     c.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
                    help="auto: exact trace up to 64 dimensions, else Hutchinson")
+    c.add_argument("--error-control", choices=("rows", "batch"), default="rows",
+                   help="rows: every row with its own error control and step size (torchode's scheme); "
+                        "batch: one step size per batch, as eval")
+    c.add_argument("--check-rows", type=int, default=1000, metavar="K",
+                   help="score K random rows again at 10x tighter tolerances and report the largest difference "
+                        "(exact trace on tables; written to <stem>_check.json; 0: off)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override the run's configuration (e.g. eval.atol=1e-3 eval.rtol=1e-3)")

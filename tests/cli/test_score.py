@@ -41,12 +41,22 @@ def test_score_equals_eval_on_the_same_rows(table_run, capsys):
     assert main(["eval", str(d / "run")]) == 0
     capsys.readouterr()
     nll = json.loads((d / "run" / "metrics.json").read_text())["test_nll_nats"]
-    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "s.npy"), "--quiet"]) == 0
+    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "s.npy"), "--quiet",
+                 "--error-control", "batch"]) == 0
     out = capsys.readouterr().out
     assert "exact trace" in out and "atol=1e-05" in out
     scores = np.load(d / "s.npy")
     assert scores.shape == (100,) and scores.dtype == np.float64
     assert math.isclose(-scores.mean(), nll, rel_tol=1e-6)
+    # per-row error control (the default): the same log-densities to the tolerance, and the stated check
+    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "r.npy"), "--quiet",
+                 "--check-rows", "30"]) == 0
+    out = capsys.readouterr().out
+    rows = np.load(d / "r.npy")
+    assert np.abs(rows - scores).max() < 1e-2 and abs(rows.mean() - scores.mean()) < 1e-3
+    check = json.loads((d / "r_check.json").read_text())
+    assert check["rows"] == 30 and check["reference_atol"] == 1e-6 and "differ by at most" in out
+    assert 0 <= check["mean_abs_diff_nats"] <= check["max_abs_diff_nats"] < 1e-2
 
 
 def test_npy_memory_map_scores_the_same_and_hutchinson_gives_a_standard_error(table_run, capsys):
@@ -76,7 +86,8 @@ def test_load_run_scores_and_samples_in_the_data_units(table_run):
     d = table_run
     run = load_run(d / "run")
     x = torch.from_numpy(np.loadtxt(d / "test.csv", delimiter=",", skiprows=1))
-    main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "c.npy"), "--quiet"])
+    main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "c.npy"), "--quiet",
+          "--error-control", "batch"])
     with torch.no_grad():
         np.testing.assert_allclose(run.log_prob(x).double().numpy(), np.load(d / "c.npy"), rtol=1e-5)
     s = run.standardizer

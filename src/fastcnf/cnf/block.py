@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from fastcnf.cnf.divergence import DivergenceEstimator, DivergenceResult, ExactTrace
 from fastcnf.cnf.endtime import EndTimePolicy, FixedEndTime
-from fastcnf.cnf.fused import fused_applicable, fused_solve
+from fastcnf.cnf.fused import fused_applicable, fused_solve, fused_solve_rows
 from fastcnf.cnf.gradient import plan_and_run
 from fastcnf.cnf.regularizers import Regularizer
 from fastcnf.config import check_tolerance
@@ -133,6 +133,8 @@ class CNFBlock(nn.Module):
         self.regularizers = list(regularizers)
         self.name = name
         self.nfe = NFECounter(name)
+        #: without gradients, solve with per-row error control and step sizes where the fused path applies
+        self.row_steps = False
         self.tolerance: ToleranceChoice | None = None
         #: set by :func:`pinned_tolerance`: overrides every other solver
         self.pinned_solver: SolverConfig | None = None
@@ -184,6 +186,8 @@ class CNFBlock(nn.Module):
             return tuple(o[-1] for o in out)
 
         fused_ok = fused_applicable(self, solver, state, with_logdet)
+        if fused_ok and self.row_steps and not torch.is_grad_enabled():
+            return fused_solve_rows(self, state, s0, s1, solver, end_time)
         return plan_and_run(self, solver, state, fused_ok, func, t, params, run)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,11 +37,12 @@ from torch import Tensor
 
 from fastcnf.cnf.divergence import ExactTrace
 from fastcnf.cnf.dynamics import ConcatSquashMLP
-from fastcnf.cnf.trace_kernel import _Accumulator, _get_packed, _trace_backward, _trace_forward_kernel
+from fastcnf.cnf.trace_kernel import _Accumulator, _get_packed, _trace_backward, _trace_forward_kernel, trace_rows_kernel
 from fastcnf.ode.fast_solvers import LEAN_METHODS, solve_adaptive
+from fastcnf.ode.row_solver import solve_rows
 from fastcnf.ode.solve import NFECounter, SolverConfig, forward_counter
 
-__all__ = ["fused_applicable", "fused_solve"]
+__all__ = ["fused_applicable", "fused_solve", "fused_solve_rows"]
 
 
 def fused_applicable(block, solver: SolverConfig, state: tuple[Tensor, ...], with_logdet: bool) -> bool:
@@ -195,3 +196,24 @@ def fused_solve(block, state: tuple[Tensor, Tensor], s0: float, s1: float, solve
             return run.forward(z0, l0, T, save=False)
     token = pk.token if pk.token is not None else pk.flat
     return _FusedSolve.apply(run, z0, l0, T, token)
+
+
+@torch.no_grad()
+def fused_solve_rows(block, state: tuple[Tensor, Tensor], s0: float, s1: float, solver: SolverConfig,
+                     T: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`fused_solve` without gradients and with per-row error control and step sizes
+    (:func:`fastcnf.ode.row_solver.solve_rows`): every row meets ``solver``'s tolerances on its own.
+    ``block.nfe.forward`` receives the mean evaluations per row (rounded up)."""
+    pk = _get_packed(block.net)
+    T = T.detach().to(state[0].dtype)
+
+    def rhs(s: Tensor, y):
+        f, trace = trace_rows_kernel(pk, s * T, y[0])
+        return f * T, trace * T
+
+    counter = block.nfe
+    counter.begin()
+    (z, logdet), row_evals = solve_rows(rhs, tuple(state), s0, s1, LEAN_METHODS[solver.method],
+                                        float(solver.rtol), float(solver.atol))
+    counter.forward += -(-row_evals // max(state[0].shape[0], 1))
+    return z, logdet

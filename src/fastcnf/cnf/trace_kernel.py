@@ -225,6 +225,42 @@ def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
     return f, trace, saved
 
 
+def trace_rows_kernel(pk: _Packed, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(f, tr df/dz)`` of the packed network with one time per row (``t`` of shape ``(B,)``), no
+    autograd: the concat-squash gates ``sigmoid(w_g t + b_g)`` and shifts become ``(B, width)``; the
+    first layer's Jacobian columns ``act'(pre) * g * W1`` are formed elementwise, the hidden layers
+    carry ``[h; tangents]`` through one matrix product each, the trace is read at the last layer."""
+    acts = pk.acts
+    n_layers = len(pk.sizes)
+    b, d = z.shape
+    t = t.reshape(-1, 1).to(z.dtype)
+    gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))  # (B, sum widths)
+    fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)
+    gates = torch.split_with_sizes(gate_all, pk.sizes, dim=1)
+    folds = torch.split_with_sizes(fold_all, pk.sizes, dim=1)
+    g = gates[0]
+    pre = torch.addcmul(folds[0], torch.mm(z, pk.weights_t[0]), g)
+    s = torch.empty((1 + d, b, pre.shape[1]), dtype=z.dtype, device=z.device)
+    h = _act_into(acts[0], pre, s[0])
+    gs = _act_slope(acts[0], pre, h, pk.one).mul_(g)
+    torch.mul(pk.weights_t[0].unsqueeze(1), gs, out=s[1:])
+    for i in range(1, n_layers - 1):
+        m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[i]).view(1 + d, b, -1)
+        p0 = torch.addcmul(folds[i], m[0], gates[i])
+        s_next = torch.empty_like(m)
+        h = _act_into(acts[i], p0, s_next[0])
+        gs = _act_slope(acts[i], p0, h, pk.one).mul_(gates[i])
+        torch.mul(m[1:], gs, out=s_next[1:])
+        s = s_next
+    g = gates[-1]
+    m0 = torch.mm(s[0], pk.weights_t[-1])
+    f = torch.addcmul(folds[-1], m0, g)
+    # trace = sum_k g_k (W_L s_k)_k = sum_k g_k <W_L[k], s_k>: only the diagonal of the last product
+    diag = torch.einsum("kbj,kj->bk", s[1:], pk.weights[-1])
+    trace = (diag * g).sum(1)
+    return f, trace
+
+
 def _trace_backward(acts, pk: _Packed, saved: list, grad_f: Tensor, grad_trace: Tensor, acc: "_Accumulator | None",
                     need_t: bool) -> tuple[Tensor, Tensor | None]:
     """The gradients w.r.t. z (and t) of ``<grad_f, f> + <grad_trace, trace>``; the parameters'
