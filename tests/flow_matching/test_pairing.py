@@ -226,7 +226,7 @@ def test_exact_coupling_by_network_simplex_equals_scipys_assignment(n, dim):
     noise = torch.randn(n, dim, generator=g)
     cost = squared_distances(x, noise).numpy()
     rows, cols = linear_sum_assignment(cost)
-    index = _emd_permutation(cost)
+    index = _emd_permutation(cost, min_size=2)
     assert index is not None and np.array_equal(index[rows], cols)  # continuous data: the optimum is unique
     # ties (repeated points): another optimal permutation may be chosen, at the same (minimal) cost
     tied = np.repeat(cost[: n // 2 + 1], 2, axis=0)[:n]

@@ -126,7 +126,7 @@ class ExactOTCoupling(Coupling):
 
     def plan_indices(self, cost, generator):
         c = cost.numpy()
-        index = _emd_permutation(c)  # POT's network simplex: ~2x faster than scipy at B = 256
+        index = _emd_permutation(c)  # POT's network simplex: 1.2-3.3x faster than scipy at B = 256-1024
         if index is None:
             rows, cols = linear_sum_assignment(c)
             index = np.empty(cost.shape[0], dtype=np.int64)
@@ -134,13 +134,14 @@ class ExactOTCoupling(Coupling):
         return torch.from_numpy(index)
 
 
-def _emd_permutation(c: np.ndarray) -> np.ndarray | None:
+def _emd_permutation(c: np.ndarray, min_size: int = 128) -> np.ndarray | None:
     """The optimal assignment of the square cost ``c`` by POT's exact network simplex (``ot.emd``,
     Bonneel et al. 2011, "Displacement interpolation using Lagrangian mass transport") with uniform
     weights: its optimal vertex is a permutation matrix (Birkhoff). None when POT is missing, the
-    solver did not reach optimality or the plan is not a permutation (scipy then decides)."""
+    solver did not reach optimality or the plan is not a permutation (scipy then decides), and below
+    ``min_size`` (scipy is faster there: benchmarks/ot_assignment.py)."""
     n, m = c.shape
-    if n != m or n < 2:
+    if n != m or n < max(2, min_size):
         return None
     try:
         import ot
