@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fastcnf import load_recipe  # noqa: E402
-from fastcnf.flow_matching.pairing import BackgroundPairing, ExactOTCoupling, IndependentCoupling, # noqa: E402                                   SinkhornCoupling
+from fastcnf.flow_matching.pairing import (BackgroundPairing, ExactOTCoupling, IndependentCoupling,  # noqa: E402
+                                           SinkhornCoupling)
 from fastcnf.flow_matching.loss import flow_matching_loss  # noqa: E402
 from fastcnf.flow_matching.paths import IndependentCFMPath  # noqa: E402
 from fastcnf.cnf.dynamics import ConcatSquashMLP  # noqa: E402

@@ -46,6 +46,9 @@ class TrainerView(Protocol):
     steps_per_epoch: int
     task: Any  # ``task.objective``: the step's objective (``computes_latent``: it maps data to a latent)
 
+    def peek_batch(self) -> tuple[Tensor, Tensor | None]:
+        """The next step's model input ``(x, y)``, not consumed (see ``Trainer.peek_batch``)."""
+
 
 class StepContext(dict):
     """What one training step produced, shared by the objective and the hooks: ``x``, ``y``, ``z``,

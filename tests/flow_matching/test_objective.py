@@ -106,3 +106,51 @@ def test_ot_batch_size_pairs_within_consecutive_groups(tmp_path):
     groups = torch.arange(10) // 4
     assert torch.equal(seen["labels"], groups)
     assert torch.equal(groups[seen["index"]], groups)
+
+
+def _otcfm(n: int, background: bool, *extra: str):
+    return load_recipe("toy-otcfm", [
+        "threads=1", f"train.iterations={n}", "train.batch_size=64", "flow_matching.ot_batch_size=32",
+        "data.n_test=64", "eval.batch_size=64", "eval.atol=1e-2", "eval.rtol=1e-2", "eval.figures=false",
+        "train.checkpoint_every=3", "train.warmup_iterations=0", "train.schedule=constant",
+        f"flow_matching.background_pairing={str(background).lower()}", *extra])
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_background_pairing_gives_the_pairs_of_pairing_in_line_and_resumes_bit_identically(tmp_path, labels):
+    extra = ["data.name=mix1d", "conditioning.kind=ccnf", "model.hidden_dims=[16,16]"] if labels else []
+    seen: dict[bool, list] = {True: [], False: []}
+
+    def run(background: bool, n: int, out, resume: bool = False) -> Trainer:
+        trainer = Trainer(_otcfm(n, background, *extra), out, resume=resume, progress=False)
+        objective = trainer.task.objective
+        pair = objective.coupling.__class__.__call__
+
+        def record(self, x, noise, labels=None, generator=None):  # every pairing, in line or in the worker
+            index = pair(self, x, noise, labels, generator)
+            seen[background].append((x.clone(), noise.clone(), index.clone()))
+            return index
+
+        objective.coupling.__class__.__call__ = record
+        try:
+            trainer.fit()
+        finally:
+            objective.coupling.__class__.__call__ = pair
+        return trainer
+
+    on, off = run(True, 6, tmp_path / "on"), run(False, 6, tmp_path / "off")
+    assert on.task.objective.background.prefetched == 5  # every step after the first was paired ahead
+    assert off.task.objective.background is None
+    # the worker paired exactly the batches (data and noise) that pairing in line pairs, with the same result
+    assert len(seen[False]) >= 6
+    for x2, n2, i2 in seen[False]:  # each batch paired in line was paired alike (in the worker) with it on
+        match = [i1 for x1, n1, i1 in seen[True] if torch.equal(x1, x2) and torch.equal(n1, n2)]
+        assert match and all(torch.equal(i1, i2) for i1 in match)
+        assert sorted(i2.tolist()) == list(range(len(i2)))  # a permutation
+    for a, b in zip(on.model.state_dict().values(), off.model.state_dict().values()):
+        assert torch.equal(a, b)
+    # an interrupted run (3 iterations, then a new trainer resumes to 6) equals the uninterrupted one
+    run(True, 3, tmp_path / "part")
+    resumed = run(True, 6, tmp_path / "part", resume=True)
+    for a, b in zip(on.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b)

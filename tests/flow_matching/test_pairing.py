@@ -214,3 +214,23 @@ def test_background_pairing_leaves_random_couplings_in_line():
     a = pairing(x, eps, generator=torch.Generator().manual_seed(3))
     b = SinkhornCoupling(0.1)(x, eps, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a, b) and pairing.prefetched == 0
+
+
+@pytest.mark.parametrize("n,dim", [(7, 2), (64, 2), (256, 2), (100, 784)])
+def test_exact_coupling_by_network_simplex_equals_scipys_assignment(n, dim):
+    pytest.importorskip("ot")
+    from scipy.optimize import linear_sum_assignment
+    from fastcnf.flow_matching.pairing import _emd_permutation
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, dim, generator=g) * 2 + 1
+    noise = torch.randn(n, dim, generator=g)
+    cost = squared_distances(x, noise).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    index = _emd_permutation(cost, min_size=2)
+    assert index is not None and np.array_equal(index[rows], cols)  # continuous data: the optimum is unique
+    # ties (repeated points): another optimal permutation may be chosen, at the same (minimal) cost
+    tied = np.repeat(cost[: n // 2 + 1], 2, axis=0)[:n]
+    rows, cols = linear_sum_assignment(tied)
+    index = ExactOTCoupling().plan_indices(torch.from_numpy(tied), None).numpy()
+    assert sorted(index.tolist()) == list(range(n))
+    assert tied[np.arange(n), index].sum() == pytest.approx(tied[rows, cols].sum(), rel=1e-12)

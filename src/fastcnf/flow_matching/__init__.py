@@ -21,7 +21,8 @@ from fastcnf.cnf.endtime import FixedEndTime
 from fastcnf.config import ConfigError, SolverConfig
 from fastcnf.flow_matching.config import FlowMatchingConfig
 from fastcnf.flow_matching.objective import FlowMatching
-from fastcnf.method import Method
+from fastcnf.flow_matching.pairing import BackgroundPairing, ExactOTCoupling
+from fastcnf.method import Hook, Method
 from fastcnf.priors import ClassConditionalGaussian
 
 __all__ = ["FLOW_MATCHING", "FlowMatchingMethod"]
@@ -67,6 +68,12 @@ class FlowMatchingMethod(Method):
                               "train.objective=flow_matching (no latent for a classifier: labels are read back "
                               "by Bayes' rule from the class-conditional source): remove it")
 
+    def hook(self, cfg: Any) -> Hook | None:
+        f = cfg.flow_matching
+        if cfg.train.objective == "flow_matching" and f.coupling == "exact" and f.background_pairing:
+            return BackgroundPairingHook()
+        return None
+
     def attach(self, cfg: Any, model: nn.Module) -> None:
         if cfg.train.objective != "flow_matching":
             return
@@ -82,6 +89,33 @@ class FlowMatchingMethod(Method):
                                   "is a Gaussian on all of z (CCNF's prior), not on a part of it (InfoCNF's z_y)")
             # a fixed class-conditional source
             prior.fix_class_means(cfg.flow_matching.class_separation, torch.Generator().manual_seed(cfg.seed + 31))
+
+
+class BackgroundPairingHook(Hook):
+    """``flow_matching.background_pairing``: while a step trains on its batch, a worker thread pairs
+    the next batch (exact minibatch OT), read ahead with ``trainer.peek_batch`` and the noise of the
+    next iteration; the objective takes that result when its inputs are the same tensors and pairs
+    in line otherwise, so the pairs are those of pairing in line."""
+
+    name = "flow_matching_pairing"
+
+    def setup(self, trainer) -> None:
+        objective = getattr(trainer.task, "objective", None)
+        if not isinstance(objective, FlowMatching) or trainer.cfg.train.accumulation_steps != 1:
+            return  # micro-batches are paired in line
+
+        def upcoming():
+            x, y = trainer.peek_batch()
+            h, noise, groups, _ = objective.pairing_inputs(trainer.model, x, y, trainer.iteration + 1)
+            return h, noise, groups
+
+        objective.background = BackgroundPairing(objective.coupling, upcoming=upcoming)
+        self.objective = objective
+
+    def eval_metrics(self, trainer) -> dict[str, Any]:
+        bg = getattr(self, "objective", None)
+        bg = bg.background if bg is not None else None
+        return {} if bg is None else {"pairings_prefetched": bg.prefetched}
 
 
 FLOW_MATCHING = FlowMatchingMethod()

@@ -215,6 +215,18 @@ class Trainer:
         self.saved_iteration = self.iteration
 
     # ------------------------------------------------------------------ the loop
+    def peek_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next step's model input ``(x, y)`` on the device, without consuming it: the batcher's
+        state and the global RNG (the task's ``prepare`` may draw) are put back, so the next step
+        draws exactly this batch (for a hook that works one batch ahead)."""
+        batcher_state, rng = self.batcher.state_dict(), torch.get_rng_state()
+        try:
+            x, y = self.task.prepare(*self.batcher.next())
+        finally:
+            self.batcher.load_state_dict(batcher_state)
+            torch.set_rng_state(rng)
+        return x.to(self.device, self.dtype), None if y is None else y.to(self.device)
+
     def train_step(self) -> StepContext:
         """One optimiser step; returns the step's context (loss, NFE, hook values)."""
         model = self.model

@@ -1,0 +1,92 @@
+"""OT-CFM vs independent CFM per training step through the real trainer (``Trainer.train_step``),
+side by side in one run, batch 256, one whole-batch assignment (``flow_matching.ot_batch_size=0``).
+
+Sides: ``independent`` (``toy-fm``), ``exact`` (``toy-otcfm``, pairing in line,
+``flow_matching.background_pairing=false``) and ``exact-background`` (``toy-otcfm``, the next batch
+paired in a worker thread while the step runs). The sides run in blocks of ``--block`` steps in
+rotation, so load on the shared machine hits all alike; a block's first step is not timed and a
+side's pending pairing is finished before the next side runs (no worker overlaps another side's
+step). Per side: median wall and process CPU time (all threads) per step, and the ratio to
+``independent``'s.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/ot_pairing_trainer.py --steps 200 \
+        --json benchmarks/results/ot_pairing_trainer.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from fastcnf.methods import load_recipe  # noqa: E402
+from fastcnf.training.trainer import Trainer  # noqa: E402
+
+SIDES = {"independent": ("toy-fm", []),
+         "exact": ("toy-otcfm", ["flow_matching.background_pairing=false"]),
+         "exact-background": ("toy-otcfm", ["flow_matching.background_pairing=true"])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="8gaussians")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=200, help="timed steps per side")
+    ap.add_argument("--block", type=int, default=10)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp())
+    trainers = {}
+    for side, (recipe, extra) in SIDES.items():
+        cfg = load_recipe(recipe, ["threads=1", f"data.name={a.data}", f"train.batch_size={a.batch}",
+                                   "flow_matching.ot_batch_size=0", "train.checkpoint_every=0",
+                                   "eval.figures=false", "train.iterations=100000"] + extra)
+        trainers[side] = Trainer(cfg, tmp / side, progress=False)
+    wall = {s: [] for s in SIDES}
+    cpu = {s: [] for s in SIDES}
+    t_start, load0 = time.time(), os.getloadavg()
+    while min(len(v) for v in wall.values()) < a.steps:
+        for side, tr in trainers.items():
+            for k in range(a.block + 1):
+                w0, c0 = time.perf_counter(), time.process_time()
+                tr.train_step()
+                tr.iteration += 1
+                w1, c1 = time.perf_counter(), time.process_time()
+                if k:
+                    wall[side].append(w1 - w0)
+                    cpu[side].append(c1 - c0)
+            bg = tr.task.objective.background
+            if bg is not None and bg._pending is not None:
+                bg._pending[3].result()  # finish this side's prefetch before another side runs
+    rows = {}
+    for side in SIDES:
+        rows[side] = {"wall_ms": 1e3 * statistics.median(wall[side]), "cpu_ms": 1e3 * statistics.median(cpu[side]),
+                      "steps": len(wall[side])}
+    for side in SIDES:
+        rows[side]["ratio_wall"] = rows[side]["wall_ms"] / rows["independent"]["wall_ms"]
+        rows[side]["ratio_cpu"] = rows[side]["cpu_ms"] / rows["independent"]["cpu_ms"]
+    bg = trainers["exact-background"].task.objective.background
+    out = {"data": a.data, "batch": a.batch, "rows": rows, "prefetched": bg.prefetched,
+           "seconds": time.time() - t_start, "load_before": load0, "load_after": os.getloadavg(),
+           "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+           "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    for side, r in rows.items():
+        print(f"{side:18s} wall {r['wall_ms']:7.2f} ms ({r['ratio_wall']:.2f}x)  cpu {r['cpu_ms']:7.2f} ms "
+              f"({r['ratio_cpu']:.2f}x)")
+    print(f"prefetched {bg.prefetched}; load {load0} -> {out['load_after']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
