@@ -254,16 +254,26 @@ def figure(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
     for ax, part in zip(axes[0], parts):
         key = "w2" if part == "toys" else "frechet_pixels"
-        for stage, t in stages(results["summary"][part]):
-            rows = list(t["samplers"].values())
-            ax.plot([r["nfe"]["mean"] for r in rows], [r[key]["mean"] for r in rows], "o-", label=stage)
+        markers = {"euler": "o-", "midpoint": "s--", "heun": "^:", "rk4": "d-."}
+        for i, (stage, t) in enumerate(stages(results["summary"][part])):
+            color = f"C{i}"
+            for method, style in markers.items():  # one line per model and fixed-step method
+                rows = [r for name, r in t["samplers"].items() if name.startswith(method + "-")]
+                if rows:
+                    ax.plot([r["nfe"]["mean"] for r in rows], [r[key]["mean"] for r in rows], style, color=color,
+                            label=f"{stage} {method}")
+            if "adaptive" in t["samplers"]:
+                r = t["samplers"]["adaptive"]
+                ax.plot([r["nfe"]["mean"]], [r[key]["mean"]], "*", color=color, markersize=10,
+                        label=f"{stage} adaptive")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("function evaluations per sample batch")
         ax.set_ylabel("2-Wasserstein to test" if part == "toys" else "pixel Frechet distance to test")
         ax.axhline(results["summary"][part]["train_split_vs_test"][key]["mean"], color="grey", ls="--",
                    label="training split")
         ax.set_title(part)
-        ax.legend()
+        ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
 
 
