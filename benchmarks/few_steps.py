@@ -121,14 +121,15 @@ class DigitsScorer:
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
-def quiet_cli(argv: list[str]) -> float:
-    """Run ``fastcnf ARGV`` in this process; returns its wall time (raises on failure)."""
-    start = time.perf_counter()
+def quiet_cli(argv: list[str]) -> tuple[float, float]:
+    """Run ``fastcnf ARGV`` in this process; returns its wall time and this process's CPU time
+    (user + sys, one torch thread) in seconds (raises on failure)."""
+    start, cpu = time.perf_counter(), time.process_time()
     with redirect_stdout(io.StringIO()):
         code = cli(argv)
     if code != 0:
         raise RuntimeError(f"fastcnf {' '.join(argv)} exited with {code}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflow_iterations: int,
@@ -137,19 +138,19 @@ def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflo
     runs: dict[str, dict[str, Any]] = {}
     done = lambda stage: reuse and (work / stage / "metrics.json").exists()  # noqa: E731
     if not done("fm"):
-        wall = quiet_cli(["train", recipe, "--out", str(work / "fm"), "--quiet", "--force",
-                          "--set", f"train.iterations={iterations}", *sets])
-        runs["fm"] = {"wall_seconds": wall}
+        wall, cpu = quiet_cli(["train", recipe, "--out", str(work / "fm"), "--quiet", "--force",
+                               "--set", f"train.iterations={iterations}", *sets])
+        runs["fm"] = {"wall_seconds": wall, "cpu_seconds": cpu}
     retrain = ["--set", f"train.iterations={reflow_iterations}", *sets]
     for stage, teacher, cmd in (("reflow1", "fm", ["reflow", "--recipe", reflow_recipe]),
                                 ("reflow2", "reflow1", ["reflow"]),
                                 ("distill1", "reflow2", ["distill", "--steps", "1"])):
         if not done(stage):
-            wall = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs", str(pairs),
-                              "--quiet", *cmd[1:], *retrain])
-            runs[stage] = {"wall_seconds": wall}
+            wall, cpu = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs",
+                                   str(pairs), "--quiet", *cmd[1:], *retrain])
+            runs[stage] = {"wall_seconds": wall, "cpu_seconds": cpu}
     for stage in STAGES:
-        runs.setdefault(stage, {"wall_seconds": None})  # reused from an earlier invocation
+        runs.setdefault(stage, {"wall_seconds": None, "cpu_seconds": None})  # reused from an earlier invocation
     for stage in STAGES:
         m = json.loads((work / stage / "metrics.json").read_text())
         runs[stage].update({k: m.get(k) for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
@@ -157,16 +158,19 @@ def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflo
     return runs
 
 
-def sample_scores(run_dir: Path, steps: list[int], n: int, seed: int, score, conditional: bool) -> list[dict]:
+def sample_scores(run_dir: Path, steps: list[int], n: int, seed: int, score, conditional: bool,
+                  methods: tuple[str, ...] = ("euler",)) -> list[dict]:
+    """Scores of ``n`` samples for every (method, steps) pair and the adaptive solver, all from the
+    same seeded noise."""
     cfg, bundle, task, model = _load_run(str(run_dir), ["threads=1"])
     rows = []
-    for n_steps in [*steps, None]:
+    for method, n_steps in [*((m, k) for m in methods for k in steps), (None, None)]:
         gen = torch.Generator().manual_seed(seed + 12345)
         y = torch.arange(model.prior.num_classes).repeat_interleave(-(-n // model.prior.num_classes))[:n] \
             if conditional else None
-        x = model.sample(n, y, generator=gen, steps=n_steps, method="euler").double().reshape(n, -1).numpy()
+        x = model.sample(n, y, generator=gen, steps=n_steps, method=method or "euler").double().reshape(n, -1).numpy()
         nfe = model.nfe_last()[0]
-        rows.append({"sampler": "adaptive" if n_steps is None else f"euler-{n_steps}", "nfe": nfe,
+        rows.append({"sampler": "adaptive" if n_steps is None else f"{method}-{n_steps}", "nfe": nfe,
                      **score(x, None if y is None else y.numpy())})
     return rows
 
@@ -193,7 +197,8 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
         score, conditional = DigitsScorer(bundle), True
         reference = score(score.train_x, score.train_y)
     for stage in STAGES:
-        runs[stage]["samples"] = sample_scores(work / stage, args.steps, args.n_samples, seed, score, conditional)
+        runs[stage]["samples"] = sample_scores(work / stage, args.steps, args.n_samples, seed, score, conditional,
+                                               tuple(args.methods))
     # the same distances from training data to the test split: the floor a perfect sampler reaches
     return {"seed": seed, "runs": runs, "train_split_vs_test": reference}
 
@@ -210,7 +215,7 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
             rows[sampler] = {k: mean_std(s["runs"][stage]["samples"][i][k] for s in seeds) for k in ["nfe", *keys]}
         table[stage] = {"samplers": rows, **{k: mean_std(s["runs"][stage].get(k) for s in seeds)
                                            for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
-                                                     "train_seconds", "pair_seconds", "wall_seconds")}}
+                                                     "train_seconds", "pair_seconds", "wall_seconds", "cpu_seconds")}}
     return table
 
 
@@ -235,12 +240,12 @@ def print_tables(part: str, table: dict[str, Any]) -> None:
         for sampler, row in t["samplers"].items():
             print(f"| {stage} | {sampler} | {fmt(row['nfe'], 1)} | " + " | ".join(fmt(row[k], 4) for k in keys) + " |")
     print(f"\n### {part}: likelihood at the evaluation tolerance and wall times\n")
-    print("| model | test NLL (nats) | bits/dim | eval NFE | pairs s | retraining s | command wall s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | test NLL (nats) | bits/dim | eval NFE | pairs s | retraining s | command wall s | command CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for stage, t in stages(table):
         print(f"| {stage} | {fmt(t['test_nll_nats'], 4)} | {fmt(t['test_bits_per_dim'], 4)} | "
               f"{fmt(t['eval_nfe_forward'], 1)} | {fmt(t['pair_seconds'], 1)} | {fmt(t['train_seconds'], 1)} | "
-              f"{fmt(t['wall_seconds'], 1)} |")
+              f"{fmt(t['wall_seconds'], 1)} | {fmt(t['cpu_seconds'], 1)} |")
 
 
 def figure(results: dict[str, Any], path: Path) -> None:
@@ -249,16 +254,26 @@ def figure(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts), 4), squeeze=False)
     for ax, part in zip(axes[0], parts):
         key = "w2" if part == "toys" else "frechet_pixels"
-        for stage, t in stages(results["summary"][part]):
-            rows = list(t["samplers"].values())
-            ax.plot([r["nfe"]["mean"] for r in rows], [r[key]["mean"] for r in rows], "o-", label=stage)
+        markers = {"euler": "o-", "midpoint": "s--", "heun": "^:", "rk4": "d-."}
+        for i, (stage, t) in enumerate(stages(results["summary"][part])):
+            color = f"C{i}"
+            for method, style in markers.items():  # one line per model and fixed-step method
+                rows = [r for name, r in t["samplers"].items() if name.startswith(method + "-")]
+                if rows:
+                    ax.plot([r["nfe"]["mean"] for r in rows], [r[key]["mean"] for r in rows], style, color=color,
+                            label=f"{stage} {method}")
+            if "adaptive" in t["samplers"]:
+                r = t["samplers"]["adaptive"]
+                ax.plot([r["nfe"]["mean"]], [r[key]["mean"]], "*", color=color, markersize=10,
+                        label=f"{stage} adaptive")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.set_xlabel("function evaluations per sample batch")
         ax.set_ylabel("2-Wasserstein to test" if part == "toys" else "pixel Frechet distance to test")
         ax.axhline(results["summary"][part]["train_split_vs_test"][key]["mean"], color="grey", ls="--",
                    label="training split")
         ax.set_title(part)
-        ax.legend()
+        ax.legend(fontsize=6, ncol=2)
     save_figure(fig, path)
 
 
@@ -274,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--digits-reflow-iterations", type=int, default=1000)
     p.add_argument("--digits-pairs", type=int, default=5000)
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
+    p.add_argument("--methods", nargs="+", default=["euler"], choices=("euler", "midpoint", "heun", "rk4"),
+                   help="fixed-step samplers, each at every --steps (midpoint / heun: 2 evaluations a step)")
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--work", default="/tmp/few_steps")
     p.add_argument("--reuse", action="store_true",
@@ -284,11 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     results: dict[str, Any] = {**run_metadata(__file__, argv), "parts": {}, "summary": {}}
     for part in args.parts:
-        seeds = [run_part(part, args, seed) for seed in args.seeds]
-        results["parts"][part] = seeds
-        results["summary"][part] = summarize(part, seeds)
+        seeds = []
+        for seed in args.seeds:  # the JSON is rewritten after every seed: an interrupted run keeps its seeds
+            seeds.append(run_part(part, args, seed))
+            results["parts"][part] = seeds
+            results["summary"][part] = summarize(part, seeds)
+            write_json(args.out, results)
         print_tables(part, results["summary"][part])
-        write_json(args.out, results)
     figure(results, Path(args.figure))
     print(f"\nwrote {args.out} and {args.figure}")
     return 0
