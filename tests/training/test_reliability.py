@@ -121,7 +121,8 @@ def test_signal_saves_and_resume_equals_uninterrupted(tmp_path: Path, reference_
     procs = [_start(["train", "--resume", str(out), "--quiet"], rank if ranks > 1 else None, port)
              for rank in range(ranks)]
     logs = _finish(procs)
-    assert all(p.returncode == 0 for p in procs), logs[0][-2000:]
+    failed = [(r, p.returncode, log) for r, (p, log) in enumerate(zip(procs, logs)) if p.returncode != 0]
+    assert not failed, "\n".join(f"rank {r} exited {rc}:\n{log[-2000:]}" for r, rc, log in failed)
     assert _nll(out) == reference_nll[ranks]  # float64, deterministic: exactly the uninterrupted run's
     rows = (out / "log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, ITERS + 1))

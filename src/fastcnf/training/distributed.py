@@ -106,10 +106,13 @@ def init_distributed(cfg=None) -> DistContext:
 
 
 def teardown() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any): every rank reaches a barrier first, so no rank closes its
+    connections while another is still inside a collective."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
