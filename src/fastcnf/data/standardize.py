@@ -69,15 +69,21 @@ def correlation_cholesky(x: np.ndarray | Tensor, mean: np.ndarray, std: np.ndarr
         z = (np.asarray(arr[start:start + _CHUNK_ROWS], dtype=np.float64) - mean) / std
         cov += z.T @ z
     cov /= n
+    try:
+        chol = np.linalg.cholesky(cov)
+        if np.all(np.diag(chol) ** 2 > _SINGULAR):
+            return chol
+    except np.linalg.LinAlgError:
+        pass
     for j in range(d):  # the leading blocks: the first column that makes one singular is named
         try:
             lj = np.linalg.cholesky(cov[:j + 1, :j + 1])
         except np.linalg.LinAlgError:
             lj = None
         if lj is None or not lj[j, j] ** 2 > _SINGULAR:
-            raise DataError(f"column {columns[j]!r} of {where} is a linear combination of the columns before it, so "
-                            "the table cannot be whitened: drop it with data.columns or set data.standardize: true")
-    return np.linalg.cholesky(cov)
+            break
+    raise DataError(f"column {columns[j]!r} of {where} is a linear combination of the columns before it, so "
+                    "the table cannot be whitened: drop it with data.columns or set data.standardize: true")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -52,33 +52,30 @@ class ScoreResult:
 
 
 @contextmanager
-def divergence_for_scoring(model: nn.Module, exact: bool) -> Iterator[None]:
-    """Every CNF block of ``model`` uses the exact trace (``exact``) or Gaussian Hutchinson probes
-    for the duration of the block; the blocks' own estimators are restored afterwards."""
+def _on_blocks(model: nn.Module, attr: str, value: Callable[[nn.Module], object]) -> Iterator[None]:
+    """Set ``attr`` of every CNF block of ``model`` to ``value(block)`` for the duration of the
+    block; the blocks' own values are restored afterwards."""
     blocks = list(model.cnf_blocks()) if hasattr(model, "cnf_blocks") else []
-    saved = [b.divergence for b in blocks]
+    saved = [getattr(b, attr) for b in blocks]
     try:
         for b in blocks:
-            b.divergence = ExactTrace() if exact else (b.divergence if isinstance(b.divergence, Hutchinson)
-                                                       else Hutchinson())
-        yield
-    finally:
-        for b, d in zip(blocks, saved):
-            b.divergence = d
-
-
-@contextmanager
-def row_steps_for_scoring(model: nn.Module, on: bool) -> Iterator[None]:
-    """Every CNF block of ``model`` solves with per-row steps (``on``) for the duration of the block."""
-    blocks = list(model.cnf_blocks()) if hasattr(model, "cnf_blocks") else []
-    saved = [getattr(b, "row_steps", False) for b in blocks]
-    try:
-        for b in blocks:
-            b.row_steps = on
+            setattr(b, attr, value(b))
         yield
     finally:
         for b, v in zip(blocks, saved):
-            b.row_steps = v
+            setattr(b, attr, v)
+
+
+def divergence_for_scoring(model: nn.Module, exact: bool):
+    """Every CNF block of ``model`` uses the exact trace (``exact``) or Gaussian Hutchinson probes
+    for the duration of the block; the blocks' own estimators are restored afterwards."""
+    return _on_blocks(model, "divergence", lambda b: ExactTrace() if exact else (
+        b.divergence if isinstance(b.divergence, Hutchinson) else Hutchinson()))
+
+
+def row_steps_for_scoring(model: nn.Module, on: bool):
+    """Every CNF block of ``model`` solves with per-row steps (``on``) for the duration of the block."""
+    return _on_blocks(model, "row_steps", lambda b: on)
 
 
 @torch.no_grad()

@@ -133,6 +133,21 @@ class ExactOTCoupling(Coupling):
             index[rows] = cols
         return torch.from_numpy(index)
 
+    def __repr__(self) -> str:
+        return "ExactOTCoupling()"
+
+
+def _valid_plan(pi: np.ndarray) -> bool:
+    return bool(np.isfinite(pi).all() and (pi.sum(1) > 0).all())
+
+
+def _import_ot():
+    try:
+        import ot  # optional dependency: imported on first use
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the sinkhorn coupling needs POT: pip install pot") from err
+    return ot
+
 
 def _emd_permutation(c: np.ndarray, min_size: int = 128) -> np.ndarray | None:
     """The optimal assignment of the square cost ``c`` by POT's exact network simplex (``ot.emd``,
@@ -158,21 +173,6 @@ def _emd_permutation(c: np.ndarray, min_size: int = 128) -> np.ndarray | None:
     if not (support.sum(1) == 1).all() or not (support.sum(0) == 1).all():
         return None
     return support.argmax(1).astype(np.int64)
-
-    def __repr__(self) -> str:
-        return "ExactOTCoupling()"
-
-
-def _valid_plan(pi: np.ndarray) -> bool:
-    return bool(np.isfinite(pi).all() and (pi.sum(1) > 0).all())
-
-
-def _import_ot():
-    try:
-        import ot  # optional dependency: imported on first use
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the sinkhorn coupling needs POT: pip install pot") from err
-    return ot
 
 
 class SinkhornCoupling(Coupling):

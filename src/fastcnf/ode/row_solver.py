@@ -35,9 +35,14 @@ def _row_rms(parts: Sequence[Tensor]) -> Tensor:
     return out.sqrt()
 
 
-def _col(v: Tensor, like: Tensor) -> Tensor:
+def _rows(v: Tensor, like: Tensor) -> Tensor:
     """``v`` (B,) shaped to broadcast against ``like`` (B, ...)."""
-    return v.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _col(v: Tensor, like: Tensor) -> Tensor:
+    """``v`` (B,) shaped to broadcast against ``like`` (B, ...), in ``like``'s dtype."""
+    return _rows(v, like).to(like.dtype)
 
 
 @torch.no_grad()
@@ -114,8 +119,8 @@ def solve_rows(func: Callable[[Tensor, State], State], y0: State, t0: float, t1:
             raise FloatingPointError("non-finite values in the ODE state or its derivative in a per-row solve")
         accept = ratio <= 1
         tau = torch.where(accept, tau + dt, tau)
-        y = tuple(torch.where(_col(accept, v).bool(), a, v) for v, a in zip(y, y_new))
-        f = tuple(torch.where(_col(accept, v).bool(), a, v) for v, a in zip(f, ks[-1]))
+        y = tuple(torch.where(_rows(accept, v), a, v) for v, a in zip(y, y_new))
+        f = tuple(torch.where(_rows(accept, v), a, v) for v, a in zip(f, ks[-1]))
         factor = torch.clamp(_SAFETY / ratio.clamp_min(1e-300) ** (1.0 / tableau.order),
                              max=_IFACTOR)
         factor = torch.where(ratio < 1, factor.clamp_min(1.0), factor.clamp_min(_DFACTOR))
