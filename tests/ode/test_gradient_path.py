@@ -177,3 +177,17 @@ def test_planned_blocks_share_the_budget():
         torch.manual_seed(3)
         flow(x)
     assert [b.gradient_record.path for b in blocks] == ["direct", "recompute"]
+
+
+@pytest.mark.parametrize("var", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_onednn_cap_below_bfloat16_makes_it_emulated_whatever_the_cpu(monkeypatch, var):
+    """oneDNN runs the convolutions and matrix products: capped at AVX2 it emulates bfloat16."""
+    _fake_cpu(monkeypatch, {"avx512_bf16", "amx_bf16"}, "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv(var, "avx2")
+    native, why = solve_module.bfloat16_native("cpu")
+    assert not native and "AVX2" in why and var in why
+    path = gradient_path(SolverConfig(backward_precision="bfloat16"), estimate=_estimate(math.inf))
+    assert path.backward_precision == "float32" and "not honoured" in path.why
+    monkeypatch.setenv(var, "AVX512_CORE_AMX")  # a cap that keeps bfloat16 arithmetic
+    assert solve_module.bfloat16_native("cpu")[0]

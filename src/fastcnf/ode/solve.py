@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -432,10 +433,31 @@ def bfloat16_native(device: torch.device | str = "cpu") -> tuple[bool, str]:
         ok = bool(torch.cuda.is_bf16_supported())
         return ok, f"CUDA {'with' if ok else 'without'} bfloat16 support"
     capability = str(torch.backends.cpu.get_cpu_capability())
+    cap = _onednn_isa_cap()
+    if cap is not None:
+        return False, f"CPU whose oneDNN is capped at {cap[1]} by {cap[0]}"
     flags = sorted(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
     if flags or "BF16" in capability.upper() or "AMX" in capability.upper():
         return True, f"CPU with {', '.join(flags) or capability}"
     return False, f"CPU without avx512_bf16/amx_bf16 (torch capability {capability})"
+
+
+#: oneDNN's instruction-set cap (``ONEDNN_MAX_CPU_ISA``, formerly ``DNNL_MAX_CPU_ISA``) and the caps
+#: below which it has no bfloat16 arithmetic (oneDNN's documentation, "CPU dispatcher control").
+_ONEDNN_ISA_VARS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+_ONEDNN_NO_BF16 = frozenset({"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"})
+
+
+def _onednn_isa_cap() -> tuple[str, str] | None:
+    """The variable and oneDNN cap set in the environment when the cap excludes bfloat16 arithmetic,
+    else ``None``:
+    the convolutions and matrix products then emulate bfloat16 whatever the CPU has (measured here:
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` makes a bfloat16 convolution 10x slower than float32 on an AMX CPU)."""
+    for var in _ONEDNN_ISA_VARS:
+        value = os.environ.get(var, "").strip().upper()
+        if value:
+            return (var, value) if value in _ONEDNN_NO_BF16 else None
+    return None
 
 
 def gradient_path(config: SolverConfig, *, device: torch.device | str = "cpu", fused_ok: bool = False,
