@@ -32,28 +32,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_run(run_dir: str, overrides: list[str]):
-    """``(cfg, bundle, task, model)`` of a finished or interrupted run: its configuration, data
-    and the weights of its checkpoint (no trainer, optimiser or process group)."""
-    import torch
+    """``(cfg, bundle, task, model)`` of a run with its data (see ``restore_run``)."""
+    from fastcnf.training.trained_run import restore_run
 
-    from fastcnf.methods import load_run_config
-    from fastcnf.data import load_data
-    from fastcnf.training.checkpoint import load_checkpoint
-    from fastcnf.training.trainer import TASKS
-    from fastcnf.training.validation import final_weights
-
-    cfg = load_run_config(run_dir, overrides)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    bundle = load_data(cfg.data, cfg.seed)
-    task = TASKS[cfg.task](cfg, bundle)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    model = task.build_model().to(cfg.device, dtype)
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", map_location=cfg.device)
-    model.load_state_dict(final_weights(state))  # the best validation weights when the run validated
-    model.eval()
-    return cfg, bundle, task, model
+    return restore_run(run_dir, overrides, with_data=True)
 
 
 def cmd_recipes(args) -> int:

@@ -33,7 +33,7 @@ from fastcnf.training.checkpoint import load_checkpoint
 from fastcnf.training.trainer import TASKS
 from fastcnf.training.validation import final_weights
 
-__all__ = ["TrainedModel", "load_run"]
+__all__ = ["TrainedModel", "load_run", "restore_run"]
 
 
 class TrainedModel(nn.Module):
@@ -98,6 +98,31 @@ def _skeleton(record: DataRecord) -> DataBundle:
                       split="(rebuilt from the run's data.json)", standardizer=record.standardizer)
 
 
+def restore_run(run_dir: str | Path, overrides: list[str] | None = None, *, with_data: bool = False):
+    """``(cfg, bundle, task, flow)`` of a finished or interrupted run: its configuration, its data
+    (``with_data``: the splits loaded as the run loaded them; else a data-free bundle rebuilt from
+    ``data.json``, the data being reloaded only for runs without one) and the weights of its last
+    checkpoint (the best validation NLL's when the run validated), in evaluation mode: the one way
+    to reopen a run, used by ``load_run`` and by the CLI's ``eval``, ``sample`` and ``distill``.
+
+    Raises:
+        ConfigError: not a run directory; CheckpointError: no or a corrupt checkpoint.
+    """
+    cfg = load_run_config(run_dir, overrides)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    record = None if with_data else DataRecord.load(run_dir)
+    torch.manual_seed(cfg.seed)  # as the trainer: seeded before the data are loaded
+    bundle = load_data(cfg.data, cfg.seed) if record is None else _skeleton(record)
+    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
+    task = TASKS[cfg.task](cfg, bundle)
+    flow = task.build_model().to(cfg.device, dtype)
+    state = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", map_location=cfg.device)
+    flow.load_state_dict(final_weights(state))
+    flow.eval()
+    return cfg, bundle, task, flow
+
+
 def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> TrainedModel:
     """The trained model of ``run_dir`` (its ``config.yaml``, ``data.json`` and last checkpoint:
     the weights of the best validation NLL when the run validated, else the last ones), in
@@ -106,21 +131,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Trained
     Raises:
         ConfigError: not a run directory; CheckpointError: no or a corrupt checkpoint.
     """
-    cfg = load_run_config(run_dir, overrides)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    record = DataRecord.load(run_dir)
-    if record is None:
-        bundle = load_data(cfg.data, cfg.seed)
-        record = DataRecord.of(bundle)
-    else:
-        bundle = _skeleton(record)
-    torch.manual_seed(cfg.seed)
-    dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
-    flow = TASKS[cfg.task](cfg, bundle).build_model().to(cfg.device, dtype)
-    state = load_checkpoint(Path(run_dir) / "checkpoints" / "last.pt", map_location=cfg.device)
-    flow.load_state_dict(final_weights(state))
-    flow.eval()
+    cfg, bundle, _, flow = restore_run(run_dir, overrides)
+    record = DataRecord.load(run_dir) or DataRecord.of(bundle)
     return TrainedModel(flow, record, cfg).eval()
 
 
