@@ -207,7 +207,6 @@ def main(argv: list[str] | None = None) -> None:
             synth = name in SYNTH
             if synth:
                 full = synthetic_table(name)
-                x = None
                 shape = [sum(len(a) for a in full), full[0].shape[1]]
             else:
                 x = load_table(name)

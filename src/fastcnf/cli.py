@@ -35,7 +35,7 @@ def _load_run(run_dir: str, overrides: list[str]):
     """``(cfg, bundle, task, model)`` of a run with its data (see ``restore_run``)."""
     from fastcnf.training.trained_run import restore_run
 
-    return restore_run(run_dir, overrides, with_data=True)
+    return restore_run(run_dir, overrides)
 
 
 def cmd_recipes(args) -> int:

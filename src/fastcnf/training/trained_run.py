@@ -98,10 +98,10 @@ def _skeleton(record: DataRecord) -> DataBundle:
                       split="(rebuilt from the run's data.json)", standardizer=record.standardizer)
 
 
-def restore_run(run_dir: str | Path, overrides: list[str] | None = None, *, with_data: bool = False):
+def restore_run(run_dir: str | Path, overrides: list[str] | None = None, *, record: DataRecord | None = None):
     """``(cfg, bundle, task, flow)`` of a finished or interrupted run: its configuration, its data
-    (``with_data``: the splits loaded as the run loaded them; else a data-free bundle rebuilt from
-    ``data.json``, the data being reloaded only for runs without one) and the weights of its last
+    (given the run's ``record`` (``data.json``), a data-free bundle rebuilt from it; else the splits
+    loaded as the run loaded them) and the weights of its last
     checkpoint (the best validation NLL's when the run validated), in evaluation mode: the one way
     to reopen a run, used by ``load_run`` and by the CLI's ``eval``, ``sample`` and ``distill``.
 
@@ -111,7 +111,6 @@ def restore_run(run_dir: str | Path, overrides: list[str] | None = None, *, with
     cfg = load_run_config(run_dir, overrides)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    record = None if with_data else DataRecord.load(run_dir)
     torch.manual_seed(cfg.seed)  # as the trainer: seeded before the data are loaded
     bundle = load_data(cfg.data, cfg.seed) if record is None else _skeleton(record)
     dtype = torch.float64 if cfg.dtype == "float64" else torch.float32
@@ -131,8 +130,9 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None) -> Trained
     Raises:
         ConfigError: not a run directory; CheckpointError: no or a corrupt checkpoint.
     """
-    cfg, bundle, _, flow = restore_run(run_dir, overrides)
-    record = DataRecord.load(run_dir) or DataRecord.of(bundle)
+    record = DataRecord.load(run_dir)
+    cfg, bundle, _, flow = restore_run(run_dir, overrides, record=record)
+    record = record or DataRecord.of(bundle)
     return TrainedModel(flow, record, cfg).eval()
 
 
