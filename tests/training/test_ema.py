@@ -113,3 +113,26 @@ def test_trainer_tests_and_exports_the_average_and_checkpoints_the_trained_weigh
     nll = evaluate_density(trainer.model, trainer.bundle, cfg.eval)["test_nll_nats"]
     assert json.loads((tmp_path / "metrics.json").read_text())["test_nll_nats"] == pytest.approx(nll, abs=1e-6)
     assert metrics["test_nll_nats"] == pytest.approx(nll, abs=1e-6)
+
+
+def test_validation_scores_and_keeps_the_average(tmp_path: Path) -> None:
+    cfg = load_recipe("toy-fm", TINY_FM + ["train.iterations=6", "train.ema_decay=0.8", "data.val_fraction=0.2",
+                                            "train.val_every=3"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    averages: dict[int, dict[str, torch.Tensor]] = {}
+    step = trainer.train_step
+
+    def recording_step():
+        ctx = step()
+        averages[trainer.iteration + 1] = {k: v.clone() for k, v in trainer.ema.shadow.items()}
+        return ctx
+
+    trainer.train_step = recording_step
+    metrics = trainer.fit()
+    best = metrics["best_iteration"]
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    for k, v in averages[best].items():  # the kept (and final) weights are the average at the best validation
+        assert torch.equal(state["validation"]["best_model"][k], v)
+        assert torch.equal(dict(trainer.model.named_parameters())[k].detach(), v)
+    val = evaluate_density(trainer.model, trainer.val_task.bundle, cfg.eval)["test_nll_nats"]
+    assert metrics["best_val_nll_nats"] == pytest.approx(val, abs=1e-6)

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch.autograd.graph import increment_version
 
 from fastcnf.cnf.gradient import gradient_paths
 from fastcnf.config import Config, config_to_dict
@@ -280,6 +281,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.train.grad_clip)
         self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):
+            # torch's fused Adam kernel writes the weights in place without counting a new version:
+            # count it, so what caches on the weights' versions (the packed trace kernel) sees the update
+            increment_version(self._synced_params)
         if not _all_finite(self._synced_params):
             raise TrainingDiverged(self._diverged("the parameters became non-finite after the optimiser step"))
         for h in self.hooks:
