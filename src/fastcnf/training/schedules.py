@@ -101,8 +101,8 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def _fusable(groups: list[dict]) -> bool:
     """Every tensor is a floating-point leaf on one CPU or CUDA device: torch's fused Adam/AdamW kernel
     (one kernel per tensor instead of ~10 operations) takes them. It computes the same update as the
-    per-tensor loop (Kingma & Ba 2015, Algorithm 1), 4.6x faster per step on the toys' 9,224
-    parameters (0.12 ms against 0.56 ms per step, one CPU thread: benchmarks/README.md). It does not
+    per-tensor loop (Kingma & Ba 2015, Algorithm 1), 4.5x faster per step on the toys' 9,224
+    parameters (0.085 ms against 0.383 ms of CPU per step, one thread: benchmarks/adam_step.py). It does not
     count the weights' new version: the trainer does after each step."""
     tensors = [p for g in groups for p in g["params"]]
     devices = {p.device for p in tensors}
