@@ -19,6 +19,11 @@ checkerboard.
 
 Results are saved after every run (``--json``, default ``benchmarks/results/recipe_defaults.json``)
 and an existing file is resumed: a run whose command is already recorded is not repeated.
+``--tag T`` records the recipe runs as ``RECIPE+T`` (a variant with ``--set`` overrides beside the
+defaults); ``--tight`` also evaluates each recipe run at dopri5 1e-7 (``fastcnf eval``);
+``--reuse-baselines FILE`` takes a baseline already recorded on the same test points (the
+flow-matching benchmark's JSON, same test split and seed) instead of running it again: its NLL is
+the target, its time (another session's) is not compared.
 
     python benchmarks/recipe_defaults.py --data 8gaussians checkerboard --seeds 0 --ffjord
 """
@@ -98,16 +103,61 @@ def run_baseline(data: str, seed: int, test_file: Path, work: Path) -> dict:
     return r
 
 
-def run_recipe(recipe: str, data: str, seed: int, n_test: int, extra: list[str], work: Path) -> dict:
-    out = work / f"{recipe}-{data}-s{seed}"
+def reused_baseline(paths: list[Path], data: str, seed: int, n_test: int) -> dict | None:
+    """The baseline of ``data``/``seed`` on the same ``n_test`` test points (fastcnf's split of that
+    seed) recorded in one of ``paths`` (this script's JSON or the flow-matching benchmark's), or None.
+    Its NLL is the target; its times, from another session, are not compared (recorded aside)."""
+    for path in paths:
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        if "toys" in doc:  # benchmarks/fm_toys.py
+            key = f"toys/runs/{data}/seed{seed}"
+            entry = doc["toys"].get("runs", {}).get(f"{data}/seed{seed}") or {}
+            base, n = entry.get("baseline"), entry.get("test_examples")
+        else:  # this script
+            key = f"runs/{data}/{seed}/baseline"
+            base = (doc.get("runs", {}).get(f"{data}/{seed}") or {}).get("baseline")
+            n = (base or {}).get("test_examples")
+        if not base or "reused_from" in base or n != n_test or "--iterations 1000 " not in base["command"]:
+            continue
+        return {"command": base["command"], "test_nll_nats": base["test_nll_nats"], "test_examples": n_test,
+                "wall_to_metrics_seconds": None, "cpu_to_metrics_seconds": None,
+                "other_session_wall_seconds": base.get("wall_to_metrics_seconds", base.get("whole_run_seconds")),
+                "other_session_cpu_seconds": base.get("cpu_to_metrics_seconds"),
+                "reused_from": f"{path.name}: {key}", "load_average_after": None}
+    return None
+
+
+def run_tight(run_dir: Path, log_path: Path, tol: float = 1e-7) -> dict:
+    """``fastcnf eval`` of a finished run at dopri5 ``tol``: its test NLL and NFE per batch."""
+    cmd = [sys.executable, "-m", "fastcnf", "eval", str(run_dir), "--set", f"eval.atol={tol}", f"eval.rtol={tol}"]
+    with open(log_path, "w") as log:
+        subprocess.run(cmd, cwd=ROOT, env=source_env(), stdout=log, stderr=subprocess.STDOUT, check=True)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"tol": tol, "test_nll_nats": m["test_nll_nats"], "eval_nfe_forward": m.get("eval_nfe_forward"),
+            "command": shlex.join(cmd)}
+
+
+def run_recipe(recipe: str, data: str, seed: int, n_test: int, extra: list[str], work: Path, tag: str = "",
+               tight: bool = False) -> dict:
+    name = f"{recipe}+{tag}" if tag else recipe
+    out = work / f"{name}-{data}-s{seed}"
     cmd = [sys.executable, "-m", "fastcnf", "train", recipe, "--out", str(out), "--quiet", "--force"]
     for o in [f"data.name={data}", f"seed={seed}", "threads=1", f"data.n_test={n_test}",
               "train.checkpoint_every=0", "eval.figures=false", *extra]:
         cmd += ["--set", o]
-    r = run_timed(cmd, work / f"{recipe}-{data}-s{seed}.log", out / "metrics.json")
+    r = run_timed(cmd, work / f"{name}-{data}-s{seed}.log", out / "metrics.json")
     m = json.loads((out / "metrics.json").read_text())
-    r.update(test_nll_nats=m["test_nll_nats"], train_seconds=m.get("train_seconds"), overrides=extra)
+    r.update(recipe=recipe, test_nll_nats=m["test_nll_nats"], eval_nfe_forward=m.get("eval_nfe_forward"),
+             train_seconds=m.get("train_seconds"), overrides=extra)
+    if tight:
+        r["tight"] = run_tight(out, work / f"{name}-{data}-s{seed}-tight.log")
     return r
+
+
+def _fraction(r: dict, base: dict, key: str) -> float | None:
+    return r[key] / base[key] if base.get(key) else None
 
 
 def verdicts(results: dict) -> dict:
@@ -121,15 +171,19 @@ def verdicts(results: dict) -> dict:
         for name, r in e.items():
             if name == "baseline":
                 continue
+            recipe = r.get("recipe", name)
             v = {"test_nll_nats": r["test_nll_nats"], "target_nll_nats": target,
                  "nll_met": r["test_nll_nats"] <= target,
-                 "wall_fraction_of_baseline": r["wall_to_metrics_seconds"] / base["wall_to_metrics_seconds"],
-                 "cpu_fraction_of_baseline": r["cpu_to_metrics_seconds"] / base["cpu_to_metrics_seconds"]}
-            if name == "toy-fm" and data in TIME_FRACTION:
+                 "wall_fraction_of_baseline": _fraction(r, base, "wall_to_metrics_seconds"),
+                 "cpu_fraction_of_baseline": _fraction(r, base, "cpu_to_metrics_seconds")}
+            if "tight" in r:
+                v["test_nll_nats_tight"] = r["tight"]["test_nll_nats"]
+                v["nll_met_tight"] = r["tight"]["test_nll_nats"] <= target
+            if recipe == "toy-fm" and data in TIME_FRACTION and v["cpu_fraction_of_baseline"] is not None:
                 v["time_target_fraction"] = TIME_FRACTION[data]
                 v["time_met_wall"] = v["wall_fraction_of_baseline"] <= TIME_FRACTION[data]
                 v["time_met_cpu"] = v["cpu_fraction_of_baseline"] <= TIME_FRACTION[data]
-            if name == "toy-ffjord":
+            if recipe == "toy-ffjord" and v["cpu_fraction_of_baseline"] is not None:
                 v = {"speedup_wall": 1 / v["wall_fraction_of_baseline"], "speedup_cpu": 1 / v["cpu_fraction_of_baseline"],
                      "met_wall": v["wall_fraction_of_baseline"] <= 1 / FFJORD_SPEEDUP,
                      "met_cpu": v["cpu_fraction_of_baseline"] <= 1 / FFJORD_SPEEDUP}
@@ -138,18 +192,25 @@ def verdicts(results: dict) -> dict:
 
 
 def table(results: dict) -> str:
-    lines = ["| data | seed | run | test NLL (nats) | target (baseline + 0.02) | wall to metrics (s) | CPU (s) | "
-             "wall / baseline | CPU / baseline | load after |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| data | seed | run | test NLL (nats) | at 1e-7 | target (baseline + 0.02) | wall to metrics (s) | "
+             "CPU (s) | wall / baseline | CPU / baseline | load after |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def num(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
     for key, e in results["runs"].items():
         data, seed = key.split("/")
         base = e.get("baseline")
         for name, r in e.items():
-            frac = (f"{r['wall_to_metrics_seconds'] / base['wall_to_metrics_seconds']:.3f} | "
-                    f"{r['cpu_to_metrics_seconds'] / base['cpu_to_metrics_seconds']:.3f}") if base else "- | -"
+            frac = (f"{num(_fraction(r, base, 'wall_to_metrics_seconds'), '.3f')} | "
+                    f"{num(_fraction(r, base, 'cpu_to_metrics_seconds'), '.3f')}") if base else "- | -"
             tgt = f"{base['test_nll_nats'] + NLL_SLACK:.4f}" if base else "-"
-            la = r.get("load_average_after") or [float("nan")]
-            lines.append(f"| {data} | {seed} | {name} | {r['test_nll_nats']:.4f} | {tgt} | "
-                         f"{r['wall_to_metrics_seconds']:.1f} | {r['cpu_to_metrics_seconds']:.1f} | {frac} | {la[0]:.1f} |")
+            la = (r.get("load_average_after") or [None])[0]
+            label = f"{name} (recorded: {r['reused_from']})" if "reused_from" in r else name
+            tight = num(r["tight"]["test_nll_nats"], ".4f") if "tight" in r else "-"
+            lines.append(f"| {data} | {seed} | {label} | {r['test_nll_nats']:.4f} | {tight} | {tgt} | "
+                         f"{num(r['wall_to_metrics_seconds'], '.1f')} | {num(r['cpu_to_metrics_seconds'], '.1f')} | "
+                         f"{frac} | {num(la, '.1f')} |")
     return "\n".join(lines)
 
 
@@ -160,8 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--recipes", nargs="+", default=["toy-fm"])
     p.add_argument("--ffjord", action="store_true", help="also run toy-ffjord (1,000 iterations) for the 3x check")
     p.add_argument("--no-baseline", action="store_true", help="skip the baseline (reuse a recorded one)")
+    p.add_argument("--reuse-baselines", type=Path, nargs="+", default=[],
+                   help="take a missing baseline from these JSON files (this script's or the flow-matching "
+                        "benchmark's) when one holds it on the same test points")
+    p.add_argument("--tag", default="", help="record the recipe runs as RECIPE+TAG (a variant with --set overrides)")
+    p.add_argument("--tight", action="store_true", help="also evaluate each recipe run at dopri5 1e-7")
     p.add_argument("--n-test", type=int, default=5000)
-    p.add_argument("--set", action="append", default=[], help="extra override for every recipe run")
+    p.add_argument("--set", action="extend", nargs="+", default=[], help="extra overrides for every recipe run")
     p.add_argument("--json", type=Path, default=HERE / "results" / "recipe_defaults.json")
     p.add_argument("--work", type=Path, default=Path("/tmp/recipe_defaults"))
     p.add_argument("--table", action="store_true", help="only print the table of the JSON file")
@@ -185,18 +251,25 @@ def main(argv: list[str] | None = None) -> None:
             test_file = args.work / f"test-{data}-s{seed}.npy"
             write_test_split(data, seed, args.n_test, test_file)
             names = ([] if args.no_baseline else ["baseline"]) + list(args.recipes) + (["toy-ffjord"] if args.ffjord else [])
-            for name in names:
+            for recipe in names:
+                name = f"{recipe}+{args.tag}" if args.tag and recipe not in ("baseline", "toy-ffjord") else recipe
                 if name in entry:
                     print(f"{key} {name}: recorded, skipped", flush=True)
                     continue
                 if name == "baseline":
-                    entry[name] = run_baseline(data, seed, test_file, args.work)
+                    reused = reused_baseline(args.reuse_baselines, data, seed, args.n_test)
+                    entry[name] = reused or run_baseline(data, seed, test_file, args.work)
                 else:
-                    entry[name] = run_recipe(name, data, seed, args.n_test,
-                                             args.set if name != "toy-ffjord" else ["train.iterations=1000"], args.work)
+                    entry[name] = run_recipe(recipe, data, seed, args.n_test,
+                                             args.set if recipe != "toy-ffjord" else ["train.iterations=1000"],
+                                             args.work, args.tag if recipe != "toy-ffjord" else "",
+                                             args.tight and recipe != "toy-ffjord")
                 r = entry[name]
-                print(f"{key} {name}: NLL {r['test_nll_nats']:.4f} wall {r['wall_to_metrics_seconds']:.1f} s "
-                      f"CPU {r['cpu_to_metrics_seconds']:.1f} s load {r['load_average_after']}", flush=True)
+                print(f"{key} {name}: NLL {r['test_nll_nats']:.4f}"
+                      + (f" (1e-7: {r['tight']['test_nll_nats']:.4f})" if "tight" in r else "")
+                      + (f" recorded in {r['reused_from']}" if "reused_from" in r else
+                         f" wall {r['wall_to_metrics_seconds']:.1f} s CPU {r['cpu_to_metrics_seconds']:.1f} s "
+                         f"load {r['load_average_after']}"), flush=True)
                 save()
     print(table(results))
 

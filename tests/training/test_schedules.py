@@ -84,3 +84,27 @@ def test_optimizer_leaves_out_excluded_parameters_and_keeps_unscheduled_group_ra
     assert groups["model"]["lr"] == pytest.approx(2e-3)
     assert groups["extra"]["lr"] == pytest.approx(0.5)  # its own rate, not the schedule's
     assert groups["scaled"]["lr"] == pytest.approx(2e-4)
+
+
+def test_fused_adam_step_counts_a_new_version_of_every_weight(tmp_path) -> None:
+    """The fused Adam kernel writes the weights without bumping their version; the trainer bumps it, so the
+    packed trace kernel (cached on the versions) sees the update, and its step equals the per-tensor loop's."""
+    import torch
+
+    from fastcnf.methods import load_recipe
+
+    cfg = load_recipe("toy-ffjord", ["model.hidden_dims=[8,8]", "data.n_test=50", "train.batch_size=16",
+                                     "solver.atol=1e-3", "solver.rtol=1e-3", "eval.figures=false", "threads=1"])
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert trainer.optimizer.defaults["fused"]
+    params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+    reference = torch.optim.Adam([torch.nn.Parameter(p.detach().clone()) for p in params], lr=cfg.train.lr,
+                                 weight_decay=cfg.train.weight_decay, foreach=False)
+    before = [p._version for p in params]
+    trainer.train_step()
+    assert all(p._version > v for p, v in zip(params, before))
+    for ref, p in zip(reference.param_groups[0]["params"], params):
+        ref.grad = p.grad.clone()
+    reference.step()
+    for ref, p in zip(reference.param_groups[0]["params"], params):
+        torch.testing.assert_close(p.detach(), ref.detach(), atol=1e-7, rtol=1e-6)

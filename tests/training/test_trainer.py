@@ -28,7 +28,7 @@ def _weights(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
 
-@pytest.mark.parametrize("data", ["8gaussians", "digits", "flow-matching"])
+@pytest.mark.parametrize("data", ["8gaussians", "digits", "flow-matching", "weight-average"])
 def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
     if data == "flow-matching":  # times, noise and OT pairs are drawn from the checkpointed RNG
         def make(n: int):
@@ -43,6 +43,9 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
                 f"train.iterations={n}", "model.hidden_dims=[4]", "train.batch_size=16", "data.n_test=32",
                 "eval.batch_size=32", "solver.atol=1e-2", "solver.rtol=1e-2", "eval.atol=1e-2",
                 "eval.rtol=1e-2", "train.checkpoint_every=3", "eval.figures=false", "data.n_train=64"])
+    elif data == "weight-average":  # train.ema_decay: the average continues where it stopped
+        def make(n: int):
+            return tiny_cfg("train.checkpoint_every=3", "train.ema_decay=0.7", iterations=n)
     else:
         def make(n: int):
             return tiny_cfg("train.checkpoint_every=3", iterations=n)
@@ -54,10 +57,18 @@ def test_resume_equals_uninterrupted_run(tmp_path: Path, data: str) -> None:
     resumed = Trainer(make(6), tmp_path / "part", resume=True, progress=False)
     assert resumed.iteration == 3
     resumed.fit()
-    a, b = _weights(full), _weights(resumed)
+    a, b = _weights(full), _weights(resumed)  # the final weights (with train.ema_decay: the average)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0, msg=f"parameter {k} differs")
+    if data == "weight-average":  # and the trained weights and the average's state in the checkpoints
+        sa, sb = (load_checkpoint(t.ckpt_path) for t in (full, resumed))
+        assert sa["ema"]["updates"] == sb["ema"]["updates"] == 6
+        for k in sa["model"]:  # bit-identical
+            assert torch.equal(sa["model"][k], sb["model"][k]), k
+        for k in sa["ema"]["average"]:
+            assert torch.equal(sa["ema"]["average"][k], sb["ema"]["average"][k]), k
+            torch.testing.assert_close(sa["ema"]["average"][k], a[k], atol=0, rtol=0)
     rows = list(csv.DictReader(open(tmp_path / "part" / "log.csv")))
     assert [int(r["iteration"]) for r in rows] == list(range(1, 7))
     full_rows = list(csv.DictReader(open(tmp_path / "full" / "log.csv")))

@@ -323,6 +323,9 @@ class TrainConfig(Section):
         objective: ``likelihood`` (maximum likelihood through the ODE solves, FFJORD) or an
             objective a method provides (README, "Methods"; e.g. ``flow_matching``, regression
             onto a path's velocity).
+        ema_decay: keep an exponential moving average of the weights with this decay (bias-corrected,
+            :mod:`fastcnf.training.ema`) and validate, test, sample and export it instead of the last
+            weights (0: off).
     """
 
     _key = "train"
@@ -349,9 +352,12 @@ class TrainConfig(Section):
     lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     reference_batch_size: int = 0
     objective: str = "likelihood"
+    ema_decay: float = 0.0
 
     def check(self) -> None:
         self._positive("iterations", "batch_size", "lr", "accumulation_steps")
+        if isinstance(self.ema_decay, bool) or not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0: no weight average), got {self.ema_decay!r}")
         if self.reference_batch_size < 0:
             raise ConfigError(f"train.reference_batch_size must be >= 0 (0: train.batch_size), "
                               f"got {self.reference_batch_size}")

@@ -86,12 +86,28 @@ def build_optimizer(train: TrainConfig, model: nn.Module, hooks: list, trainer,
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in leave]
     groups = [{"params": params, "name": "model"}] + hook_groups
     cls = torch.optim.AdamW if train.optimizer == "adamw" else torch.optim.Adam
-    opt = cls(groups, lr=train.lr, weight_decay=train.weight_decay)
+    opt = cls(groups, lr=train.lr, weight_decay=train.weight_decay, fused=_fusable(groups) or None)
     for g in opt.param_groups:
         g.setdefault("lr_scale", 1.0)
         g.setdefault("follow_schedule", g.get("name") == "model")
         g["initial_lr_group"] = g["lr"]
     return opt
+
+
+#: the dtypes torch's fused Adam/AdamW kernels take
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(groups: list[dict]) -> bool:
+    """Every tensor is a floating-point leaf on one CPU or CUDA device: torch's fused Adam/AdamW kernel
+    (one kernel per tensor instead of ~10 operations) takes them. It computes the same update as the
+    per-tensor loop (Kingma & Ba 2015, Algorithm 1), 4.5x faster per step on the toys' 9,224
+    parameters (0.085 ms against 0.383 ms of CPU per step, one thread: benchmarks/adam_step.py). It does not
+    count the weights' new version: the trainer does after each step."""
+    tensors = [p for g in groups for p in g["params"]]
+    devices = {p.device for p in tensors}
+    return bool(tensors) and len(devices) == 1 and next(iter(devices)).type in ("cpu", "cuda") \
+        and all(p.dtype in _FUSED_DTYPES and p.is_leaf for p in tensors)
 
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> float:

@@ -12,7 +12,8 @@ A run directory holds ``config.yaml`` (resolved), ``log.csv`` (one row per itera
 Resuming from ``checkpoints/last.pt`` continues the run exactly: model, optimiser, RNG states,
 data order and iteration are restored, so the final weights equal an uninterrupted run's. With
 ``train.val_every`` the checkpoint also keeps the best validation weights, which the run ends with
-(:mod:`fastcnf.training.validation`).
+(:mod:`fastcnf.training.validation`). With ``train.ema_decay`` the run validates, tests, samples
+and exports an exponential moving average of the weights (:mod:`fastcnf.training.ema`).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from torch.autograd.graph import increment_version
 
 from fastcnf.cnf.gradient import gradient_paths
 from fastcnf.config import Config, config_to_dict
@@ -37,6 +39,7 @@ from fastcnf.ode.solve import SolverBudgetExceeded
 from fastcnf.training import distributed as ddp
 from fastcnf.training.accumulation import check_large_batch, merge_contexts, split_micro
 from fastcnf.training.checkpoint import export_safetensors, load_checkpoint, save_checkpoint, write_atomic
+from fastcnf.training.ema import WeightAverage
 from fastcnf.training.latent_ode_task import LatentODETask
 from fastcnf.training.runlock import RunLock, RunLocked
 from fastcnf.training.runlog import BASE_LOG_COLUMNS, RunLog, training_summary, write_metrics
@@ -143,6 +146,8 @@ class Trainer:
                                   + list(self.model.buffers()))
             torch.manual_seed(cfg.seed + 1000003 * self.dist.rank)
         self.schedule = LRSchedule.from_config(cfg.train, self.steps_per_epoch, self.base_lr)
+        # [train.ema_decay] the moving average of the weights that is validated, tested and exported
+        self.ema = WeightAverage(self.model, cfg.train.ema_decay)
         self.log_columns = list(BASE_LOG_COLUMNS)
         for h in self.hooks:
             self.log_columns += [c for c in h.log_columns(self) if c not in self.log_columns]
@@ -181,6 +186,7 @@ class Trainer:
             "hooks": {h.name: h.state_dict() for h in self.hooks},
             "own_optimizers": {name: o.state_dict() for name, o in self.own_optimizers.items()},
             "validation": self.early.state_dict(),
+            "ema": self.ema.state_dict(),
             "skipped_steps": self.skipped_steps,
             "config": config_to_dict(self.cfg),
         }
@@ -210,6 +216,7 @@ class Trainer:
             if name in self.own_optimizers:
                 self.own_optimizers[name].load_state_dict(own)
         self.early.load_state_dict(state.get("validation", {}))
+        self.ema.load_state_dict(state.get("ema", {}))
         self.iteration = int(state["iteration"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.saved_iteration = self.iteration
@@ -274,6 +281,10 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.train.grad_clip)
         self.optimizer.step()
+        if self.optimizer.defaults.get("fused"):
+            # torch's fused Adam kernel writes the weights in place without counting a new version:
+            # count it, so what caches on the weights' versions (the packed trace kernel) sees the update
+            increment_version(self._synced_params)
         if not _all_finite(self._synced_params):
             raise TrainingDiverged(self._diverged("the parameters became non-finite after the optimiser step"))
         for h in self.hooks:
@@ -282,6 +293,7 @@ class Trainer:
         if self.dist.enabled:
             ddp.sync_after_step(self.cfg, model, self.optimizer, ctx, (nfe_f, nfe_b), self._synced_params,
                                 self.iteration + 1, self.device)
+        self.ema.update(model)
         return ctx
 
     def _diverged(self, what: str) -> str:
@@ -380,7 +392,8 @@ class Trainer:
                     capped = None
                     if main:
                         try:
-                            m = self.evaluate()
+                            with self.ema.applied(self.model):
+                                m = self.evaluate()
                             log.message(f"[eval @ {self.iteration}] " + ", ".join(
                                 f"{k}={v:.4f}" for k, v in m.items() if isinstance(v, float)))
                         except SolverBudgetExceeded as e:  # a runaway evaluation: save, then stop (every rank)
@@ -411,6 +424,7 @@ class Trainer:
                 f"{how} at iteration {self.iteration}; checkpoint written to {self.ckpt_path}; "
                 f"continue with: fastcnf train --resume {self.out_dir}", EXIT_CODES.get(signum, 130))
         metrics: dict[str, Any] = {}
+        self.ema.copy_to(self.model)  # [train.ema_decay] the average is tested and exported
         self.early.restore_best(self.model)  # [validation] the best weights are tested and exported
         error = None
         if main:
@@ -441,9 +455,10 @@ class Trainer:
     def validate(self) -> float | None:
         """The validation NLL of the current weights (recorded in :attr:`early`); every rank computes
         it (same weights, same evaluation noise), so every rank stops at the same iteration."""
-        with SolveBudget(self.cfg.eval.max_seconds, "validation"):  # wall-time cap and progress
-            nll = self.val_task.evaluate(self.model, self.device, self.dtype)["test_nll_nats"]
-        self.early.update(nll, self.iteration, self.model)
+        with self.ema.applied(self.model):  # [train.ema_decay] the average is validated (and kept if best)
+            with SolveBudget(self.cfg.eval.max_seconds, "validation"):  # wall-time cap and progress
+                nll = self.val_task.evaluate(self.model, self.device, self.dtype)["test_nll_nats"]
+            self.early.update(nll, self.iteration, self.model)
         return nll
 
     def _summary(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from fastcnf.config import Config, ConfigError
+from fastcnf.training.ema import averaged_weights
 from fastcnf.training.tasks import Task
 
 __all__ = ["EarlyStopping", "validation_task", "final_weights"]
@@ -41,9 +42,10 @@ def validation_task(task: Task, cfg: Config) -> Task:
 
 def final_weights(state: dict[str, Any]) -> dict[str, Tensor]:
     """The weights a checkpoint's run reports: those of the best validation NLL when the run
-    validated, else the last ones (``fastcnf eval`` / ``sample`` load these)."""
+    validated, else the moving average when it kept one (``train.ema_decay``), else the last ones
+    (``fastcnf eval`` / ``sample`` / :func:`fastcnf.load_run` load these)."""
     best = (state.get("validation") or {}).get("best_model")
-    return best if best else state["model"]
+    return best if best else (averaged_weights(state) or state["model"])
 
 
 class EarlyStopping:
