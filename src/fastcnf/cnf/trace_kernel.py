@@ -271,22 +271,29 @@ def trace_rows_kernel(pk: _Packed, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor
     n_layers = len(pk.sizes)
     wt = pk.weights_t
     t = t.reshape(-1, 1).to(z.dtype)
-    gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))  # (B or 1, sum widths)
-    fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)
-    gates = torch.split_with_sizes(gate_all, pk.sizes, dim=1)
-    folds = torch.split_with_sizes(fold_all, pk.sizes, dim=1)
+    # each layer's gate and time shift contiguous, (B or 1, width): strided views of one
+    # (B, sum widths) block slow every elementwise operation that reads them
+    gates, shifts = [], []
+    for wg, bg, wc in zip(*(v.split(pk.sizes) for v in (pk.wg_all, pk.bg_all, pk.wc_all))):
+        gates.append(torch.sigmoid(torch.addcmul(bg, wg, t)))
+        shifts.append(wc * t)
+    biases = pk.bias_all.split(pk.sizes)
     first, last = _folded_products(pk)
+
+    def affine(i: int, x: Tensor) -> Tensor:
+        """Layer ``i``'s output ``(x W^T + b) * g + c t``."""
+        return torch.addcmul(shifts[i], torch.addmm(biases[i], x, wt[i]), gates[i])
 
     def layer(i: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """Hidden layer ``i`` (0-based): its activations and ``act'(pre) * gate``."""
-        pre = torch.addcmul(folds[i], torch.mm(x, wt[i]), gates[i])
+        pre = affine(i, x)
         h = _act_into(acts[i], pre, torch.empty_like(pre))
         return h, _act_slope(acts[i], pre, h, pk.one).mul_(gates[i])
 
     h, s = layer(0, z)
     if n_layers == 2:
         trace = (torch.mm(gates[1].expand(z.shape[0], -1), first) * s).sum(1)
-        return torch.addcmul(folds[1], torch.mm(h, wt[1]), gates[1]), trace
+        return affine(1, h), trace
     tan = torch.matmul(s, first)  # (D, B, n2): layer 2 applied to the first layer's Jacobian columns
     for i in range(1, n_layers - 1):
         h_next, s_next = layer(i, h)
@@ -298,7 +305,7 @@ def trace_rows_kernel(pk: _Packed, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor
             else:
                 tan = torch.mm(tan.view(-1, shape[-1]), wt[i + 1]).view(shape[0], shape[1], -1)
         h, s = h_next, s_next
-    f = torch.addcmul(folds[-1], torch.mm(h, wt[-1]), gates[-1])
+    f = affine(n_layers - 1, h)
     # trace = sum_k g_L[k] sum_j s[j] m_k[j] (m_k: the last product's k-th tangent, W_L[k] folded in)
     q = torch.bmm(tan.transpose(0, 1), s.unsqueeze(2)).squeeze(2)  # (B, D)
     trace = (q * gates[-1]).sum(1)
