@@ -26,7 +26,7 @@ dopri5 solves at 1e-6, first steps excluded, inverted into N steps of equal mass
 Command (committed results)::
 
     python benchmarks/score_speed.py --rows 20000 --check-rows 5000 --kernel-baseline b7b8bca --grids \
-        --million 1e-5:2000 rk4-6:2000 rk4-16:2000 --out benchmarks/results/score_speed.json
+        --million 1e-5:2000 2e-5:2000 rk4-6:2000 --out benchmarks/results/score_speed_fixed_steps.json
 """
 from __future__ import annotations
 
