@@ -59,6 +59,33 @@ def test_score_equals_eval_on_the_same_rows(table_run, capsys):
     assert 0 <= check["mean_abs_diff_nats"] <= check["max_abs_diff_nats"] < 1e-2
 
 
+def test_fixed_step_score_equals_eval_with_the_same_steps_and_its_check_file_is_recomputable(table_run, capsys):
+    d = table_run
+    assert main(["eval", str(d / "run"), "--steps", "5", "--method", "rk4"]) == 0
+    capsys.readouterr()
+    nll = json.loads((d / "run" / "metrics.json").read_text())["fixed_steps"]["rk4-5"]["test_nll_nats"]
+    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "f.npy"), "--quiet",
+                 "--steps", "5", "--check-rows", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "rk4, 5 fixed steps (20 evaluations per row)" in out and "differ by at most" in out
+    fixed = np.load(d / "f.npy")
+    assert math.isclose(-fixed.mean(), nll, rel_tol=1e-6)
+    # the check: the same 40 random rows scored by the adaptive per-row solve at 10x tighter tolerances
+    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "t.npy"), "--quiet",
+                 "--check-rows", "0", "--set", "eval.atol=1e-6", "eval.rtol=1e-6"]) == 0
+    check = json.loads((d / "f_check.json").read_text())
+    idx = np.sort(np.random.default_rng(0).choice(100, size=40, replace=False))
+    diff = np.abs(fixed[idx] - np.load(d / "t.npy")[idx])
+    assert check["steps"] == 5 and check["method"] == "rk4" and check["reference_method"] == "dopri5"
+    assert check["reference_atol"] == 1e-6 and check["rows"] == 40
+    assert math.isclose(check["max_abs_diff_nats"], diff.max(), rel_tol=1e-4, abs_tol=1e-6)
+    assert math.isclose(check["mean_abs_diff_nats"], diff.mean(), rel_tol=1e-4, abs_tol=1e-6)
+    assert check["max_abs_diff_nats"] > 0
+    assert main(["score", str(d / "run"), "--data", str(d / "test.csv"), "--out", str(d / "g.npy"), "--quiet",
+                 "--steps", "0"]) == 2
+    assert "steps" in capsys.readouterr().err and not (d / "g.npy").exists()
+
+
 def test_npy_memory_map_scores_the_same_and_hutchinson_gives_a_standard_error(table_run, capsys):
     d = table_run
     x = np.loadtxt(d / "test.csv", delimiter=",", skiprows=1)

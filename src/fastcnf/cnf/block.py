@@ -72,7 +72,10 @@ class _SolveODE(nn.Module):
                 z = z.detach().requires_grad_(True)
             est = self.divergence
             if isinstance(est, ExactTrace) and est.uses_network_trace(self.net):
-                if create_graph and self.regs_differentiate_f:
+                if not (create_graph or self.regs_differentiate_f):  # values only (evaluation, scoring)
+                    with torch.no_grad():
+                        f, div = self.net.trace_forward(t, z.detach())
+                elif create_graph and self.regs_differentiate_f:
                     # the Jacobian-Frobenius rate differentiates f once more (create_graph): the
                     # same tangents in plain differentiable operations
                     f, div = self.net._trace_forward_autograd(t, z)

@@ -181,7 +181,11 @@ _PACKED: "weakref.WeakKeyDictionary[nn.Module, _Packed]" = weakref.WeakKeyDictio
 
 
 def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
-    """``(f, trace, saved)`` without autograd; ``saved`` holds what the backward pass needs."""
+    """``(f, trace, saved)`` without autograd; ``saved`` holds what the backward pass needs (None
+    without ``save``: then the leaner :func:`trace_rows_kernel` computes ``f`` and the trace)."""
+    if not save:
+        f, trace = trace_rows_kernel(pk, t, z)
+        return f, trace, None
     n_layers = len(pk.sizes)
     b, d = z.shape
     gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))
@@ -225,39 +229,86 @@ def _trace_forward_kernel(acts, pk: _Packed, t: Tensor, z: Tensor, save: bool):
     return f, trace, saved
 
 
+def _folded_products(pk: _Packed) -> tuple[Tensor, Tensor | None]:
+    """The constant products :func:`trace_rows_kernel` multiplies by, cached on ``pk`` (one
+    parameter version): ``first[k] = W1[:, k, None] * W2^T`` (layer 2 applied to the first layer's
+    k-th Jacobian column, ``(D, n1, n2)``; with only two hidden layers also scaled by the output
+    row ``W3[k]``), ``last[k] = W_{L-1}^T * W_L[k]`` (the last hidden layer followed by output k's
+    row, ``(D, n_{L-2}, n_{L-1})``; None below four layers). With one hidden layer ``first`` is
+    ``W2 * W1^T`` (``(D, n1)``: output k's weight on unit j times unit j's weight on input k)."""
+    cached = getattr(pk, "_folded", None)
+    if cached is not None:
+        return cached
+    w = pk.weights
+    n = len(w)
+    if n == 2:
+        folded = (w[1] * w[0].t(), None)
+    else:
+        first = w[0].t().unsqueeze(2) * pk.weights_t[1].unsqueeze(0)  # (D, n1, n2)
+        if n == 3:
+            folded = ((first * w[2].unsqueeze(1)).contiguous(), None)
+        else:
+            folded = (first.contiguous(), (pk.weights_t[-2].unsqueeze(0) * w[-1].unsqueeze(1)).contiguous())
+    pk._folded = folded
+    return folded
+
+
 def trace_rows_kernel(pk: _Packed, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-    """``(f, tr df/dz)`` of the packed network with one time per row (``t`` of shape ``(B,)``), no
-    autograd: the concat-squash gates ``sigmoid(w_g t + b_g)`` and shifts become ``(B, width)``; the
-    first layer's Jacobian columns ``act'(pre) * g * W1`` are formed elementwise, the hidden layers
-    carry ``[h; tangents]`` through one matrix product each, the trace is read at the last layer."""
+    """``(f, tr df/dz)`` of the packed network with one time per row (``t`` of shape ``(B,)``, or a
+    scalar for all rows), no autograd.
+
+    The concat-squash gates ``g_l = sigmoid(G_l t + g0_l)`` and shifts become ``(B, width)``. With
+    ``s_l = act'(pre_l) * g_l`` the Jacobian is ``diag(g_L) W_L diag(s_{L-1}) W_{L-1} ... diag(s_1) W_1``;
+    its ``D`` columns are carried as tangents ``(D, B, width)``, in fewer passes over them than one
+    product and one elementwise scaling per layer: the first layer's columns ``s_1 * W1[:, k]`` are
+    never formed (``W2 diag(s_1) W1[:, k] = s_1 @ (W1[:, k, None] * W2^T)``, one product with a
+    constant ``(n1, n2)`` matrix per k), the last hidden layer's product carries output k's row of
+    ``W_L`` (``W_L[k] diag(s) W_{L-1} u = s . (u @ (W_{L-1}^T * W_L[k]))``), so the trace is one
+    contraction ``sum_k g_L[k] sum_j s_{L-1}[j] m_k[j]`` of the last product with ``s_{L-1}``; the
+    layers between scale the tangents in place. :func:`_folded_products` holds the constant
+    products."""
     acts = pk.acts
     n_layers = len(pk.sizes)
-    b, d = z.shape
+    wt = pk.weights_t
     t = t.reshape(-1, 1).to(z.dtype)
-    gate_all = torch.sigmoid(torch.addcmul(pk.bg_all, pk.wg_all, t))  # (B, sum widths)
-    fold_all = torch.addcmul(pk.wc_all * t, pk.bias_all, gate_all)
-    gates = torch.split_with_sizes(gate_all, pk.sizes, dim=1)
-    folds = torch.split_with_sizes(fold_all, pk.sizes, dim=1)
-    g = gates[0]
-    pre = torch.addcmul(folds[0], torch.mm(z, pk.weights_t[0]), g)
-    s = torch.empty((1 + d, b, pre.shape[1]), dtype=z.dtype, device=z.device)
-    h = _act_into(acts[0], pre, s[0])
-    gs = _act_slope(acts[0], pre, h, pk.one).mul_(g)
-    torch.mul(pk.weights_t[0].unsqueeze(1), gs, out=s[1:])
+    # each layer's gate and time shift contiguous, (B or 1, width): strided views of one
+    # (B, sum widths) block slow every elementwise operation that reads them
+    gates, shifts = [], []
+    for wg, bg, wc in zip(*(v.split(pk.sizes) for v in (pk.wg_all, pk.bg_all, pk.wc_all))):
+        gates.append(torch.sigmoid(torch.addcmul(bg, wg, t)))
+        shifts.append(wc * t)
+    biases = pk.bias_all.split(pk.sizes)
+    first, last = _folded_products(pk)
+
+    def affine(i: int, x: Tensor) -> Tensor:
+        """Layer ``i``'s output ``(x W^T + b) * g + c t``."""
+        return torch.addcmul(shifts[i], torch.addmm(biases[i], x, wt[i]), gates[i])
+
+    def layer(i: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Hidden layer ``i`` (0-based): its activations and ``act'(pre) * gate``."""
+        pre = affine(i, x)
+        h = _act_into(acts[i], pre, torch.empty_like(pre))
+        return h, _act_slope(acts[i], pre, h, pk.one).mul_(gates[i])
+
+    h, s = layer(0, z)
+    if n_layers == 2:
+        trace = (torch.mm(gates[1].expand(z.shape[0], -1), first) * s).sum(1)
+        return affine(1, h), trace
+    tan = torch.matmul(s, first)  # (D, B, n2): layer 2 applied to the first layer's Jacobian columns
     for i in range(1, n_layers - 1):
-        m = torch.mm(s.view(-1, s.shape[-1]), pk.weights_t[i]).view(1 + d, b, -1)
-        p0 = torch.addcmul(folds[i], m[0], gates[i])
-        s_next = torch.empty_like(m)
-        h = _act_into(acts[i], p0, s_next[0])
-        gs = _act_slope(acts[i], p0, h, pk.one).mul_(gates[i])
-        torch.mul(m[1:], gs, out=s_next[1:])
-        s = s_next
-    g = gates[-1]
-    m0 = torch.mm(s[0], pk.weights_t[-1])
-    f = torch.addcmul(folds[-1], m0, g)
-    # trace = sum_k g_k (W_L s_k)_k = sum_k g_k <W_L[k], s_k>: only the diagonal of the last product
-    diag = torch.einsum("kbj,kj->bk", s[1:], pk.weights[-1])
-    trace = (diag * g).sum(1)
+        h_next, s_next = layer(i, h)
+        if i < n_layers - 2:
+            tan = tan.mul_(s_next)  # the columns after layer i + 1's activation
+            shape = tan.shape
+            if i + 1 == n_layers - 2:
+                tan = torch.bmm(tan, last)  # with output k's row of W_L folded in
+            else:
+                tan = torch.mm(tan.view(-1, shape[-1]), wt[i + 1]).view(shape[0], shape[1], -1)
+        h, s = h_next, s_next
+    f = affine(n_layers - 1, h)
+    # trace = sum_k g_L[k] sum_j s[j] m_k[j] (m_k: the last product's k-th tangent, W_L[k] folded in)
+    q = torch.bmm(tan.transpose(0, 1), s.unsqueeze(2)).squeeze(2)  # (B, D)
+    trace = (q * gates[-1]).sum(1)
     return f, trace
 
 

@@ -13,11 +13,14 @@ dynamics) integrate every row with its own error control and step size
 (:func:`fastcnf.ode.row_solver.solve_rows`; Lienen & Guennemann 2022, "torchode"): each row meets the
 tolerance by itself rather than through a norm over the batch, easy rows take fewer steps, and a
 row's score does not depend on the batch it is in. ``row_steps=False`` is evaluation's batch solve.
+``steps`` solves instead with that many equal steps of a fixed-step method (the samplers'
+:func:`fastcnf.ode.fixed_step.fixed_steps`): a known cost, ``steps`` x stages evaluations per row, and
+an accuracy to be checked against an adaptive solve (``fastcnf score`` does).
 """
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -30,6 +33,7 @@ from fastcnf.data.base import dequantize
 from fastcnf.data.standardize import Standardizer
 from fastcnf.evaluation.metrics import fork_rng
 from fastcnf.models.flow_model import bits_per_dim_from_log_prob
+from fastcnf.ode.fixed_step import fixed_steps
 
 __all__ = ["EXACT_TRACE_MAX_DIM", "ScoreResult", "divergence_for_scoring", "row_steps_for_scoring", "score_rows"]
 
@@ -82,7 +86,8 @@ def row_steps_for_scoring(model: nn.Module, on: bool):
 def score_rows(model: nn.Module, x: Tensor, *, standardizer: Standardizer | None = None, levels: int | None = None,
                batch_size: int = 10000, probes: int = 1, exact: bool | None = None, seed: int = 0,
                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               progress: bool = False, row_steps: bool = True) -> ScoreResult:
+               progress: bool = False, row_steps: bool = True, steps: int | None = None,
+               method: str = "rk4") -> ScoreResult:
     """Log-densities of the rows of ``x`` under a :class:`~fastcnf.models.FlowModel`.
 
     Args:
@@ -97,6 +102,8 @@ def score_rows(model: nn.Module, x: Tensor, *, standardizer: Standardizer | None
         progress: show a tqdm progress bar on stderr.
         row_steps: per-row error control and step sizes where the solve is fused (module docstring);
             ``nfe`` is then the mean evaluations per row.
+        steps, method: ``steps`` equal steps of the fixed-step ``method`` (euler, midpoint, heun,
+            rk4) instead of the adaptive solver; None: adaptive.
 
     Example:
         >>> import torch
@@ -127,7 +134,8 @@ def score_rows(model: nn.Module, x: Tensor, *, standardizer: Standardizer | None
     model.eval()
     nfe = batches = 0
     try:
-        with divergence_for_scoring(model, exact), row_steps_for_scoring(model, row_steps), fork_rng(seed):
+        fixed = fixed_steps(model, method, steps) if steps is not None else nullcontext()
+        with divergence_for_scoring(model, exact), row_steps_for_scoring(model, row_steps), fixed, fork_rng(seed):
             gen = torch.Generator().manual_seed(seed)
             for start in tqdm(range(0, n, batch_size), disable=not progress, unit="batch", desc="score",
                               leave=False):
