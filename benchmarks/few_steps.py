@@ -8,7 +8,10 @@ Per data set and seed, a pipeline of runs through the CLI (in this process, time
 2. ``reflow1``: ``fastcnf reflow fm --recipe R`` (``toy-reflow``; ``digits-fm-conditional-reflow``),
    ``--pairs K`` pairs drawn with the evaluation solver, retrained from the teacher's weights;
 3. ``reflow2``: ``fastcnf reflow reflow1`` (the 2-rectified flow);
-4. ``distill1``: ``fastcnf distill reflow2 --steps 1``.
+4. ``distill1``: ``fastcnf distill reflow2 --steps 1``;
+5. ``distill4``: ``fastcnf distill fm --steps 4 --recipe R``: the original distilled to 4 Euler steps
+   (trained at the 4 grid times only) on the same pairs as ``reflow1`` (copied: same teacher,
+   seed and solver, so the command keeps them instead of drawing them again).
 
 Each model then samples at N = 1, 2, 4, 8 Euler steps and with its adaptive evaluation solver
 (dopri5 at ``eval.atol``), every draw from the same seeded noise, and is scored:
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import time
 from contextlib import redirect_stdout
@@ -56,7 +60,7 @@ from common import RESULTS, mean_std, pyplot, run_metadata, save_figure, write_j
 
 from fastcnf.cli import _load_run, main as cli  # noqa: E402  (common puts src/ first on sys.path)
 
-STAGES = ("fm", "reflow1", "reflow2", "distill1")
+STAGES = ("fm", "reflow1", "reflow2", "distill1", "distill4")
 
 
 # ---- distances ----------------------------------------------------------------------------------
@@ -133,7 +137,8 @@ def quiet_cli(argv: list[str]) -> tuple[float, float]:
 
 
 def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflow_iterations: int,
-             pairs: int, seed: int, extra: list[str], reuse: bool = False) -> dict[str, dict[str, Any]]:
+             pairs: int, seed: int, extra: list[str], reuse: bool = False,
+             stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, Any]]:
     sets = [f"seed={seed}", "threads=1", "eval.figures=false", *extra]
     runs: dict[str, dict[str, Any]] = {}
     done = lambda stage: reuse and (work / stage / "metrics.json").exists()  # noqa: E731
@@ -144,14 +149,21 @@ def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflo
     retrain = ["--set", f"train.iterations={reflow_iterations}", *sets]
     for stage, teacher, cmd in (("reflow1", "fm", ["reflow", "--recipe", reflow_recipe]),
                                 ("reflow2", "reflow1", ["reflow"]),
-                                ("distill1", "reflow2", ["distill", "--steps", "1"])):
+                                ("distill1", "reflow2", ["distill", "--steps", "1"]),
+                                ("distill4", "fm", ["distill", "--steps", "4", "--recipe", reflow_recipe])):
+        if stage not in stages:
+            continue
         if not done(stage):
+            if stage == "distill4" and (work / "reflow1" / "pairs.npz").exists():
+                # the teacher fm's pairs, drawn for reflow1 with the same seed and solver: kept by the command
+                (work / stage).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(work / "reflow1" / "pairs.npz", work / stage / "pairs.npz")
             wall, cpu = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs",
                                    str(pairs), "--quiet", *cmd[1:], *retrain])
             runs[stage] = {"wall_seconds": wall, "cpu_seconds": cpu}
-    for stage in STAGES:
+    for stage in stages:
         runs.setdefault(stage, {"wall_seconds": None, "cpu_seconds": None})  # reused from an earlier invocation
-    for stage in STAGES:
+    for stage in stages:
         m = json.loads((work / stage / "metrics.json").read_text())
         runs[stage].update({k: m.get(k) for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
                                                    "train_seconds", "pair_seconds", "iterations")})
@@ -183,7 +195,7 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
     if part == "toys":
         extra = [f"data.name={args.toy_data}", f"data.n_test={args.n_samples}"]
         runs = pipeline(work, "toy-fm", "toy-reflow", args.toy_iterations, args.toy_reflow_iterations,
-                        args.toy_pairs, seed, extra, args.reuse)
+                        args.toy_pairs, seed, extra, args.reuse, tuple(args.stages))
         bundle = load_data(load_recipe("toy-fm", extra).data, seed)
         test = bundle.test.x.double().numpy()[:args.n_samples]
         score = lambda x, y: {"w2": wasserstein2(x, test)}  # noqa: E731
@@ -192,11 +204,11 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
         reference = score(train, None)
     else:
         runs = pipeline(work, "digits-fm-conditional", "digits-fm-conditional-reflow", args.digits_iterations,
-                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse)
+                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse, tuple(args.stages))
         bundle = load_data(load_recipe("digits-fm-conditional").data, seed)
         score, conditional = DigitsScorer(bundle), True
         reference = score(score.train_x, score.train_y)
-    for stage in STAGES:
+    for stage in args.stages:
         runs[stage]["samples"] = sample_scores(work / stage, args.steps, args.n_samples, seed, score, conditional,
                                                tuple(args.methods))
     # the same distances from training data to the test split: the floor a perfect sampler reaches
@@ -208,7 +220,7 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["w2"] if part == "toys" else ["frechet_pixels", "frechet_features", "mmd2", "sample_accuracy"]
     table: dict[str, Any] = {"train_split_vs_test": {k: mean_std(s["train_split_vs_test"][k] for s in seeds)
                                                      for k in keys}}
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in seeds[0]["runs"]]:
         samplers = [r["sampler"] for r in seeds[0]["runs"][stage]["samples"]]
         rows = {}
         for i, sampler in enumerate(samplers):
@@ -220,7 +232,7 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def stages(table: dict[str, Any]):
-    return [(stage, table[stage]) for stage in STAGES]
+    return [(stage, table[stage]) for stage in STAGES if stage in table]
 
 
 def fmt(v: dict | None, digits: int = 3) -> str:
@@ -291,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--methods", nargs="+", default=["euler"], choices=("euler", "midpoint", "heun", "rk4"),
                    help="fixed-step samplers, each at every --steps (midpoint / heun: 2 evaluations a step)")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="the runs to make and score (reflow2 needs reflow1, distill1 reflow2)")
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--work", default="/tmp/few_steps")
     p.add_argument("--reuse", action="store_true",
