@@ -215,6 +215,65 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
     return {"seed": seed, "runs": runs, "train_split_vs_test": reference}
 
 
+# ---- what drives the evaluation NFE -------------------------------------------------------------
+FIRST_STEPS = (None, 0.01, 0.05)
+
+
+def nfe_diagnosis(run_dir: Path) -> dict[str, Any]:
+    """The evaluation solve (data -> noise, dopri5 at the evaluation tolerance, the test split in
+    one batch of ``eval.batch_size``, the evaluation's dequantisation seed) taken apart: its NFE
+    with the log-density (Hutchinson, as ``eval``) and without it (the state alone: no divergence
+    in the error control), the share of evaluations near the data end (t < 0.05) and the times of
+    the first ones, and the NFE and bits/dim when dopri5's first step is forced to 0.01 / 0.05
+    instead of the initial-step heuristic's (Hairer, Norsett & Wanner 1993, II.4; torchdiffeq's
+    ``_select_initial_step``, patched here for the measurement only)."""
+    import fastcnf.ode.fast_solvers as fast
+    from fastcnf.data.base import dequantize
+    from fastcnf.models.flow_model import bits_per_dim_from_log_prob
+
+    cfg, bundle, task, model = _load_run(str(run_dir), ["threads=1"])
+    model.eval()
+    block = model.cnf_blocks()[0]
+    times: list[float] = []
+    heuristic: list[float] = []
+    forced: list[float | None] = [None]
+    net_forward, select = block.net.forward, fast._select_initial_step
+
+    def recording(t, z, *a, **k):
+        times.append(float(t.reshape(-1)[0]))
+        return net_forward(t, z, *a, **k)
+
+    def first_step(*a, **k):
+        h = select(*a, **k)
+        heuristic.append(h)
+        return h if forced[0] is None else float(forced[0])
+
+    n = min(len(bundle.test), cfg.eval.batch_size)
+    x = dequantize(bundle.test.x[:n], bundle.levels, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    y = None if bundle.test.y is None else bundle.test.y[:n]
+    out: dict[str, Any] = {"examples": n}
+    block.net.forward, fast._select_initial_step = recording, first_step
+    try:
+        for name, h in [("state_only", None), *((f"log_density_first_step_{h or 'heuristic'}", h) for h in FIRST_STEPS)]:
+            times.clear()
+            heuristic.clear()
+            forced[0] = h
+            torch.manual_seed(cfg.eval.seed)
+            with torch.no_grad():
+                if name == "state_only":
+                    model.encode(x)
+                    bpd = None
+                else:
+                    bpd = float(bits_per_dim_from_log_prob(model.log_prob(x, y).mean(), bundle.dim, bundle.levels))
+            ts = np.array(times)
+            out[name] = {"nfe": model.nfe_last()[0], "bits_per_dim": bpd, "evals_below_t0.05": int((ts < 0.05).sum()),
+                         "heuristic_first_step": heuristic[0] if heuristic else None,
+                         "first_times": sorted(set(np.round(ts, 5).tolist()))[:12]}
+    finally:
+        block.net.forward, fast._select_initial_step = net_forward, select
+    return out
+
+
 # ---- summary ------------------------------------------------------------------------------------
 def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["w2"] if part == "toys" else ["frechet_pixels", "frechet_features", "mmd2", "sample_accuracy"]
@@ -309,11 +368,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default="/tmp/few_steps")
     p.add_argument("--reuse", action="store_true",
                    help="keep the runs of an earlier invocation in --work that finished (rescore only)")
+    p.add_argument("--nfe-diagnosis", action="store_true",
+                   help="only take the evaluation solve of the finished fm / reflow1 / reflow2 runs in --work apart "
+                        "(what drives the evaluation NFE) and write that to --out")
     p.add_argument("--out", default=str(RESULTS / "few_steps.json"))
     p.add_argument("--figure", default=str(RESULTS / "few_steps.png"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {**run_metadata(__file__, argv), "parts": {}, "summary": {}}
+    if args.nfe_diagnosis:
+        results = {**run_metadata(__file__, argv), "nfe_diagnosis": {}}
+        for part in args.parts:
+            for seed in args.seeds:
+                for stage in ("fm", "reflow1", "reflow2"):
+                    run_dir = Path(args.work) / f"{part}-seed{seed}" / stage
+                    if (run_dir / "metrics.json").exists():
+                        row = nfe_diagnosis(run_dir)
+                        results["nfe_diagnosis"][f"{part}-seed{seed}/{stage}"] = row
+                        print(f"{part} seed {seed} {stage}: " + ", ".join(
+                            f"{k} {v['nfe']} NFE" + (f" ({v['bits_per_dim']:.4f} bits/dim)" if v["bits_per_dim"] else "")
+                            + f", {v['evals_below_t0.05']} at t < 0.05" for k, v in row.items() if k != "examples"),
+                            flush=True)
+                        write_json(args.out, results)
+        return 0
     for part in args.parts:
         seeds = []
         for seed in args.seeds:  # the JSON is rewritten after every seed: an interrupted run keeps its seeds
