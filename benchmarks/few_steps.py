@@ -8,7 +8,10 @@ Per data set and seed, a pipeline of runs through the CLI (in this process, time
 2. ``reflow1``: ``fastcnf reflow fm --recipe R`` (``toy-reflow``; ``digits-fm-conditional-reflow``),
    ``--pairs K`` pairs drawn with the evaluation solver, retrained from the teacher's weights;
 3. ``reflow2``: ``fastcnf reflow reflow1`` (the 2-rectified flow);
-4. ``distill1``: ``fastcnf distill reflow2 --steps 1``.
+4. ``distill1``: ``fastcnf distill reflow2 --steps 1``;
+5. ``distill4``: ``fastcnf distill fm --steps 4 --recipe R``: the original distilled to 4 Euler steps
+   (trained at the 4 grid times only) on the same pairs as ``reflow1`` (copied: same teacher,
+   seed and solver, so the command keeps them instead of drawing them again).
 
 Each model then samples at N = 1, 2, 4, 8 Euler steps and with its adaptive evaluation solver
 (dopri5 at ``eval.atol``), every draw from the same seeded noise, and is scored:
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import sys
 import time
 from contextlib import redirect_stdout
@@ -56,7 +60,7 @@ from common import RESULTS, mean_std, pyplot, run_metadata, save_figure, write_j
 
 from fastcnf.cli import _load_run, main as cli  # noqa: E402  (common puts src/ first on sys.path)
 
-STAGES = ("fm", "reflow1", "reflow2", "distill1")
+STAGES = ("fm", "reflow1", "reflow2", "distill1", "distill4")
 
 
 # ---- distances ----------------------------------------------------------------------------------
@@ -133,7 +137,8 @@ def quiet_cli(argv: list[str]) -> tuple[float, float]:
 
 
 def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflow_iterations: int,
-             pairs: int, seed: int, extra: list[str], reuse: bool = False) -> dict[str, dict[str, Any]]:
+             pairs: int, seed: int, extra: list[str], reuse: bool = False,
+             stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, Any]]:
     sets = [f"seed={seed}", "threads=1", "eval.figures=false", *extra]
     runs: dict[str, dict[str, Any]] = {}
     done = lambda stage: reuse and (work / stage / "metrics.json").exists()  # noqa: E731
@@ -144,14 +149,21 @@ def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflo
     retrain = ["--set", f"train.iterations={reflow_iterations}", *sets]
     for stage, teacher, cmd in (("reflow1", "fm", ["reflow", "--recipe", reflow_recipe]),
                                 ("reflow2", "reflow1", ["reflow"]),
-                                ("distill1", "reflow2", ["distill", "--steps", "1"])):
+                                ("distill1", "reflow2", ["distill", "--steps", "1"]),
+                                ("distill4", "fm", ["distill", "--steps", "4", "--recipe", reflow_recipe])):
+        if stage not in stages:
+            continue
         if not done(stage):
+            if stage == "distill4" and (work / "reflow1" / "pairs.npz").exists():
+                # the teacher fm's pairs, drawn for reflow1 with the same seed and solver: kept by the command
+                (work / stage).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(work / "reflow1" / "pairs.npz", work / stage / "pairs.npz")
             wall, cpu = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs",
                                    str(pairs), "--quiet", *cmd[1:], *retrain])
             runs[stage] = {"wall_seconds": wall, "cpu_seconds": cpu}
-    for stage in STAGES:
+    for stage in stages:
         runs.setdefault(stage, {"wall_seconds": None, "cpu_seconds": None})  # reused from an earlier invocation
-    for stage in STAGES:
+    for stage in stages:
         m = json.loads((work / stage / "metrics.json").read_text())
         runs[stage].update({k: m.get(k) for k in ("test_nll_nats", "test_bits_per_dim", "eval_nfe_forward",
                                                    "train_seconds", "pair_seconds", "iterations")})
@@ -183,7 +195,7 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
     if part == "toys":
         extra = [f"data.name={args.toy_data}", f"data.n_test={args.n_samples}"]
         runs = pipeline(work, "toy-fm", "toy-reflow", args.toy_iterations, args.toy_reflow_iterations,
-                        args.toy_pairs, seed, extra, args.reuse)
+                        args.toy_pairs, seed, extra, args.reuse, tuple(args.stages))
         bundle = load_data(load_recipe("toy-fm", extra).data, seed)
         test = bundle.test.x.double().numpy()[:args.n_samples]
         score = lambda x, y: {"w2": wasserstein2(x, test)}  # noqa: E731
@@ -192,15 +204,74 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
         reference = score(train, None)
     else:
         runs = pipeline(work, "digits-fm-conditional", "digits-fm-conditional-reflow", args.digits_iterations,
-                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse)
+                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse, tuple(args.stages))
         bundle = load_data(load_recipe("digits-fm-conditional").data, seed)
         score, conditional = DigitsScorer(bundle), True
         reference = score(score.train_x, score.train_y)
-    for stage in STAGES:
+    for stage in args.stages:
         runs[stage]["samples"] = sample_scores(work / stage, args.steps, args.n_samples, seed, score, conditional,
                                                tuple(args.methods))
     # the same distances from training data to the test split: the floor a perfect sampler reaches
     return {"seed": seed, "runs": runs, "train_split_vs_test": reference}
+
+
+# ---- what drives the evaluation NFE -------------------------------------------------------------
+FIRST_STEPS = (None, 0.01, 0.05)
+
+
+def nfe_diagnosis(run_dir: Path) -> dict[str, Any]:
+    """The evaluation solve (data -> noise, dopri5 at the evaluation tolerance, the test split in
+    one batch of ``eval.batch_size``, the evaluation's dequantisation seed) taken apart: its NFE
+    with the log-density (Hutchinson, as ``eval``) and without it (the state alone: no divergence
+    in the error control), the share of evaluations near the data end (t < 0.05) and the times of
+    the first ones, and the NFE and bits/dim when dopri5's first step is forced to 0.01 / 0.05
+    instead of the initial-step heuristic's (Hairer, Norsett & Wanner 1993, II.4; torchdiffeq's
+    ``_select_initial_step``, patched here for the measurement only)."""
+    import fastcnf.ode.fast_solvers as fast
+    from fastcnf.data.base import dequantize
+    from fastcnf.models.flow_model import bits_per_dim_from_log_prob
+
+    cfg, bundle, task, model = _load_run(str(run_dir), ["threads=1"])
+    model.eval()
+    block = model.cnf_blocks()[0]
+    times: list[float] = []
+    heuristic: list[float] = []
+    forced: list[float | None] = [None]
+    net_forward, select = block.net.forward, fast._select_initial_step
+
+    def recording(t, z, *a, **k):
+        times.append(float(t.reshape(-1)[0]))
+        return net_forward(t, z, *a, **k)
+
+    def first_step(*a, **k):
+        h = select(*a, **k)
+        heuristic.append(h)
+        return h if forced[0] is None else float(forced[0])
+
+    n = min(len(bundle.test), cfg.eval.batch_size)
+    x = dequantize(bundle.test.x[:n], bundle.levels, generator=torch.Generator().manual_seed(cfg.eval.seed))
+    y = None if bundle.test.y is None else bundle.test.y[:n]
+    out: dict[str, Any] = {"examples": n}
+    block.net.forward, fast._select_initial_step = recording, first_step
+    try:
+        for name, h in [("state_only", None), *((f"log_density_first_step_{h or 'heuristic'}", h) for h in FIRST_STEPS)]:
+            times.clear()
+            heuristic.clear()
+            forced[0] = h
+            torch.manual_seed(cfg.eval.seed)
+            with torch.no_grad():
+                if name == "state_only":
+                    model.encode(x)
+                    bpd = None
+                else:
+                    bpd = float(bits_per_dim_from_log_prob(model.log_prob(x, y).mean(), bundle.dim, bundle.levels))
+            ts = np.array(times)
+            out[name] = {"nfe": model.nfe_last()[0], "bits_per_dim": bpd, "evals_below_t0.05": int((ts < 0.05).sum()),
+                         "heuristic_first_step": heuristic[0] if heuristic else None,
+                         "first_times": sorted(set(np.round(ts, 5).tolist()))[:12]}
+    finally:
+        block.net.forward, fast._select_initial_step = net_forward, select
+    return out
 
 
 # ---- summary ------------------------------------------------------------------------------------
@@ -208,7 +279,7 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ["w2"] if part == "toys" else ["frechet_pixels", "frechet_features", "mmd2", "sample_accuracy"]
     table: dict[str, Any] = {"train_split_vs_test": {k: mean_std(s["train_split_vs_test"][k] for s in seeds)
                                                      for k in keys}}
-    for stage in STAGES:
+    for stage in [s for s in STAGES if s in seeds[0]["runs"]]:
         samplers = [r["sampler"] for r in seeds[0]["runs"][stage]["samples"]]
         rows = {}
         for i, sampler in enumerate(samplers):
@@ -220,7 +291,7 @@ def summarize(part: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def stages(table: dict[str, Any]):
-    return [(stage, table[stage]) for stage in STAGES]
+    return [(stage, table[stage]) for stage in STAGES if stage in table]
 
 
 def fmt(v: dict | None, digits: int = 3) -> str:
@@ -291,15 +362,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--methods", nargs="+", default=["euler"], choices=("euler", "midpoint", "heun", "rk4"),
                    help="fixed-step samplers, each at every --steps (midpoint / heun: 2 evaluations a step)")
+    p.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES,
+                   help="the runs to make and score (reflow2 needs reflow1, distill1 reflow2)")
     p.add_argument("--n-samples", type=int, default=2000)
     p.add_argument("--work", default="/tmp/few_steps")
     p.add_argument("--reuse", action="store_true",
                    help="keep the runs of an earlier invocation in --work that finished (rescore only)")
+    p.add_argument("--nfe-diagnosis", action="store_true",
+                   help="only take the evaluation solve of the finished fm / reflow1 / reflow2 runs in --work apart "
+                        "(what drives the evaluation NFE) and write that to --out")
     p.add_argument("--out", default=str(RESULTS / "few_steps.json"))
     p.add_argument("--figure", default=str(RESULTS / "few_steps.png"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {**run_metadata(__file__, argv), "parts": {}, "summary": {}}
+    if args.nfe_diagnosis:
+        results = {**run_metadata(__file__, argv), "nfe_diagnosis": {}}
+        for part in args.parts:
+            for seed in args.seeds:
+                for stage in ("fm", "reflow1", "reflow2"):
+                    run_dir = Path(args.work) / f"{part}-seed{seed}" / stage
+                    if (run_dir / "metrics.json").exists():
+                        row = nfe_diagnosis(run_dir)
+                        results["nfe_diagnosis"][f"{part}-seed{seed}/{stage}"] = row
+                        print(f"{part} seed {seed} {stage}: " + ", ".join(
+                            f"{k} {v['nfe']} NFE" + (f" ({v['bits_per_dim']:.4f} bits/dim)" if v["bits_per_dim"] else "")
+                            + f", {v['evals_below_t0.05']} at t < 0.05" for k, v in row.items() if k != "examples"),
+                            flush=True)
+                        write_json(args.out, results)
+        return 0
     for part in args.parts:
         seeds = []
         for seed in args.seeds:  # the JSON is rewritten after every seed: an interrupted run keeps its seeds

@@ -97,6 +97,36 @@ def test_grid_time_draws_the_euler_grid():
     assert counts.min() > 900
 
 
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_grid_times_are_the_times_the_k_step_euler_sampler_evaluates(k):
+    """Distillation to k steps trains exactly where a k-step Euler decode evaluates the network,
+    and the straight path's target there makes those k steps land on the paired endpoint."""
+    from fastcnf.flow_matching.paths import IndependentCFMPath
+    from fastcnf.ode.fixed_step import fixed_steps
+
+    seen = []
+
+    class Recording(nn.Module):
+        def forward(self, t, z):
+            seen.append(float(t))
+            return torch.zeros_like(z)
+
+    model = FlowModel(SequentialFlow([CNFBlock(Recording(), end_time=1.0)], input_shape=(2,))).double()
+    with torch.no_grad(), fixed_steps(model, "euler", k):
+        model.decode(torch.zeros(3, 2, dtype=torch.float64))
+    grid = torch.unique(GridTime(k)(200 * k, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    np.testing.assert_allclose(sorted(seen), grid.numpy(), atol=1e-12)
+    # Euler from the noise with the path's target velocity at the path's own grid points ends on x
+    path, gen = IndependentCFMPath(0.0), torch.Generator().manual_seed(1)
+    x, z = torch.randn(5, 2, generator=gen, dtype=torch.float64), torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    h = z.clone()
+    for t in sorted(seen, reverse=True):
+        tt = torch.full((5,), t, dtype=torch.float64)
+        torch.testing.assert_close(h, path.mean(x, z, tt))
+        h = h - path.velocity(x, z, tt) / k
+    torch.testing.assert_close(h, x)
+
+
 def _student(tmp_path: Path, pairs: Path, iterations: int, extra=()):
     return load_recipe("toy-fm", [
         f"reflow.pairs={pairs}", "model.hidden_dims=[64,64]", f"train.iterations={iterations}",
