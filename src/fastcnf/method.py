@@ -49,6 +49,10 @@ class TrainerView(Protocol):
     def peek_batch(self) -> tuple[Tensor, Tensor | None]:
         """The next step's model input ``(x, y)``, not consumed (see ``Trainer.peek_batch``)."""
 
+    def reported_weights(self, state: dict[str, Any]) -> dict[str, Tensor]:
+        """The weights a saved checkpoint's run reports and samples with: those of the best
+        validation NLL, else the moving average, else the last (see ``Trainer.reported_weights``)."""
+
 
 class StepContext(dict):
     """What one training step produced, shared by the objective and the hooks: ``x``, ``y``, ``z``,

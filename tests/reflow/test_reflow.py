@@ -253,3 +253,22 @@ def test_rerunning_reflow_continues_the_run_and_keeps_the_pairs(tmp_path):
     log = (tmp_path / "r1" / "log.csv").read_text().strip().splitlines()
     assert [row.split(",")[0] for row in log[1:]] == ["1", "2", "3", "4", "5"]  # continued, not restarted
     assert json.loads((tmp_path / "r1" / "metrics.json").read_text())["iterations"] == 5
+
+
+def test_student_starts_from_the_weights_the_pairs_came_from(tmp_path):
+    """A teacher that kept a moving average of its weights draws its pairs with the average
+    (what ``eval`` and ``sample`` use), so the student starts from the average, not the last step."""
+    fast = ["model.hidden_dims=[8,8]", "data.n_test=50", "eval.batch_size=50", "eval.atol=1e-3", "eval.rtol=1e-3",
+            "threads=1", "eval.figures=false", "train.ema_decay=0.5", "train.lr=0.1"]
+    assert main(["train", "toy-fm", "--out", str(tmp_path / "fm"), "--quiet", "--set", "train.iterations=4", *fast]) == 0
+    state = torch.load(tmp_path / "fm" / "checkpoints" / "last.pt", weights_only=True)
+    average = {**state["model"], **state["ema"]["average"]}
+    moved = [k for k, v in state["ema"]["average"].items() if not torch.equal(v, state["model"][k])]
+    assert moved  # the average differs from the last weights
+    from fastcnf.pipelines.reflow import student_config
+
+    pairs = generate_pairs(teacher().float(), 64, tmp_path / "r", seed=0, chunk_size=64, progress=False)
+    cfg = student_config(tmp_path / "fm", tmp_path / "r", overrides=[f"reflow.pairs={pairs}", "train.batch_size=16"])
+    student = Trainer(cfg, tmp_path / "r", progress=False).model
+    for k, v in student.state_dict().items():
+        torch.testing.assert_close(v, average[k], rtol=0, atol=0)

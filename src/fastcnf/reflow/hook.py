@@ -94,7 +94,8 @@ class PairsSource(Hook):
 
     def _load_teacher(self, trainer: TrainerView, path: Path) -> None:
         try:  # safe loading: tensors and plain containers only
-            teacher = torch.load(path, map_location=trainer.device, weights_only=True)["model"]
+            # the weights the teacher's pairs came from: its best validation or averaged weights if it kept them
+            teacher = trainer.reported_weights(torch.load(path, map_location=trainer.device, weights_only=True))
         except (OSError, RuntimeError, KeyError, EOFError) as err:
             raise ConfigError(f"reflow.teacher: cannot read the teacher's checkpoint {path} "
                               f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'empty'})") from err

@@ -47,7 +47,7 @@ from fastcnf.training.startup import plan_gradients, precision_notes, start_line
 from fastcnf.training.schedules import LRSchedule, build_optimizer, large_batch_summary, scaled_lr, set_group_lrs
 from fastcnf.training.stopping import EXIT_CODES, CheckpointClock, StopSignals, agree
 from fastcnf.training.tasks import DensityTask, Task
-from fastcnf.training.validation import EarlyStopping, validation_task
+from fastcnf.training.validation import EarlyStopping, final_weights, validation_task
 
 __all__ = ["Trainer", "TrainingDiverged", "TrainingInterrupted", "BASE_LOG_COLUMNS", "TASKS"]
 
@@ -222,6 +222,11 @@ class Trainer:
         self.saved_iteration = self.iteration
 
     # ------------------------------------------------------------------ the loop
+    @staticmethod
+    def reported_weights(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint's run reports (best validation, else average, else last)."""
+        return final_weights(state)
+
     def peek_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The next step's model input ``(x, y)`` on the device, without consuming it: the batcher's
         state and the global RNG (the task's ``prepare`` may draw) are put back, so the next step
