@@ -371,11 +371,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe-diagnosis", action="store_true",
                    help="only take the evaluation solve of the finished fm / reflow1 / reflow2 runs in --work apart "
                         "(what drives the evaluation NFE) and write that to --out")
+    p.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                   help="no runs: merge the seeds of earlier outputs of this script (e.g. one per seed, run side by "
+                        "side) into --out, with the tables and --figure of all their seeds")
     p.add_argument("--out", default=str(RESULTS / "few_steps.json"))
     p.add_argument("--figure", default=str(RESULTS / "few_steps.png"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     results: dict[str, Any] = {**run_metadata(__file__, argv), "parts": {}, "summary": {}}
+    if args.combine:
+        results = {**run_metadata(__file__, argv), "combined": args.combine, "parts": {}, "summary": {}}
+        for path in args.combine:
+            for part, seeds in json.loads(Path(path).read_text())["parts"].items():
+                have = {s["seed"] for s in results["parts"].get(part, [])}
+                results["parts"].setdefault(part, []).extend(s for s in seeds if s["seed"] not in have)
+        for part, seeds in results["parts"].items():
+            seeds.sort(key=lambda s: s["seed"])
+            results["summary"][part] = summarize(part, seeds)
+            print(f"{part}: seeds {[s['seed'] for s in seeds]}")
+            print_tables(part, results["summary"][part])
+        write_json(args.out, results)
+        figure(results, Path(args.figure))
+        print(f"\nwrote {args.out} and {args.figure}")
+        return 0
     if args.nfe_diagnosis:
         results = {**run_metadata(__file__, argv), "nfe_diagnosis": {}}
         for part in args.parts:
