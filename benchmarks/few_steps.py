@@ -138,7 +138,7 @@ def quiet_cli(argv: list[str]) -> tuple[float, float]:
 
 def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflow_iterations: int,
              pairs: int, seed: int, extra: list[str], reuse: bool = False,
-             stages: tuple[str, ...] = STAGES) -> dict[str, dict[str, Any]]:
+             stages: tuple[str, ...] = STAGES, distill4_iterations: int | None = None) -> dict[str, dict[str, Any]]:
     sets = [f"seed={seed}", "threads=1", "eval.figures=false", *extra]
     runs: dict[str, dict[str, Any]] = {}
     done = lambda stage: reuse and (work / stage / "metrics.json").exists()  # noqa: E731
@@ -158,8 +158,10 @@ def pipeline(work: Path, recipe: str, reflow_recipe: str, iterations: int, reflo
                 # the teacher fm's pairs, drawn for reflow1 with the same seed and solver: kept by the command
                 (work / stage).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(work / "reflow1" / "pairs.npz", work / stage / "pairs.npz")
+            its = retrain if stage != "distill4" or not distill4_iterations else \
+                ["--set", f"train.iterations={distill4_iterations}", *sets]
             wall, cpu = quiet_cli([cmd[0], str(work / teacher), "--out", str(work / stage), "--pairs",
-                                   str(pairs), "--quiet", *cmd[1:], *retrain])
+                                   str(pairs), "--quiet", *cmd[1:], *its])
             runs[stage] = {"wall_seconds": wall, "cpu_seconds": cpu}
     for stage in stages:
         runs.setdefault(stage, {"wall_seconds": None, "cpu_seconds": None})  # reused from an earlier invocation
@@ -204,7 +206,8 @@ def run_part(part: str, args, seed: int) -> dict[str, Any]:
         reference = score(train, None)
     else:
         runs = pipeline(work, "digits-fm-conditional", "digits-fm-conditional-reflow", args.digits_iterations,
-                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse, tuple(args.stages))
+                        args.digits_reflow_iterations, args.digits_pairs, seed, [], args.reuse, tuple(args.stages),
+                        args.digits_distill4_iterations)
         bundle = load_data(load_recipe("digits-fm-conditional").data, seed)
         score, conditional = DigitsScorer(bundle), True
         reference = score(score.train_x, score.train_y)
@@ -359,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--digits-iterations", type=int, default=1500)
     p.add_argument("--digits-reflow-iterations", type=int, default=1000)
     p.add_argument("--digits-pairs", type=int, default=5000)
+    p.add_argument("--digits-distill4-iterations", type=int, default=None,
+                   help="training iterations of the distill4 stage (default: --digits-reflow-iterations)")
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--methods", nargs="+", default=["euler"], choices=("euler", "midpoint", "heun", "rk4"),
                    help="fixed-step samplers, each at every --steps (midpoint / heun: 2 evaluations a step)")
