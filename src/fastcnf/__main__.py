@@ -1,5 +1,3 @@
-import sys
+from fastcnf.cli import run
 
-from fastcnf.cli import main
-
-sys.exit(main())
+run()

@@ -100,9 +100,9 @@ def cmd_train(args) -> int:
     try:
         metrics = trainer.fit()
     finally:
-        from fastcnf.training.distributed import teardown
+        from fastcnf.training.distributed import leave_at_exit
 
-        teardown()  # leave torchrun's process group (no-op in one process)
+        leave_at_exit()  # torchrun's ranks meet once more; the process exit closes the group (run())
     if getattr(trainer, "is_main", True):
         _print_metrics(metrics, out_dir)
     return 0
@@ -324,5 +324,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> None:
+    """The ``fastcnf`` command: :func:`main`, then the process's exit (under torchrun without
+    destroying the process group: :func:`fastcnf.training.distributed.exit_process`)."""
+    from fastcnf.training.distributed import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

@@ -168,3 +168,19 @@ def test_gradients_are_reduced_in_their_own_dtype(monkeypatch) -> None:
     assert sorted(sent, key=str) == [torch.float32, torch.float64]
     assert a.grad.dtype == torch.float32 and torch.equal(a.grad, ga) and torch.equal(b.grad, gb)
     assert unused.grad is None
+
+
+def test_command_exit_after_the_group_flushes_and_keeps_the_code() -> None:
+    """Under torchrun the command passes a barrier and exits without destroying the group: every
+    rank's buffered output arrives, the exit code is the command's, nothing after it runs."""
+    logs = launch_two_ranks(Path(__file__).parent / "workers" / "exit_worker.py", [])
+    assert [log.strip() for log in logs] == ["rank 0 of 2: sum 3", "rank 1 of 2: sum 3"]
+
+
+def test_exit_process_without_a_group_is_sys_exit() -> None:
+    from fastcnf.training.distributed import exit_process, leave_at_exit
+
+    leave_at_exit()  # one process: nothing to leave
+    with pytest.raises(SystemExit) as e:
+        exit_process(5)
+    assert e.value.code == 5
