@@ -26,7 +26,7 @@ def test_maf_recipes_use_ffjords_early_stopping(name):
 def test_table_recipes_validate_and_stop_early(name):
     cfg = load_recipe(name)
     assert cfg.data.val_fraction > 0
-    assert (cfg.train.val_every, cfg.train.patience) == (250, 10)
+    assert (cfg.train.val_every, cfg.train.patience) == (250, 31)
 
 
 def _csv(path, x):
