@@ -38,7 +38,7 @@ import torchdiffeq
 __all__ = ["ROOT", "SRC", "RESULTS", "FLOW_MATCHING_JSON", "FLOW_MATCHING_DESCRIPTION", "commit", "working_tree_dirty",
            "machine", "load_average", "command_line", "run_metadata", "write_json", "source_env", "worker_main",
            "start_worker", "run_worker", "run_jobs", "open_report", "save_section", "print_section",
-           "merge_earlier_runs", "add_section_arguments", "run_section", "Timer", "mean_std", "time_to_target",
+           "merge_earlier_runs", "add_section_arguments", "add_resumable_arguments", "load_resumable", "run_section", "Timer", "mean_std", "time_to_target",
            "read_log", "fmt", "pyplot", "save_figure"]
 
 #: the repository root, its ``src/`` and the folder of committed benchmark results
@@ -288,6 +288,20 @@ def merge_earlier_runs(section: dict, earlier: dict | None, rerun: set[str]) -> 
     if kept:
         section["kept_from_earlier_invocation"] = {"runs": kept, "command": earlier.get("command"),
                                                    "commit": earlier.get("commit"), "date": earlier.get("date")}
+
+
+def add_resumable_arguments(parser: argparse.ArgumentParser, out: Path, work: str) -> None:
+    """``--set``, ``--json``, ``--work``, ``--table`` of a script whose JSON file is resumed run by run
+    (:func:`load_resumable`)."""
+    parser.add_argument("--set", action="extend", nargs="+", default=[], help="extra overrides for every run")
+    parser.add_argument("--json", type=Path, default=out)
+    parser.add_argument("--work", type=Path, default=Path(work))
+    parser.add_argument("--table", action="store_true", help="only print the table of the JSON file")
+
+
+def load_resumable(path: Path) -> dict[str, Any]:
+    """The results file at ``path`` (``runs`` by key, ``invocations``), or an empty one."""
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}, "invocations": []}
 
 
 def add_section_arguments(parser: argparse.ArgumentParser, part: str, out: Path, work: str) -> None:

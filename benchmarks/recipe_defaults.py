@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, load_average, run_metadata, source_env, write_json
+from common import ROOT, add_resumable_arguments, load_average, load_resumable, run_metadata, source_env, write_json
 
 HERE = Path(__file__).resolve().parent
 TOYS = ("8gaussians", "checkerboard", "swissroll", "circles", "moons", "pinwheel", "rings", "2spirals")
@@ -227,12 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tag", default="", help="record the recipe runs as RECIPE+TAG (a variant with --set overrides)")
     p.add_argument("--tight", action="store_true", help="also evaluate each recipe run at dopri5 1e-7")
     p.add_argument("--n-test", type=int, default=5000)
-    p.add_argument("--set", action="extend", nargs="+", default=[], help="extra overrides for every recipe run")
-    p.add_argument("--json", type=Path, default=HERE / "results" / "recipe_defaults.json")
-    p.add_argument("--work", type=Path, default=Path("/tmp/recipe_defaults"))
-    p.add_argument("--table", action="store_true", help="only print the table of the JSON file")
+    add_resumable_arguments(p, HERE / "results" / "recipe_defaults.json", "/tmp/recipe_defaults")
     args = p.parse_args(argv)
-    results = json.loads(args.json.read_text()) if args.json.exists() else {"runs": {}, "invocations": []}
+    results = load_resumable(args.json)
     if args.table:
         print(table(results))
         print(json.dumps(verdicts(results), indent=1))
