@@ -40,7 +40,7 @@ def digits_image_folder(root: Path) -> Path:
         d = load_digits()
         for i, (img, label) in enumerate(zip(d.images, d.target)):
             (folder / str(label)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray((img * 255 / 16).round().astype("uint8"), mode="L").save(folder / str(label) / f"{i}.png")
+            Image.fromarray((img * 255 / 16).round().astype("uint8")).save(folder / str(label) / f"{i}.png")
     return folder
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, NoReturn
 
 import torch
@@ -126,17 +126,14 @@ _LEAVING = False
 def leave_at_exit() -> None:
     """End of a command-line process under torchrun: every rank passes a barrier (no rank leaves
     while another is still inside a collective); the group's connections are then closed by the
-    process's exit (:func:`exit_process`) instead of by ``destroy_process_group``. Two gloo ranks
-    destroying their groups at the same moment, each closing sockets the other is tearing down,
-    ended a rank with SIGABRT ("terminate called without an active exception") in full test-suite
-    runs on 2 cores, after the barrier (not reproduced in 40 isolated runs); once every rank is past
-    the barrier no collective is pending, and no destructor runs at all on the way out. A no-op in
-    one process."""
+    process's exit (:func:`exit_process`) instead of by ``destroy_process_group``. With the group
+    destroyed at the end, a gloo rank ended with SIGABRT ("terminate called without an active
+    exception") after the barrier in a CI run of the full suite (not reproduced in 40 isolated runs;
+    the cause inside gloo was not pinned down); once every rank is past the barrier no collective is
+    pending, and exiting this way runs no destructor of the group at all. A no-op in one process."""
     global _LEAVING
     if _active():
-        import torch.distributed as dist
-
-        dist.barrier()
+        barrier()
         _LEAVING = True
 
 
