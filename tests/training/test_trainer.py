@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from fastcnf.methods import load_recipe
 from fastcnf.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fastcnf.training.trainer import Trainer, TrainingDiverged
+from fastcnf.training.trainer import Trainer, TrainingDiverged, _all_finite
 
 TINY = [
     "model.hidden_dims=[8,8]", "data.n_test=200", "eval.batch_size=200", "train.batch_size=32",
@@ -175,3 +176,27 @@ def test_from_run_dir_rebuilds_the_run_with_overrides(tmp_path: Path) -> None:
     assert again.iteration == 2 and again.cfg.train.iterations == 3
     again.fit()
     assert len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 3
+
+
+def test_all_finite_matches_an_element_by_element_check():
+    """The trainer's divergence check flattens the tensors per device and dtype; it must agree with
+    checking every element of every tensor, whatever the mix of dtypes, shapes and missing gradients."""
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        tensors = []
+        for _ in range(int(torch.randint(0, 6, (1,), generator=gen))):
+            kind = int(torch.randint(0, 4, (1,), generator=gen))
+            if kind == 0:
+                tensors.append(None)
+                continue
+            dtype = (torch.float32, torch.float64, torch.float16)[kind - 1]
+            shape = tuple(int(s) for s in torch.randint(1, 4, (int(torch.randint(0, 3, (1,), generator=gen)),),
+                                                          generator=gen))
+            t = torch.randn(shape, generator=gen).to(dtype)
+            if float(torch.rand((), generator=gen)) < 0.15:
+                t.view(-1)[int(torch.randint(0, t.numel(), (1,), generator=gen))] = (
+                    float("nan"), float("inf"), -float("inf"))[trial % 3]
+            tensors.append(t.t() if t.dim() == 2 else t)  # non-contiguous views too
+        brute = all(math.isfinite(float(v)) for t in tensors if t is not None for v in t.reshape(-1).tolist())
+        assert _all_finite(iter(tensors)) == brute, (trial, tensors)

@@ -69,9 +69,17 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 def _all_finite(tensors) -> bool:
-    """Every entry of every tensor is finite (one device synchronisation)."""
-    flags = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack(flags).all()) if flags else True
+    """Every entry of every tensor is finite (one device synchronisation).
+
+    The tensors are flattened into one per device and dtype and checked there: two kernels per group
+    instead of two per tensor, which on a small model is most of the check's time."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for t in tensors:
+            if t is not None:
+                groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1))
+        flags = [torch.isfinite(torch.cat(g)).all() for g in groups.values()]
+        return bool(torch.stack(flags).all()) if flags else True
 
 
 class Trainer:
