@@ -186,7 +186,7 @@ class LearnedTolerance(nn.Module):
     """
 
     def __init__(self, blocks: Sequence[nn.Module], hidden: int = 16, init_log10_tol: float = -5.0,
-                 init_std: float = 0.5, min_std: float = 0.05, min_tol: float = 1e-8, max_tol: float = 1e-1,
+                 init_std: float = 0.5, min_std: float = 0.05, min_tol: float = 1e-8, max_tol: float = 1e-3,
                  eval_mode: str = "fixed") -> None:
         super().__init__()
         if not blocks:
