@@ -70,7 +70,8 @@ def run(data: str, steps: int, block: int, seed: int, batch: int) -> dict:
         k = s["k"]
         coupling = s["coupling"]
         if isinstance(coupling, BackgroundPairing):
-            coupling.upcoming = (lambda j=k + 1: (xs[j], noises[j], None) if j < n_batches else None)
+            coupling.upcoming = (lambda ahead, k=k: (xs[k + ahead], noises[k + ahead], None)
+                                 if k + ahead < n_batches else None)
         s["opt"].zero_grad()
         recorded = {}
 

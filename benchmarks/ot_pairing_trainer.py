@@ -2,10 +2,11 @@
 side by side in one run, batch 256, one whole-batch assignment (``flow_matching.ot_batch_size=0``).
 
 Sides: ``independent`` (``toy-fm``), ``exact`` (``toy-otcfm``, pairing in line,
-``flow_matching.background_pairing=false``) and ``exact-background`` (``toy-otcfm``, the next batch
-paired in a worker thread while the step runs). The sides run in blocks of ``--block`` steps in
+``flow_matching.background_pairing=false``), ``exact-background`` (``toy-otcfm``, the next batch
+paired in a worker thread while the step runs) and ``exact-background-2`` (two workers, the next two
+batches in flight: ``flow_matching.pairing_workers=2``); ``--sides`` picks some. The sides run in blocks of ``--block`` steps in
 rotation, so load on the shared machine hits all alike; a block's first step is not timed and a
-side's pending pairing is finished before the next side runs (no worker overlaps another side's
+side's pending pairings are finished before the next side runs (no worker overlaps another side's
 step). Per side: median wall and process CPU time (all threads) per step, and the ratio to
 ``independent``'s.
 
@@ -33,7 +34,9 @@ from fastcnf.training.trainer import Trainer  # noqa: E402
 
 SIDES = {"independent": ("toy-fm", []),
          "exact": ("toy-otcfm", ["flow_matching.background_pairing=false"]),
-         "exact-background": ("toy-otcfm", ["flow_matching.background_pairing=true"])}
+         "exact-background": ("toy-otcfm", ["flow_matching.background_pairing=true"]),
+         "exact-background-2": ("toy-otcfm", ["flow_matching.background_pairing=true",
+                                              "flow_matching.pairing_workers=2"])}
 
 
 def main() -> None:
@@ -42,18 +45,22 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=200, help="timed steps per side")
     ap.add_argument("--block", type=int, default=10)
+    ap.add_argument("--ot-batch-size", type=int, default=0,
+                    help="flow_matching.ot_batch_size (0: one whole-batch assignment; toy-otcfm's default: 256)")
+    ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    sides = {s: SIDES[s] for s in dict.fromkeys(["independent", *a.sides])}
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp())
     trainers = {}
-    for side, (recipe, extra) in SIDES.items():
+    for side, (recipe, extra) in sides.items():
         cfg = load_recipe(recipe, ["threads=1", f"data.name={a.data}", f"train.batch_size={a.batch}",
-                                   "flow_matching.ot_batch_size=0", "train.checkpoint_every=0",
+                                   f"flow_matching.ot_batch_size={a.ot_batch_size}", "train.checkpoint_every=0",
                                    "eval.figures=false", "train.iterations=100000"] + extra)
         trainers[side] = Trainer(cfg, tmp / side, progress=False)
-    wall = {s: [] for s in SIDES}
-    cpu = {s: [] for s in SIDES}
+    wall = {s: [] for s in sides}
+    cpu = {s: [] for s in sides}
     t_start, load0 = time.time(), os.getloadavg()
     while min(len(v) for v in wall.values()) < a.steps:
         for side, tr in trainers.items():
@@ -66,24 +73,25 @@ def main() -> None:
                     wall[side].append(w1 - w0)
                     cpu[side].append(c1 - c0)
             bg = tr.task.objective.background
-            if bg is not None and bg._pending is not None:
-                bg._pending[3].result()  # finish this side's prefetch before another side runs
+            if bg is not None:
+                bg.wait()  # finish this side's prefetches before another side runs
     rows = {}
-    for side in SIDES:
+    for side in sides:
         rows[side] = {"wall_ms": 1e3 * statistics.median(wall[side]), "cpu_ms": 1e3 * statistics.median(cpu[side]),
                       "steps": len(wall[side])}
-    for side in SIDES:
+    for side in sides:
         rows[side]["ratio_wall"] = rows[side]["wall_ms"] / rows["independent"]["wall_ms"]
         rows[side]["ratio_cpu"] = rows[side]["cpu_ms"] / rows["independent"]["cpu_ms"]
-    bg = trainers["exact-background"].task.objective.background
-    out = {"data": a.data, "batch": a.batch, "rows": rows, "prefetched": bg.prefetched,
+    prefetched = {side: tr.task.objective.background.prefetched for side, tr in trainers.items()
+                  if tr.task.objective.background is not None}
+    out = {"data": a.data, "batch": a.batch, "ot_batch_size": a.ot_batch_size, "block": a.block, "rows": rows, "prefetched": prefetched,
            "seconds": time.time() - t_start, "load_before": load0, "load_after": os.getloadavg(),
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     for side, r in rows.items():
         print(f"{side:18s} wall {r['wall_ms']:7.2f} ms ({r['ratio_wall']:.2f}x)  cpu {r['cpu_ms']:7.2f} ms "
               f"({r['ratio_cpu']:.2f}x)")
-    print(f"prefetched {bg.prefetched}; load {load0} -> {out['load_after']}")
+    print(f"prefetched {prefetched}; load {load0} -> {out['load_after']}")
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
 

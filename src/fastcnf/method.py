@@ -46,8 +46,9 @@ class TrainerView(Protocol):
     steps_per_epoch: int
     task: Any  # ``task.objective``: the step's objective (``computes_latent``: it maps data to a latent)
 
-    def peek_batch(self) -> tuple[Tensor, Tensor | None]:
-        """The next step's model input ``(x, y)``, not consumed (see ``Trainer.peek_batch``)."""
+    def peek_batch(self, ahead: int = 1) -> tuple[Tensor, Tensor | None]:
+        """The model input ``(x, y)`` of the step ``ahead`` steps from now, not consumed (see
+        ``Trainer.peek_batch``)."""
 
     def reported_weights(self, state: dict[str, Any]) -> dict[str, Tensor]:
         """The weights a saved checkpoint's run reports and samples with: those of the best

@@ -91,7 +91,8 @@ def test_ot_batch_size_pairs_within_consecutive_groups(tmp_path):
     from fastcnf.flow_matching.pairing import ExactOTCoupling
 
     trainer = Trainer(load_recipe("toy-otcfm", FAST + ["train.batch_size=10", "flow_matching.ot_batch_size=4",
-                                                       "train.iterations=1", "model.hidden_dims=[8]"]),
+                                                       "train.iterations=1", "model.hidden_dims=[8]",
+                                                       "flow_matching.background_pairing=false"]),
                       tmp_path / "ot", progress=False)
     objective = trainer.task.objective
     seen = {}
@@ -116,9 +117,10 @@ def _otcfm(n: int, background: bool, *extra: str):
         f"flow_matching.background_pairing={str(background).lower()}", *extra])
 
 
-@pytest.mark.parametrize("labels", [False, True])
-def test_background_pairing_gives_the_pairs_of_pairing_in_line_and_resumes_bit_identically(tmp_path, labels):
+@pytest.mark.parametrize("labels,workers", [(False, 1), (True, 1), (False, 3)])
+def test_background_pairing_gives_the_pairs_of_pairing_in_line_and_resumes_bit_identically(tmp_path, labels, workers):
     extra = ["data.name=mix1d", "conditioning.kind=ccnf", "model.hidden_dims=[16,16]"] if labels else []
+    extra.append(f"flow_matching.pairing_workers={workers}")
     seen: dict[bool, list] = {True: [], False: []}
 
     def run(background: bool, n: int, out, resume: bool = False) -> Trainer:
@@ -154,3 +156,17 @@ def test_background_pairing_gives_the_pairs_of_pairing_in_line_and_resumes_bit_i
     resumed = run(True, 6, tmp_path / "part", resume=True)
     for a, b in zip(on.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["8gaussians", "mix1d"])
+def test_peek_batch_ahead_gives_the_batches_the_coming_steps_draw(tmp_path, name):
+    """``Trainer.peek_batch(k)`` returns the batch of the k-th coming step and consumes nothing."""
+    trainer = Trainer(_otcfm(8, False, f"data.name={name}", "data.n_train=100"), tmp_path, progress=False)
+    ahead = [trainer.peek_batch(k) for k in (1, 2, 3, 4)]
+    assert torch.equal(trainer.peek_batch(2)[0], ahead[1][0])  # peeking twice gives the same
+    drawn = [trainer.task.prepare(*trainer.batcher.next()) for _ in range(4)]
+    for (xa, ya), (xd, yd) in zip(ahead, drawn):
+        assert torch.equal(xa, xd) and (ya is None) == (yd is None) and (ya is None or torch.equal(ya, yd))
+    assert not torch.equal(ahead[0][0], ahead[1][0])
+    with pytest.raises(ValueError, match="ahead >= 1"):
+        trainer.peek_batch(0)

@@ -188,7 +188,7 @@ def test_background_pairing_gives_the_in_line_pairs_under_a_fixed_seed():
     in_line = [ExactOTCoupling()(x, n, labels=y) for x, n, y in batches]
     pairing = BackgroundPairing(Recording(), upcoming=None)
     k = [0]
-    pairing.upcoming = lambda: batches[k[0] + 1] if k[0] + 1 < len(batches) else None
+    pairing.upcoming = lambda ahead: batches[k[0] + ahead] if k[0] + ahead < len(batches) else None
     got = []
     for k[0], (x, n, y) in enumerate(batches):
         got.append(pairing(x, n, labels=y))
@@ -203,6 +203,51 @@ def test_background_pairing_gives_the_in_line_pairs_under_a_fixed_seed():
     other = batches[1]
     assert torch.equal(pairing(*other), ExactOTCoupling()(*other)) and pairing.prefetched == 0
     pairing.close()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_background_pairing_with_several_workers_keeps_the_order_and_the_in_line_pairs(workers):
+    """``workers`` batches in flight: every call is answered with the pairs of its own batch (in
+    line's), a batch out of the expected order drops what is pending and pairs in line, and the
+    pipeline refills behind it."""
+    from fastcnf.flow_matching.pairing import BackgroundPairing
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(48, 2, generator=g) * 2, torch.randn(48, 2, generator=g), None) for _ in range(9)]
+    in_line = [ExactOTCoupling()(x, n) for x, n, _ in batches]
+    order = [0, 1, 2, 3, 6, 7, 8]  # a jump after 3: the batches 4 and 5 paired ahead are never asked for
+    pos = [0]
+    asked = []
+
+    def upcoming(ahead):
+        asked.append(ahead)
+        j = pos[0] + ahead
+        return batches[order[j]] if j < len(order) else None
+
+    pairing = BackgroundPairing(ExactOTCoupling(), upcoming=upcoming, workers=workers)
+    got = []
+    for pos[0], b in enumerate(order):
+        x, n, _ = batches[b]
+        got.append(pairing(x, n))
+        assert len(pairing._pending) <= workers
+    pairing.close()
+    assert all(torch.equal(a, in_line[b]) for a, b in zip(got, order))
+    assert pairing.prefetched == len(order) - 1  # the upcoming callback followed the order: only the first in line
+    assert asked[:workers] == list(range(1, workers + 1))  # the first call fills the pipeline
+
+    # the same pipeline fed along the plain order while the caller jumps: a mismatch, paired in line
+    pos = [0]
+    pairing = BackgroundPairing(ExactOTCoupling(), upcoming=lambda ahead: (
+        batches[pos[0] + ahead] if pos[0] + ahead < len(batches) else None), workers=workers)
+    got = []
+    for b in order:
+        pos[0] = b
+        got.append(pairing(batches[b][0], batches[b][1]))
+    pairing.close()
+    assert all(torch.equal(a, in_line[b]) for a, b in zip(got, order))
+    assert pairing.prefetched == len(order) - 2  # the first call and the one after the jump paired in line
+    with pytest.raises(ValueError, match="workers >= 1"):
+        BackgroundPairing(ExactOTCoupling(), workers=0)
 
 
 def test_background_pairing_leaves_random_couplings_in_line():

@@ -92,10 +92,11 @@ class FlowMatchingMethod(Method):
 
 
 class BackgroundPairingHook(Hook):
-    """``flow_matching.background_pairing``: while a step trains on its batch, a worker thread pairs
-    the next batch (exact minibatch OT), read ahead with ``trainer.peek_batch`` and the noise of the
-    next iteration; the objective takes that result when its inputs are the same tensors and pairs
-    in line otherwise, so the pairs are those of pairing in line."""
+    """``flow_matching.background_pairing``: while a step trains on its batch, worker threads
+    (``flow_matching.pairing_workers``) pair the next batches (exact minibatch OT), read ahead with
+    ``trainer.peek_batch`` and the noise of their iterations; the objective takes a result when its
+    inputs are the same tensors and pairs in line otherwise, so the pairs are those of pairing in
+    line."""
 
     name = "flow_matching_pairing"
 
@@ -104,12 +105,15 @@ class BackgroundPairingHook(Hook):
         if not isinstance(objective, FlowMatching) or trainer.cfg.train.accumulation_steps != 1:
             return  # micro-batches are paired in line
 
-        def upcoming():
-            x, y = trainer.peek_batch()
-            h, noise, groups, _ = objective.pairing_inputs(trainer.model, x, y, trainer.iteration + 1)
+        def upcoming(ahead: int):
+            if trainer.iteration + ahead >= trainer.cfg.train.iterations:
+                return None  # past the last step: nothing to pair
+            x, y = trainer.peek_batch(ahead)
+            h, noise, groups, _ = objective.pairing_inputs(trainer.model, x, y, trainer.iteration + ahead)
             return h, noise, groups
 
-        objective.background = BackgroundPairing(objective.coupling, upcoming=upcoming)
+        objective.background = BackgroundPairing(objective.coupling, upcoming=upcoming,
+                                                 workers=trainer.cfg.flow_matching.pairing_workers)
         self.objective = objective
 
     def eval_metrics(self, trainer) -> dict[str, Any]:

@@ -19,9 +19,9 @@ With ``labels`` every coupling pairs only within each class: ``noise[i]`` is tak
 class ``labels[i]`` (the caller draws the noise per class, e.g. from a class-conditional Gaussian
 source), and the assignment is solved class by class.
 
-:class:`BackgroundPairing` takes the pairing off the critical path: the next batch's assignment is
-computed in a worker thread while the current step runs (deterministic couplings; the indices are the
-ones pairing in line gives).
+:class:`BackgroundPairing` takes the pairing off the critical path: the coming batches' assignments
+are computed in worker threads while the current step runs (deterministic couplings; the indices are
+the ones pairing in line gives).
 
 References: Tong et al. 2024, "Improving and generalizing flow-based generative models with
 minibatch optimal transport" (OT-CFM and its entropic variant); Pooladian et al. 2023,
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
@@ -279,15 +280,21 @@ def sinkhorn_log(cost: Tensor, epsilon: float, max_iter: int = 1000, stop_thresh
 
 
 class BackgroundPairing:
-    """Pairs the next batch in a worker thread while the current step runs.
+    """Pairs the coming batches in worker threads while the current step runs.
 
-    ``submit(x_next, noise_next, labels_next)`` starts ``coupling(x_next, noise_next, labels_next)``
-    in one worker thread (scipy's and POT's assignment solvers and torch's kernels release the
-    interpreter lock);
-    calling the object with the same tensors returns that result, anything else pairs in line. The
-    indices are those of ``coupling`` called in line: the worker computes the same function of the
+    ``submit(x, noise, labels)`` starts ``coupling(x, noise, labels)`` in one of ``workers``
+    threads (scipy's and POT's assignment solvers and torch's kernels release the interpreter lock).
+    Submitted pairings are answered in order: a call whose tensors equal the oldest pending
+    submission's returns its result, anything else drops what is pending and pairs in line. The
+    indices are those of ``coupling`` called in line: a worker computes the same function of the
     same inputs. Couplings that draw at random (Sinkhorn) always pair in line, on the caller's
     generator.
+
+    With ``upcoming`` the object keeps ``workers`` batches in flight: after each call it submits the
+    batches ``1 .. workers`` steps ahead that are not pending yet (``upcoming(k)`` gives the batch
+    ``k`` steps after the one just paired). One worker hides an assignment that costs less than a
+    step; with an assignment dearer than the step, ``w`` workers on free cores keep up while it
+    costs less than ``w`` steps.
 
     Example:
         >>> pairing = BackgroundPairing(ExactOTCoupling())
@@ -298,56 +305,69 @@ class BackgroundPairing:
     """
 
     def __init__(self, coupling: Coupling,
-                 upcoming: Callable[[], tuple[Tensor, Tensor, Tensor | None] | None] | None = None) -> None:
+                 upcoming: Callable[[int], tuple[Tensor, Tensor, Tensor | None] | None] | None = None,
+                 workers: int = 1) -> None:
+        if isinstance(workers, bool) or int(workers) < 1:
+            raise ValueError(f"BackgroundPairing needs workers >= 1, got {workers!r}")
         self.coupling = coupling
-        #: ``() -> (x, noise, labels)`` of the batch after the one being paired (or None): submitted
-        #: as soon as a call returns, so it is paired while the caller's step runs
+        #: ``k -> (x, noise, labels)`` of the batch ``k`` steps after the one being paired (or None)
         self.upcoming = upcoming
+        self.workers = int(workers)
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: tuple[Tensor, Tensor, Tensor | None, Future] | None = None
-        #: how many calls were answered by the worker (the rest paired in line)
+        self._pending: deque[tuple[Tensor, Tensor, Tensor | None, Future]] = deque()
+        #: how many calls were answered by a worker (the rest paired in line)
         self.prefetched = 0
 
     def submit(self, x_data: Tensor, noise: Tensor, labels: Tensor | None = None) -> None:
-        """Start pairing ``(x_data, noise, labels)`` in the worker (no-op for random couplings)."""
+        """Queue the pairing of ``(x_data, noise, labels)`` behind those pending (no-op for random
+        couplings)."""
         if not self.coupling.deterministic:
             return
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcnf-pairing")
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="fastcnf-pairing")
         x, n = x_data.detach(), noise.detach()
         lab = None if labels is None else labels.detach()
-        self._pending = (x, n, lab, self._pool.submit(self.coupling, x, n, lab))
+        self._pending.append((x, n, lab, self._pool.submit(self.coupling, x, n, lab)))
 
     def __call__(self, x_data: Tensor, noise: Tensor, labels: Tensor | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            x, n, lab, future = pending
+        index = None
+        if self._pending:
+            x, n, lab, future = self._pending.popleft()
             index = future.result()  # wait for it even if unused: the worker is free again
             if not (_same(x, x_data) and _same(n, noise) and _same(lab, labels)):
                 index = None
-        if pending is None or index is None:
+                self.drop()  # out of step (a new epoch's order, a resumed run): start again from here
+        if index is None:
             index = self.coupling(x_data, noise, labels=labels, generator=generator)
         else:
             self.prefetched += 1
-        nxt = self.upcoming() if self.upcoming is not None else None
-        if nxt is not None:
-            self.submit(*nxt)
+        if self.upcoming is not None and self.coupling.deterministic:
+            for ahead in range(len(self._pending) + 1, self.workers + 1):
+                nxt = self.upcoming(ahead)
+                if nxt is None:
+                    break
+                self.submit(*nxt)
         return index
 
-    def drop(self) -> None:
-        """Forget a submitted pairing (waiting for the worker to finish it)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
+    def wait(self) -> None:
+        """Block until every pending pairing is computed (they stay pending)."""
+        for pending in self._pending:
             pending[3].result()
 
+    def drop(self) -> None:
+        """Forget the submitted pairings (waiting for the workers to finish them)."""
+        self.wait()
+        self._pending.clear()
+
     def close(self) -> None:
+        self._pending.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
 
     def __repr__(self) -> str:
-        return f"BackgroundPairing({self.coupling!r})"
+        return f"BackgroundPairing({self.coupling!r}, workers={self.workers})"
 
 
 def _same(a: Tensor | None, b: Tensor | None) -> bool:

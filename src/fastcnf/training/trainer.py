@@ -235,13 +235,17 @@ class Trainer:
         """The weights a checkpoint's run reports (best validation, else average, else last)."""
         return final_weights(state)
 
-    def peek_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next step's model input ``(x, y)`` on the device, without consuming it: the batcher's
-        state and the global RNG (the task's ``prepare`` may draw) are put back, so the next step
-        draws exactly this batch (for a hook that works one batch ahead)."""
+    def peek_batch(self, ahead: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model input ``(x, y)`` on the device of the step ``ahead`` steps from now (1: the next
+        one), without consuming anything: the batcher's state and the global RNG (the task's
+        ``prepare`` may draw) are put back, so the coming steps draw exactly these batches (for a
+        hook that works batches ahead)."""
+        if isinstance(ahead, bool) or int(ahead) < 1:
+            raise ValueError(f"peek_batch(ahead) needs ahead >= 1, got {ahead!r}")
         batcher_state, rng = self.batcher.state_dict(), torch.get_rng_state()
         try:
-            x, y = self.task.prepare(*self.batcher.next())
+            for _ in range(int(ahead)):
+                x, y = self.task.prepare(*self.batcher.next())
         finally:
             self.batcher.load_state_dict(batcher_state)
             torch.set_rng_state(rng)
