@@ -146,6 +146,11 @@ class Hook:
         """Extra entries of metrics.json, after an evaluation on the test split."""
         return {}
 
+    def start_note(self, trainer: TrainerView) -> str:
+        """A part of ``fastcnf train``'s first line saying what the method adds to the run (e.g.
+        worker threads); empty: nothing."""
+        return ""
+
     def figures(self, trainer: TrainerView, fig_dir) -> None:
         """Write the method's figures."""
 

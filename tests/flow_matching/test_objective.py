@@ -170,3 +170,17 @@ def test_peek_batch_ahead_gives_the_batches_the_coming_steps_draw(tmp_path, name
     assert not torch.equal(ahead[0][0], ahead[1][0])
     with pytest.raises(ValueError, match="ahead >= 1"):
         trainer.peek_batch(0)
+
+
+@pytest.mark.parametrize("background,workers", [(True, 2), (True, 1), (False, 2)])
+def test_start_line_says_when_pairs_are_computed_ahead_in_worker_threads(tmp_path, background, workers):
+    from fastcnf.training.startup import start_line
+
+    trainer = Trainer(_otcfm(2, background, f"flow_matching.pairing_workers={workers}"), tmp_path, progress=False)
+    line = start_line(trainer, {})
+    if background:
+        word = "thread" if workers == 1 else "threads"
+        assert line.endswith(f"| exact OT pairs computed {workers} batch{'es' if workers > 1 else ''} ahead in "
+                             f"{workers} worker {word}"), line
+    else:
+        assert "worker" not in line and line.endswith(f"threads {torch.get_num_threads()}"), line

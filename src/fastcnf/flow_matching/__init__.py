@@ -116,6 +116,13 @@ class BackgroundPairingHook(Hook):
                                                  workers=trainer.cfg.flow_matching.pairing_workers)
         self.objective = objective
 
+    def start_note(self, trainer) -> str:
+        bg = getattr(self, "objective", None)
+        bg = bg.background if bg is not None else None
+        if bg is None:
+            return ""
+        return f"exact OT pairs computed {bg.workers} batch{'es' if bg.workers > 1 else ''} ahead in {bg.workers} worker thread{'s' if bg.workers > 1 else ''}"
+
     def eval_metrics(self, trainer) -> dict[str, Any]:
         bg = getattr(self, "objective", None)
         bg = bg.background if bg is not None else None

@@ -46,7 +46,7 @@ def _short(why: str) -> str:
 
 def start_line(trainer: Any, paths: dict[str, dict[str, str]]) -> str:
     """``fastcnf train``'s first line: recipe, data split, parameters, gradient path per block, device,
-    threads."""
+    threads, and what the methods' hooks add (``Hook.start_note``)."""
     cfg, bundle = trainer.cfg, trainer.bundle
     n_params = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if paths:
@@ -54,8 +54,9 @@ def start_line(trainer: Any, paths: dict[str, dict[str, str]]) -> str:
                           + f" ({_short(p['why'])})" for name, p in paths.items())
     else:
         grads = "none (training solves no ODE)"
+    notes = "".join(f" | {note}" for note in (h.start_note(trainer) for h in trainer.hooks) if note)
     return (f"fastcnf train: recipe {cfg.recipe or '-'} | data {bundle.name} ({bundle.split}) | {n_params:,} parameters | gradient: {grads} | "
-            f"device {trainer.device} | threads {torch.get_num_threads()}")
+            f"device {trainer.device} | threads {torch.get_num_threads()}{notes}")
 
 
 def precision_notes(paths: dict[str, dict[str, str]]) -> list[str]:
