@@ -121,7 +121,10 @@ class BackgroundPairingHook(Hook):
         bg = bg.background if bg is not None else None
         if bg is None:
             return ""
-        return f"exact OT pairs computed {bg.workers} batch{'es' if bg.workers > 1 else ''} ahead in {bg.workers} worker thread{'s' if bg.workers > 1 else ''}"
+        w = bg.workers
+        plural = w > 1
+        return (f"exact OT pairs computed {w} batch{'es' if plural else ''} ahead in {w} worker "
+                f"thread{'s' if plural else ''}")
 
     def eval_metrics(self, trainer) -> dict[str, Any]:
         bg = getattr(self, "objective", None)
