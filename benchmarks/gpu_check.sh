@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of image speed (speed_images.py): about 8 minutes on one GPU.
+# GPU check of image speed (speed_images.py) and OT-CFM's pairing workers: about 8.5 minutes on one GPU.
 #   (a) per iteration, side by side: FFJORD's MNIST model (one block per scale, 400,323 parameters) with
 #       FFJORD's engine (benchmarks/ffjord_multiscale_baseline.py) against fastcnf (direct back-propagation,
 #       and direct with per-stage recomputation, in float32 and with a bfloat16 backward pass), batch 200 on
@@ -27,6 +27,13 @@ timeout 150 "$PY" benchmarks/speed_images.py --device cuda --root "$ROOT" \
 timeout 240 "$PY" benchmarks/speed_images.py --device cuda --iterations 0 --train-iterations 100 \
     --train-data digits --dims 64,64,64 --train-sides ffjord fastcnf --fastcnf-set solver.gradient=auto \
     --eval-every 25 --ttq --ttq-max-iterations 300 --json "$OUT/speed_images_bc.json"
+# OT-CFM per step with the pairing in 1 / 2 worker threads on this machine's many cores (the 2-core CPU machine's
+# floor is 1.46x of independent CFM; the <= 1.3x target needs free cores), on the CPU and with the step on the GPU,
+# ~30 seconds
+timeout 45 "$PY" benchmarks/ot_pairing_trainer.py --data 8gaussians --steps 100 --block 20 \
+    --json "$OUT/ot_pairing_trainer_cpu.json" || echo "gpu_check: ot_pairing_trainer (cpu) failed"
+timeout 45 "$PY" benchmarks/ot_pairing_trainer.py --data 8gaussians --steps 100 --block 20 --device cuda \
+    --json "$OUT/ot_pairing_trainer_cuda.json" || echo "gpu_check: ot_pairing_trainer (cuda) failed"
 # the suite (CUDA-aware tests included), ~1.5 minutes
 timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/package/test_cuda.py tests/ode tests/cnf
 echo "gpu_check: results in $OUT"

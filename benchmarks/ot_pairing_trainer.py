@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--block", type=int, default=10)
     ap.add_argument("--ot-batch-size", type=int, default=0,
                     help="flow_matching.ot_batch_size (0: one whole-batch assignment; toy-otcfm's default: 256)")
+    ap.add_argument("--device", default="cpu", help="the trainer's device (the assignment runs on the CPU)")
     ap.add_argument("--sides", nargs="+", default=list(SIDES), choices=list(SIDES))
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -55,7 +56,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     trainers = {}
     for side, (recipe, extra) in sides.items():
-        cfg = load_recipe(recipe, ["threads=1", f"data.name={a.data}", f"train.batch_size={a.batch}",
+        cfg = load_recipe(recipe, ["threads=1", f"device={a.device}", f"data.name={a.data}", f"train.batch_size={a.batch}",
                                    f"flow_matching.ot_batch_size={a.ot_batch_size}", "train.checkpoint_every=0",
                                    "eval.figures=false", "train.iterations=100000"] + extra)
         trainers[side] = Trainer(cfg, tmp / side, progress=False)
@@ -84,7 +85,7 @@ def main() -> None:
         rows[side]["ratio_cpu"] = rows[side]["cpu_ms"] / rows["independent"]["cpu_ms"]
     prefetched = {side: tr.task.objective.background.prefetched for side, tr in trainers.items()
                   if tr.task.objective.background is not None}
-    out = {"data": a.data, "batch": a.batch, "ot_batch_size": a.ot_batch_size, "block": a.block, "rows": rows, "prefetched": prefetched,
+    out = {"data": a.data, "device": a.device, "batch": a.batch, "ot_batch_size": a.ot_batch_size, "block": a.block, "rows": rows, "prefetched": prefetched,
            "seconds": time.time() - t_start, "load_before": load0, "load_after": os.getloadavg(),
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
