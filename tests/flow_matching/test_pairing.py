@@ -250,6 +250,28 @@ def test_background_pairing_with_several_workers_keeps_the_order_and_the_in_line
         BackgroundPairing(ExactOTCoupling(), workers=0)
 
 
+def test_pairing_in_several_workers_leaves_the_warning_filters_alone():
+    """Exact pairings at the size where POT's network simplex runs, in three workers at once: the
+    process-wide warning filters are the same afterwards (``warnings.catch_warnings`` in the workers
+    was not thread-safe and left an "ignore everything" filter behind)."""
+    import warnings
+
+    pytest.importorskip("ot", reason="POT (pip install pot) provides the network simplex")
+    from fastcnf.flow_matching.pairing import BackgroundPairing
+
+    before = list(warnings.filters)
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(160, 2, generator=g), torch.randn(160, 2, generator=g)) for _ in range(30)]
+    pos = [0]
+    pairing = BackgroundPairing(ExactOTCoupling(), workers=3, upcoming=lambda ahead: (
+        (*batches[pos[0] + ahead], None) if pos[0] + ahead < len(batches) else None))
+    for pos[0], (x, n) in enumerate(batches):
+        pairing(x, n)
+    pairing.close()
+    assert list(warnings.filters) == before
+    assert pairing.prefetched == len(batches) - 1
+
+
 def test_background_pairing_leaves_random_couplings_in_line():
     pytest.importorskip("ot", reason="POT (pip install pot) provides the Sinkhorn solver")
     from fastcnf.flow_matching.pairing import BackgroundPairing

@@ -164,10 +164,11 @@ def _emd_permutation(c: np.ndarray, min_size: int = 128) -> np.ndarray | None:
     except ImportError:  # pragma: no cover - depends on the environment
         return None
     w = np.full(n, 1.0 / n)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        plan, log = ot.emd(w, w, np.ascontiguousarray(c, dtype=np.float64), numItermax=max(100_000, 50 * n * n),
-                           log=True)
+    # no warnings.catch_warnings() here: it swaps the process-wide filter list and is not thread-safe, so
+    # two pairing workers inside it at once left an "ignore" filter behind that silenced every later
+    # warning of the process; ot.emd warns only when it stops short, which the result code below catches
+    plan, log = ot.emd(w, w, np.ascontiguousarray(c, dtype=np.float64), numItermax=max(100_000, 50 * n * n),
+                       log=True)
     if log.get("result_code") != 1:  # 1: optimal
         return None
     support = plan > 0.5 / n
