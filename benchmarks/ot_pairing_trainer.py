@@ -3,12 +3,12 @@ side by side in one run, batch 256, one whole-batch assignment (``flow_matching.
 
 Sides: ``independent`` (``toy-fm``), ``exact`` (``toy-otcfm``, pairing in line,
 ``flow_matching.background_pairing=false``), ``exact-background`` (``toy-otcfm``, the next batch
-paired in a worker thread while the step runs) and ``exact-background-2`` (two workers, the next two
-batches in flight: ``flow_matching.pairing_workers=2``); ``--sides`` picks some. The sides run in blocks of ``--block`` steps in
-rotation, so load on the shared machine hits all alike; a block's first step is not timed and a
-side's pending pairings are finished before the next side runs (no worker overlaps another side's
-step). Per side: median wall and process CPU time (all threads) per step, and the ratio to
-``independent``'s.
+paired in one worker thread while the step runs, ``pairing_workers=1``) and ``exact-background-2``
+(two workers, the next two batches in flight: ``flow_matching.pairing_workers=2``); ``--sides``
+picks some. The sides run in blocks of ``--block`` steps in rotation, so load on the shared machine
+hits all alike; a block's first step is not timed and a side's pending pairings are finished before
+the next side runs (no worker overlaps another side's step). Per side: median wall and process CPU
+time (all threads) per step, and the ratio to ``independent``'s.
 
     PYTHONPATH=src .venv/bin/python benchmarks/ot_pairing_trainer.py --steps 200 \
         --json benchmarks/results/ot_pairing_trainer.json
@@ -34,7 +34,8 @@ from fastcnf.training.trainer import Trainer  # noqa: E402
 
 SIDES = {"independent": ("toy-fm", []),
          "exact": ("toy-otcfm", ["flow_matching.background_pairing=false"]),
-         "exact-background": ("toy-otcfm", ["flow_matching.background_pairing=true"]),
+         "exact-background": ("toy-otcfm", ["flow_matching.background_pairing=true",
+                                            "flow_matching.pairing_workers=1"]),
          "exact-background-2": ("toy-otcfm", ["flow_matching.background_pairing=true",
                                               "flow_matching.pairing_workers=2"])}
 
@@ -56,7 +57,8 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     trainers = {}
     for side, (recipe, extra) in sides.items():
-        cfg = load_recipe(recipe, ["threads=1", f"device={a.device}", f"data.name={a.data}", f"train.batch_size={a.batch}",
+        cfg = load_recipe(recipe, ["threads=1", f"device={a.device}", f"data.name={a.data}",
+                                   f"train.batch_size={a.batch}",
                                    f"flow_matching.ot_batch_size={a.ot_batch_size}", "train.checkpoint_every=0",
                                    "eval.figures=false", "train.iterations=100000"] + extra)
         trainers[side] = Trainer(cfg, tmp / side, progress=False)
@@ -85,7 +87,8 @@ def main() -> None:
         rows[side]["ratio_cpu"] = rows[side]["cpu_ms"] / rows["independent"]["cpu_ms"]
     prefetched = {side: tr.task.objective.background.prefetched for side, tr in trainers.items()
                   if tr.task.objective.background is not None}
-    out = {"data": a.data, "device": a.device, "batch": a.batch, "ot_batch_size": a.ot_batch_size, "block": a.block, "rows": rows, "prefetched": prefetched,
+    out = {"data": a.data, "device": a.device, "batch": a.batch, "ot_batch_size": a.ot_batch_size, "block": a.block,
+           "rows": rows, "prefetched": prefetched,
            "seconds": time.time() - t_start, "load_before": load0, "load_after": os.getloadavg(),
            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
            "torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}

@@ -62,8 +62,6 @@ class FlowMatchingConfig(Section):
     def check(self) -> None:
         if self.sigma < 0 or self.sigma_min < 0:
             raise ConfigError("flow_matching.sigma and flow_matching.sigma_min must be >= 0")
-        self._positive("sinkhorn_reg", "class_separation")
-        if isinstance(self.pairing_workers, bool) or int(self.pairing_workers) < 1:
-            raise ConfigError(f"flow_matching.pairing_workers must be an integer >= 1, got {self.pairing_workers!r}")
+        self._positive("sinkhorn_reg", "class_separation", "pairing_workers")  # the loader checks it is an integer
         if isinstance(self.ot_batch_size, bool) or int(self.ot_batch_size) < 0:
             raise ConfigError(f"flow_matching.ot_batch_size must be an integer >= 0, got {self.ot_batch_size!r}")
