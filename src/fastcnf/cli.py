@@ -249,8 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("run_dir")
     c.add_argument("--data", required=True, help="a table (.npy/.npz/.csv/.tsv/.txt) with the training data's "
                                                 "columns, or a folder of images of the run's size")
-    c.add_argument("--out", required=True, help="scores.npy: log p per row, nats in the data's own units "
-                                               "(beside it: _stderr.npy with Hutchinson, _bits_per_dim.npy for images)")
+    c.add_argument("--out", required=True,
+                   help="scores.npy: log p per row, nats in the data's own units (beside it: _stderr.npy with "
+                        "Hutchinson, _bits_per_dim.npy for images); or scores.csv: one file, columns "
+                        "log_prob[,stderr][,bits_per_dim]")
     c.add_argument("--batch-size", type=int, default=None, help="rows per solve (default: the run's eval.batch_size, at most 2000)")
     c.add_argument("--probes", type=int, default=8, help="Hutchinson probes per row when the trace is estimated")
     c.add_argument("--trace", choices=("auto", "exact", "hutchinson"), default="auto",
@@ -305,6 +307,19 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"fastcnf: {category.__name__}: {message}\n"
 
 
+def _stdout_to_devnull() -> None:
+    """Point standard output's descriptor at the null device, so the interpreter's last flush of what
+    is still buffered does not fail again on the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no real descriptor (captured output)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -312,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `fastcnf recipes | head`: the reader has gone; stop quietly, as Unix tools do
+        _stdout_to_devnull()
+        return 141  # 128 + SIGPIPE, the status of a process the signal ended
     except KeyboardInterrupt as e:  # Ctrl-C 130; after a checkpoint on SIGTERM 143, SIGUSR1 138
         msg = str(e) or "interrupted"
         print(f"fastcnf: {msg}", file=sys.stderr)

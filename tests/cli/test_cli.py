@@ -130,6 +130,16 @@ def test_console_script_debug_shows_traceback(tmp_path: Path) -> None:
     assert p.returncode != 0 and "Traceback" in p.stderr
 
 
+def test_a_reader_that_leaves_early_ends_the_command_quietly_with_status_141() -> None:
+    """``fastcnf recipes | head -1``: the pipe closes before the listing is written; no traceback."""
+    env = dict(os.environ, PYTHONPATH=SRC)
+    p = subprocess.Popen([sys.executable, "-m", "fastcnf", "recipes"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first write
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == "", err
+
+
 def test_one_set_flag_with_several_values_equals_repeated_flags(capsys) -> None:
     _, one, _ = run(capsys, "train", "toy-ffjord", "--set", "train.lr=0.01", "data.name=moons", "--show")
     _, two, _ = run(capsys, "train", "toy-ffjord", "--set", "train.lr=0.01", "--set", "data.name=moons", "--show")

@@ -154,7 +154,8 @@ def test_bad_tables_each_give_one_line_and_exit_2(tmp_path, capsys):
     x[[4, 9], 1] = np.nan
     x[20, 0] = np.inf
     _csv(tmp_path / "nan.csv", x, ("a", "b"))
-    _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'nan.csv'}"], "nan.csv", "3 NaN or inf value(s)",
+    _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'nan.csv'}"], "nan.csv",
+                 "3 missing (empty, NA), NaN or inf value(s)",
                  "first in data row 5", "data.drop_nonfinite: true")
     x = np.random.default_rng(0).normal(size=(50, 3))
     x[:, 1] = 7.0
@@ -211,6 +212,46 @@ def test_bad_image_folders_each_give_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "broken" / "a" / "z.png").write_bytes(b"\x89PNG garbage")
     _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'broken'}"], "z.png", "not a readable image",
                  recipe="images-folder")
+
+
+def test_score_to_csv_writes_the_npy_values_in_one_file_and_reads_past_a_text_column(table_run, tmp_path):
+    import csv
+
+    d = table_run
+    x = np.loadtxt(d / "test.csv", delimiter=",", skiprows=1)
+    base = ["score", str(d / "run"), "--quiet", "--check-rows", "0"]
+    assert main([*base, "--data", str(d / "test.csv"), "--out", str(tmp_path / "a.npy")]) == 0
+    assert main([*base, "--data", str(d / "test.csv"), "--out", str(tmp_path / "a.csv")]) == 0
+    lines = (tmp_path / "a.csv").read_text().splitlines()
+    assert lines[0] == "log_prob" and len(lines) == 101
+    np.testing.assert_array_equal(np.array([float(v) for v in lines[1:]]), np.load(tmp_path / "a.npy"))  # exactly
+    assert not (tmp_path / "a_check.json").exists()
+    # Hutchinson: the standard error is the second column
+    assert main([*base, "--data", str(d / "test.csv"), "--trace", "hutchinson", "--probes", "4",
+                 "--out", str(tmp_path / "h.csv")]) == 0
+    assert main([*base, "--data", str(d / "test.csv"), "--trace", "hutchinson", "--probes", "4",
+                 "--out", str(tmp_path / "h.npy")]) == 0
+    h = np.loadtxt(tmp_path / "h.csv", delimiter=",", skiprows=1)
+    assert (tmp_path / "h.csv").read_text().startswith("log_prob,stderr\n")
+    np.testing.assert_array_equal(h, np.column_stack([np.load(tmp_path / "h.npy"), np.load(tmp_path / "h_stderr.npy")]))
+    # a file with an id and a quoted name between the columns: a run trained on it with data.columns scores
+    # its rows as it scores the same rows without those columns
+    def named(path, rows):
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["id", "a", "name", "b", "c"])
+            for i, r in enumerate(rows):
+                w.writerow([f"row-{i}", repr(float(r[0])), f"Doe, J{i}", repr(float(r[1])), repr(float(r[2]))])
+        return path
+
+    train = np.loadtxt(d / "train.csv", delimiter=",", skiprows=1)
+    assert main(["train", "tabular-fm", "--quiet", "--out", str(tmp_path / "run"), "--set",
+                 f"data.path={named(tmp_path / 'train.csv', train)}", "data.columns=[a,b,c]",
+                 f"data.test_path={named(tmp_path / 'test.csv', x)}", *TINY]) == 0
+    run = ["score", str(tmp_path / "run"), "--quiet", "--check-rows", "0"]
+    assert main([*run, "--data", str(tmp_path / "test.csv"), "--out", str(tmp_path / "n.npy")]) == 0
+    assert main([*run, "--data", str(d / "test.csv"), "--out", str(tmp_path / "p.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "n.npy"), np.load(tmp_path / "p.npy"))
 
 
 def test_score_refuses_files_unlike_the_run_and_writes_nothing(table_run, tmp_path, capsys):

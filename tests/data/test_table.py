@@ -65,6 +65,65 @@ def test_columns_by_name_and_index_and_integer_labels(tmp_path):
     np.testing.assert_array_equal(labels[order], x[ref_order, 2].astype(int))
 
 
+def test_columns_leave_text_columns_out_of_the_parse_and_quoted_cells_keep_their_commas(tmp_path):
+    import csv
+
+    x = _rows()
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["id", "a", "name", "b", "lab"])
+        for i, r in enumerate(x):  # a name with a comma inside quotes, a date-like id
+            name = f"Smith, J{i}" if i % 2 else f"x{i}"
+            w.writerow([f"2024-01-{i:02d}", repr(float(r[0])), name, repr(float(r[1])), i % 2])
+    with pytest.raises(DataError, match=r"line 2, column 'id': '2024-01-00' is not a number; fix the cell or leave "
+                                        r"the column out with data.columns"):
+        read_table(path)
+    t = read_table(path, columns=["a", 3], label_column="lab")
+    np.testing.assert_array_equal(t.values[:, [1, 3]], x[:, :2])  # every value exactly, the commas not split
+    np.testing.assert_array_equal(t.values[:, 4], np.arange(50) % 2)
+    assert np.isnan(t.values[:, [0, 2]]).all() and t.names == ["id", "a", "name", "b", "lab"]
+    b = load_data(DataConfig(name="table", path=str(path), columns=["a", "b"], label_column="lab",
+                             standardize=False), seed=0)
+    assert b.columns == ["a", "b"] and b.num_classes == 2
+    got = np.vstack([b.train.x.numpy(), b.test.x.numpy()])
+    np.testing.assert_array_equal(np.sort(got[:, 0]), np.sort(x[:, 0]))
+    # a selected cell that is not a number is still named, and a ragged row still refused
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:3] + [lines[3].replace(repr(float(x[2][0])), "oops")] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=r"line 4, column 'a': 'oops' is not a number; fix the cell$"):
+        read_table(path, columns=["a", "b"])
+    path.write_text("\n".join(lines[:3] + [lines[3] + ",extra"] + lines[4:]) + "\n")
+    with pytest.raises(DataError, match=r"line 4 has 6 cells, the header 5"):
+        read_table(path, columns=["a", "b"])
+    with pytest.raises(DataError, match=r"has no column 'zz' \(data.columns\)"):
+        read_table(path, columns=["a", "zz"])
+
+
+@pytest.mark.parametrize("missing", ["", "NA", "n/a", "null", "None", "nan"])
+def test_empty_and_missing_value_cells_read_as_nan_and_drop_nonfinite_drops_their_rows(tmp_path, missing):
+    x = _rows()
+    path = tmp_path / "t.csv"
+    _write_text(path, x, ["a", "b", "c", "d"])
+    lines = path.read_text().splitlines()
+    for r in (3, 8):  # data rows 3 and 8: cells (3, b) and (8, d)
+        cells = lines[r + 1].split(",")
+        cells[1 if r == 3 else 3] = missing
+        lines[r + 1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+    t = read_table(path)
+    assert t.header and np.isnan(t.values[3, 1]) and np.isnan(t.values[8, 3]) and np.isnan(t.values).sum() == 2
+    keep = np.ones(50, dtype=bool)
+    keep[[3, 8]] = False
+    np.testing.assert_array_equal(t.values[keep], x[keep])
+    with pytest.raises(DataError, match=r"2 missing \(empty, NA\), NaN or inf value\(s\) in 2 row\(s\), the first in "
+                                        r"data row 4"):
+        load_data(DataConfig(name="table", path=str(path)), seed=0)
+    b = load_data(DataConfig(name="table", path=str(path), drop_nonfinite=True, standardize=False), seed=0)
+    got = np.vstack([b.train.x.numpy(), b.test.x.numpy()])
+    np.testing.assert_array_equal(got[np.lexsort(got.T[::-1])], x[keep][np.lexsort(x[keep].T[::-1])])
+
+
 def test_seeded_split_sizes_disjoint_and_reproducible(tmp_path):
     x = _rows(100)
     path = tmp_path / "t.csv"

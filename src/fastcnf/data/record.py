@@ -82,7 +82,7 @@ def rows_for_run(path: str | Path, record: DataRecord, data_cfg) -> "torch.Tenso
     if len(record.shape) != 1:
         raise DataError(f"`fastcnf score` reads tables and image folders; this run's data {record.name!r} has "
                         f"examples of shape {record.shape}")
-    table = read_table(path, data_cfg.key, "--data")
+    table = read_table(path, data_cfg.key, "--data", data_cfg.columns, data_cfg.label_column)
     label = data_cfg.label_column
     if label is not None and isinstance(label, str) and table.header and label not in table.names:
         label = None  # the file to score may leave the labels out

@@ -2,8 +2,9 @@
 
 ``data.name: table`` with ``data.path`` (and optionally ``data.test_path`` / ``data.val_path``).
 Text files may have a header line (detected: a first line with a cell that is not a number);
-``data.columns`` selects feature columns by header name or 0-based index and ``data.label_column``
-names a column of integer class labels. A ``.npy`` file is memory-mapped (``numpy.load(...,
+``data.columns`` selects feature columns by header name or 0-based index (only they are parsed, so
+columns of text may stay in the file) and ``data.label_column`` names a column of integer class labels;
+empty cells and ``NA`` / ``null`` read as missing (NaN). A ``.npy`` file is memory-mapped (``numpy.load(...,
 mmap_mode="r")``): batches read only their rows, so a file larger than memory trains and scores
 without a copy; its held-out splits are then contiguous blocks at the end of the file (as MAF's
 loaders split their shuffled arrays), the other formats are split by a permutation drawn from
@@ -90,7 +91,35 @@ def _as_2d(arr: np.ndarray, p: Path) -> np.ndarray:
     return arr
 
 
-def _read_text(p: Path) -> Table:
+#: cells read as a missing value (NaN), besides what ``float`` parses ("nan", "inf"); compared lower-cased
+MISSING_CELLS = ("", "na", "n/a", "null", "none")
+
+
+def _number(cell: str) -> float | None:
+    """The cell's value; NaN for an empty or missing-value cell (:data:`MISSING_CELLS`); None if not a number."""
+    try:
+        return float(cell)
+    except ValueError:
+        return float("nan") if cell.strip().lower() in MISSING_CELLS else None
+
+
+def _needed(stub: Table, columns: list | None, label_column: str | int | None) -> list[int] | None:
+    """The file's columns that ``columns`` and ``label_column`` read (sorted), or None for all of them. A
+    label that does not resolve is left to :func:`select_columns` (its error, or a file to score without it)."""
+    if columns is None or not isinstance(columns, (list, tuple)) or not columns:
+        return None
+    idx = {_column_index(stub, c, "data.columns") for c in columns}
+    if label_column is not None:
+        try:
+            idx.add(_column_index(stub, label_column, "data.label_column"))
+        except DataError:
+            pass
+    return sorted(idx)
+
+
+def _read_text(p: Path, columns: list | None = None, label_column: str | int | None = None) -> Table:
+    """A text table; with ``columns`` only the selected columns (and the label) are parsed, the others are
+    left NaN, so a column of names or dates can stay in the file."""
     delim = _DELIMITERS[p.suffix.lower()]
     with open(p, newline="") as fh:
         lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip()]
@@ -102,43 +131,45 @@ def _read_text(p: Path) -> Table:
             return line.split()
         return next(csv.reader([line], delimiter=delim))
 
-    def number(cell: str) -> float | None:
-        try:
-            return float(cell)
-        except ValueError:
-            return None
-
     first = [c.strip() for c in cells(lines[0][1])]
-    header = any(number(c) is None for c in first)
+    header = any(_number(c) is None for c in first)
     names = first if header else [str(j) for j in range(len(first))]
     rows = lines[1:] if header else lines
     if not rows:
         raise DataError(f"{p} has a header line but no rows")
-    try:  # numpy's C parser; on any problem the loop below finds the line and column to name
-        out = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
-                         dtype=np.float64)
-        if out.shape == (len(rows), len(names)):
-            return Table(p, out, names, header)
-    except ValueError:
-        pass
-    out = np.empty((len(rows), len(names)), dtype=np.float64)
+    need = _needed(Table(p, np.empty((0, len(names))), names, header), columns, label_column)
+    cols = range(len(names)) if need is None else need
+    out = np.full((len(rows), len(names)), np.nan, dtype=np.float64)
+    if need is None:  # numpy's C parser; on any problem the loop below finds the line and column to name
+        try:
+            fast = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
+                              dtype=np.float64)
+            if fast.shape == out.shape:
+                return Table(p, fast, names, header)
+        except ValueError:
+            pass
+    # the csv module: quoted cells (a name with a comma) and a check that every row has the header's cells
     for r, (lineno, line) in enumerate(rows):
         row = cells(line)
         if len(row) != len(names):
             raise DataError(f"{p} line {lineno} has {len(row)} cells, the {'header' if header else 'first row'} "
                             f"{len(names)}; every row needs the same columns")
-        for j, cell in enumerate(row):
-            v = number(cell)
+        for j in cols:
+            v = _number(row[j])
             if v is None:
-                raise DataError(f"{p} line {lineno}, column {names[j]!r}: {cell.strip()!r} is not a number; fix the "
-                                "cell or leave the column out with data.columns")
+                hint = "fix the cell" if need is not None else \
+                    "fix the cell or leave the column out with data.columns (a list of the columns to model)"
+                raise DataError(f"{p} line {lineno}, column {names[j]!r}: {row[j].strip()!r} is not a number; {hint}")
             out[r, j] = v
     return Table(p, out, names, header)
 
 
-def read_table(path: str | Path, key: str | None = None, what: str = "data.path") -> Table:
+def read_table(path: str | Path, key: str | None = None, what: str = "data.path", columns: list | None = None,
+               label_column: str | int | None = None) -> Table:
     """Read a table file (see the module docstring); ``.npy`` is memory-mapped, ``.npz`` needs
-    ``key`` when it holds several arrays. Raises :class:`DataError` (missing file, unknown
+    ``key`` when it holds several arrays. A text file's empty cells (and "NA", "null", ...) read as NaN;
+    given ``columns`` (names or 0-based indices), only those and ``label_column`` are parsed (the others
+    stay NaN), so a column of text may stay in the file. Raises :class:`DataError` (missing file, unknown
     extension, empty file, a cell that is not a number with its line and column, ragged rows)."""
     p = _existing(path, what)
     suffix = p.suffix.lower()
@@ -158,7 +189,7 @@ def read_table(path: str | Path, key: str | None = None, what: str = "data.path"
                 return _numbered(p, _as_2d(z[k], p))
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{p} is not a readable {suffix} file ({e}); save it with numpy.save / numpy.savez") from e
-    return _read_text(p)
+    return _read_text(p, columns, label_column)
 
 
 def _numbered(p: Path, arr: np.ndarray) -> Table:
@@ -239,7 +270,8 @@ def check_rows_finite(table: Table, x: np.ndarray, y: np.ndarray | None, drop: b
         r = int(np.flatnonzero(~ok)[0])
         nbad = int(sum(int((~np.isfinite(np.asarray(x[s:s + _CHUNK_ROWS]))).sum())
                        for s in range(0, x.shape[0], _CHUNK_ROWS)))
-        raise DataError(f"{table.path} holds {nbad} NaN or inf value(s) in {int((~ok).sum())} row(s), the first in "
+        raise DataError(f"{table.path} holds {nbad} missing (empty, NA), NaN or inf value(s) in {int((~ok).sum())} "
+                        f"row(s), the first in "
                         f"{_row_name(table, r)}; remove them or set data.drop_nonfinite: true to drop those rows")
     if not ok.any():
         raise DataError(f"{table.path}: every row holds NaN or inf; nothing is left with data.drop_nonfinite")
@@ -249,7 +281,7 @@ def check_rows_finite(table: Table, x: np.ndarray, y: np.ndarray | None, drop: b
 def read_rows_like(path: str | Path, key: str | None, columns: list | None, label_column: str | int | None,
                    drop_nonfinite: bool = False, what: str = "data.path"):
     """``(x, y, names, table)`` of a file read and selected as a run's training file was."""
-    table = read_table(path, key, what)
+    table = read_table(path, key, what, columns, label_column)
     x, y, names = select_columns(table, columns, label_column)
     x, y = check_rows_finite(table, x, y, drop_nonfinite)
     return x, y, names, table

@@ -146,9 +146,10 @@ def score_command(run_dir: str | Path, data: str | Path, out: str | Path, batch_
                   probes: int = 8, trace: str = "auto", overrides: list[str] | None = None,
                   progress: bool = True, error_control: str = "rows", check_rows: int = 1000,
                   steps: int | None = None, method: str = "rk4") -> int:
-    """``fastcnf score``: write one log-density per row of ``data`` to ``out`` (``.npy``, nats in
-    the data's own units), with ``<stem>_stderr.npy`` (Hutchinson) and ``<stem>_bits_per_dim.npy``
-    (images) beside it; every input is checked before anything is written.
+    """``fastcnf score``: write one log-density per row of ``data`` to ``out`` (nats in the data's own
+    units): ``.npy``, with ``<stem>_stderr.npy`` (Hutchinson) and ``<stem>_bits_per_dim.npy`` (images)
+    beside it, or ``.csv``, one file with the columns ``log_prob`` [, ``stderr``] [, ``bits_per_dim``];
+    every input is checked before anything is written.
 
     ``error_control``: ``rows`` (per-row error control and step sizes where the solve allows) or ``batch``
     (evaluation's solve, one step size per batch). ``steps``: solve with ``steps`` equal steps of the
@@ -161,8 +162,8 @@ def score_command(run_dir: str | Path, data: str | Path, out: str | Path, batch_
     import time
 
     out = Path(out)
-    if out.suffix != ".npy":
-        raise ValueError(f"--out must end in .npy, got {out.name!r}")
+    if out.suffix not in (".npy", ".csv"):
+        raise ValueError(f"--out must end in .npy or .csv, got {out.name!r}")
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     if probes < 1:
@@ -202,10 +203,14 @@ def score_command(run_dir: str | Path, data: str | Path, out: str | Path, batch_
                  "mean_abs_diff_nats": float(diff.mean()), "seconds": time.perf_counter() - t1}
     out.parent.mkdir(parents=True, exist_ok=True)
     written = [out]
-    np.save(out, res.log_prob)
-    for suffix, values in (("_stderr", res.stderr), ("_bits_per_dim", res.bits_per_dim)):
-        if values is not None:
-            written.append(out.with_name(out.stem + suffix + ".npy"))
+    extra = [(name, v) for name, v in (("stderr", res.stderr), ("bits_per_dim", res.bits_per_dim)) if v is not None]
+    if out.suffix == ".csv":  # one file: a header line, then a row per input row (17 digits: float64 read back exactly)
+        np.savetxt(out, np.column_stack([res.log_prob] + [v for _, v in extra]), delimiter=",", fmt="%.17g",
+                   header=",".join(["log_prob"] + [name for name, _ in extra]), comments="")
+    else:
+        np.save(out, res.log_prob)
+        for name, values in extra:
+            written.append(out.with_name(f"{out.stem}_{name}.npy"))
             np.save(written[-1], values)
     if check is not None:
         written.append(out.with_name(out.stem + "_check.json"))
