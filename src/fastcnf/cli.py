@@ -144,14 +144,17 @@ def cmd_sample(args) -> int:
     from fastcnf.evaluation.plots import plot_samples
 
     out = Path(args.out)
-    if out.suffix not in (".png", ".npy"):
-        raise ValueError(f"--out must end in .png (a picture) or .npy (the raw samples), got {out.name!r}")
+    if out.suffix not in (".png", ".npy", ".csv"):
+        raise ValueError(f"--out must end in .png (a picture), .npy (the raw samples) or .csv (rows of a table or "
+                         f"of points), got {out.name!r}")
     if args.n <= 0:
         raise ValueError(f"--n must be positive, got {args.n}")
     cfg, bundle, task, model = _load_run(args.run_dir, args.set)
     if not hasattr(model, "prior") or not hasattr(model, "sample"):
         raise ValueError(f"`fastcnf sample` draws from density models; {args.run_dir} holds a "
                          f"{cfg.task!r} run (see its figures/ for trajectories)")
+    if out.suffix == ".csv" and bundle.is_image:
+        raise ValueError(f"--out {out.name}: a CSV holds rows of a table or of points; write images to .png or .npy")
     y = None
     if args.label is not None:
         if not getattr(model.prior, "conditional", False):
@@ -170,6 +173,9 @@ def cmd_sample(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, x.numpy())  # (N, *data shape), in the data's own scale ([0, 1) pixels for images)
+    elif out.suffix == ".csv":  # a header of the table's column names (x0, x1, ... for points), 17 digits
+        names = getattr(bundle, "columns", None) or [f"x{j}" for j in range(x.shape[1])]
+        np.savetxt(out, x.double().numpy(), delimiter=",", fmt="%.17g", header=",".join(names), comments="")
     else:
         plot_samples(x, out, bundle.is_image, nrow=min(args.n, 10),
                      title=None if y is None else f"label {args.label}")

@@ -286,6 +286,8 @@ def test_image_folder_run_scores_in_bits_per_dim_and_checks_the_size(tmp_path, c
     _fails(capsys, ["score", str(run), "--data", str(tmp_path / "big" / "a"), "--out", str(tmp_path / "t.npy")],
            "0.png", "the run was trained on 1x8x8")
     assert not (tmp_path / "t.npy").exists()
+    _fails(capsys, ["sample", str(run), "--n", "2", "--out", str(tmp_path / "i.csv")], "i.csv", ".png or .npy")
+    assert not (tmp_path / "i.csv").exists()
 
 
 def test_sample_writes_rows_in_the_data_units(table_run, capsys):
@@ -299,6 +301,11 @@ def test_sample_writes_rows_in_the_data_units(table_run, capsys):
         u = run.flow.sample(7).float().double()
     s = run.standardizer
     np.testing.assert_allclose(np.load(d / "x.npy"), _in_data_units(s, u.numpy()), rtol=1e-6)
+    # .csv: the same samples under the table's column names, read back exactly
+    assert main(["sample", str(d / "run"), "--n", "7", "--seed", "4", "--out", str(d / "x.csv")]) == 0
+    lines = (d / "x.csv").read_text().splitlines()
+    assert lines[0] == "a,b,c" and len(lines) == 8
+    np.testing.assert_array_equal(np.loadtxt(d / "x.csv", delimiter=",", skiprows=1), np.load(d / "x.npy"))
 
 
 def test_a_label_column_makes_the_class_conditional_model_available(tmp_path, capsys):
