@@ -274,3 +274,14 @@ def test_whitening_names_a_linearly_dependent_column_and_rejects_unknown_modes(t
         load_data(DataConfig(name="table", path=str(tmp_path / "t.npy"), standardize="whiten"))
     with pytest.raises(ConfigError, match="true, false or whiten"):
         DataConfig(name="table", path="t.npy", standardize="zca").check()
+
+
+def test_the_split_line_of_a_wide_table_lists_its_first_and_last_columns(tmp_path):
+    x = np.random.default_rng(0).normal(size=(40, 30))
+    _write_text(tmp_path / "wide.csv", x, [f"c{j}" for j in range(30)])
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "wide.csv")), seed=0)
+    assert "(30 columns: c0, c1, c2, c3, c4, c5, c6, c7, c8, ..., c28, c29)" in b.split
+    assert b.columns == [f"c{j}" for j in range(30)]  # all of them where they are used
+    _write_text(tmp_path / "narrow.csv", x[:, :12], [f"c{j}" for j in range(12)])
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "narrow.csv")), seed=0)
+    assert "(12 columns: " + ", ".join(f"c{j}" for j in range(12)) + ")" in b.split

@@ -307,6 +307,13 @@ def _split(x: np.ndarray, y: np.ndarray | None, n_out: int, ordered: bool, rng: 
     return (pick(x, keep), pick(y, keep)), (pick(x, out), pick(y, out))
 
 
+def _listed(names: list[str], most: int = 12) -> str:
+    """The names, comma-separated; a longer list as its first 9, "...", its last 2 (data.json keeps them all)."""
+    if len(names) <= most:
+        return ", ".join(names)
+    return ", ".join(names[:9] + ["..."] + names[-2:])
+
+
 def load_table(cfg, seed: int = 0) -> TableBundle:
     """The ``table`` data set of ``cfg`` (a :class:`~fastcnf.config.DataConfig`): see the module
     docstring. Standardisation is applied afterwards by :func:`fastcnf.data.load_data`."""
@@ -353,6 +360,6 @@ def load_table(cfg, seed: int = 0) -> TableBundle:
     where = "memory-mapped, " if ordered else ""
     return TableBundle(
         columns=names, name="table", train=split((x, y)), test=split(test), shape=(x.shape[1],), num_classes=num_classes,
-        levels=None, split=f"table {cfg.path} ({where}{len(names)} columns: {', '.join(names)}); "
+        levels=None, split=f"table {cfg.path} ({where}{len(names)} columns: {_listed(names)}); "
                            f"{'; '.join(parts)}; train: the remaining {x.shape[0]} rows",
         val=None if val is None else split(val))
