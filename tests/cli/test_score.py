@@ -205,8 +205,8 @@ def test_bad_image_folders_each_give_one_line_and_exit_2(tmp_path, capsys):
     _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'sizes'}"], "mixes image sizes", "a/0.png",
                  "b/odd.png", recipe="images-folder")
     _images(tmp_path / "modes")
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "modes" / "b" / "rgb.png")
-    _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'modes'}"], "a/0.png", "b/rgb.png", "RGB",
+    Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "modes" / "b" / "deep.png")
+    _train_fails(capsys, tmp_path, [f"data.path={tmp_path / 'modes'}"], "b/deep.png", "'I;16'", "8-bit",
                  recipe="images-folder")
     _images(tmp_path / "broken")
     (tmp_path / "broken" / "a" / "z.png").write_bytes(b"\x89PNG garbage")

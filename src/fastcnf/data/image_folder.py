@@ -2,8 +2,9 @@
 
 The layout is torchvision's ``ImageFolder`` convention: ``root/<class>/<image>``, one sub-folder
 per class, labels ``0..K-1`` in the sorted order of the sub-folder names; a folder holding the
-images directly is unlabelled. Every image must have one size and one mode, 8-bit grey (``L``)
-or 8-bit RGB; they are kept as ``uint8`` ``(N, C, H, W)`` with 256 levels and dequantised by
+images directly is unlabelled. Every image must have one size; they are read as 8-bit grey when all
+are grey, else as 8-bit RGB (palette and alpha images converted, as torchvision's ``ImageFolder``
+does), kept as ``uint8`` ``(N, C, H, W)`` with 256 levels and dequantised by
 the trainer, so results are in bits/dim as for MNIST (Grathwohl et al. 2019, FFJORD §5;
 Theis et al. 2016, "A note on the evaluation of generative models").
 
@@ -31,7 +32,11 @@ from .base import DataBundle, DataError, DataSplit
 __all__ = ["IMAGE_SUFFIXES", "read_image_folder", "load_image_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-_CHANNELS = {"L": 1, "RGB": 3}
+#: 8-bit modes read as grey, and those read as RGB (torchvision's ImageFolder converts every image to RGB)
+_GREY_MODES = ("L", "LA", "1")
+_COLOUR_MODES = ("RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr")
+_MODE_NAMES = {"L": "grey", "LA": "grey with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
+               "RGBA": "RGB with alpha"}
 
 
 def _image_files(root: Path) -> tuple[list[Path], list[int] | None, list[str]]:
@@ -51,8 +56,14 @@ def read_image_folder(path: str | Path, what: str = "data.path",
                       expect: tuple[int, int, int] | None = None):
     """``(x, y, classes, files)``: ``uint8`` images ``(N, C, H, W)``, labels (``int64`` or None),
     the class names and the files read. ``expect``: the ``(C, H, W)`` every image must have (a
-    run's). Raises :class:`DataError` for a missing or empty folder, an unreadable image, a mode
-    other than 8-bit grey / RGB, and mixed sizes or modes (naming two offending files)."""
+    run's). The images are read as 8-bit grey when every one is grey (``L``, ``LA``, ``1``), else
+    as RGB: palette, alpha and other 8-bit colour modes are converted as torchvision's ``ImageFolder``
+    converts them (an alpha channel is dropped), with one warning saying how many. Raises
+    :class:`DataError` for a missing or empty folder, an unreadable image, a mode that is not 8-bit
+    (16-bit, float), mixed sizes (naming two files) and, under ``expect``, another size or a colour
+    image for a grey run."""
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     root = Path(path).expanduser()
@@ -64,34 +75,57 @@ def read_image_folder(path: str | Path, what: str = "data.path",
     if not files:
         raise DataError(f"{root} holds no PNG / JPEG images ({', '.join(IMAGE_SUFFIXES)}); put the images in it "
                         "or in one sub-folder per class")
-    arrays, first = [], None
+
+    def unreadable(f: Path, e: Exception) -> DataError:
+        return DataError(f"{f} is not a readable image ({type(e).__name__}); remove or replace it")
+
+    modes, first = [], None
+    for f in files:  # the headers: modes and sizes, before any pixel is decoded
+        try:
+            with Image.open(f) as im:
+                mode, size = im.mode, im.size
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise unreadable(f, e) from e
+        if mode not in _GREY_MODES + _COLOUR_MODES:
+            raise DataError(f"{f} has mode {mode!r}; images must be 8-bit (grey, RGB, palette, with or without "
+                            "alpha): convert it (e.g. PIL's Image.convert('RGB'))")
+        if first is None:
+            first = (f, size)
+        elif size != first[1]:
+            raise DataError(f"{root} mixes image sizes: {first[0]} is {_describe(size=first[1])}, {f} is "
+                            f"{_describe(size=size)}; make every image the same size")
+        modes.append(mode)
+    grey = all(m in _GREY_MODES for m in modes)
+    if expect is not None:  # a run's images: its size, and no colour image for a grey run
+        wrong = [0] if (first[1][1], first[1][0]) != tuple(expect[1:]) else \
+            [i for i, m in enumerate(modes) if m not in _GREY_MODES][:1] if expect[0] == 1 else []
+        if wrong:
+            raise DataError(f"{files[wrong[0]]} is {_describe(modes[wrong[0]], first[1])}, the run was trained on "
+                            f"{expect[0]}x{expect[1]}x{expect[2]} (C x H x W) images; resize / convert them")
+        grey = expect[0] == 1
+    target = "L" if grey else "RGB"
+    arrays = []
     for f in files:
         try:
             with Image.open(f) as im:
                 im.load()
-                mode, size = im.mode, im.size
-                a = np.asarray(im)
+                a = np.asarray(im if im.mode == target else im.convert(target))
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise DataError(f"{f} is not a readable image ({type(e).__name__}); remove or replace it") from e
-        if mode not in _CHANNELS:
-            raise DataError(f"{f} has mode {mode!r}; images must be 8-bit grey (L) or RGB: convert it "
-                            "(e.g. PIL's Image.convert('RGB'))")
-        if first is None:
-            first = (f, mode, size)
-            if expect is not None and (_CHANNELS[mode], size[1], size[0]) != tuple(expect):
-                raise DataError(f"{f} is {_describe(mode, size)}, the run was trained on "
-                                f"{expect[0]}x{expect[1]}x{expect[2]} (C x H x W) images; resize / convert them")
-        elif (mode, size) != first[1:]:
-            raise DataError(f"{root} mixes image sizes or modes: {first[0]} is {_describe(*first[1:])}, {f} is "
-                            f"{_describe(mode, size)}; make every image the same size and mode")
-        arrays.append(a.reshape(size[1], size[0], -1))
+            raise unreadable(f, e) from e
+        arrays.append(a.reshape(a.shape[0], a.shape[1], -1))
+    converted = {m: modes.count(m) for m in sorted(set(modes)) if m != target}
+    if converted:
+        warnings.warn(f"{root}: read {sum(converted.values())} of {len(files)} images as "
+                      f"{'grey' if grey else 'RGB'}, converted from "
+                      f"{', '.join(f'{_MODE_NAMES.get(m, m)} ({k})' for m, k in converted.items())}"
+                      + ("; the alpha channel is dropped" if any("A" in m for m in converted) else ""), stacklevel=2)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     y = None if labels is None else torch.tensor(labels, dtype=torch.int64)
     return x, y, classes, files
 
 
-def _describe(mode: str, size: tuple[int, int]) -> str:
-    return f"{size[0]}x{size[1]} (W x H) {'grey' if mode == 'L' else mode}"
+def _describe(mode: str | None = None, size: tuple[int, int] = (0, 0)) -> str:
+    return f"{size[0]}x{size[1]} (W x H)" + ("" if mode is None else f" {_MODE_NAMES.get(mode, mode)}")
 
 
 def load_image_folder(cfg, seed: int = 0) -> DataBundle:
