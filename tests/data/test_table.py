@@ -9,7 +9,7 @@ from fastcnf.config import DataConfig
 from fastcnf.data import Batcher, DataError, load_data
 from fastcnf.data.batcher import model_scale
 from fastcnf.data.standardize import Standardizer, column_moments
-from fastcnf.data.table import read_table
+from fastcnf.data.table import read_rows_like, read_table, select_columns
 
 
 def _rows(n=50, seed=0):
@@ -285,3 +285,36 @@ def test_the_split_line_of_a_wide_table_lists_its_first_and_last_columns(tmp_pat
     _write_text(tmp_path / "narrow.csv", x[:, :12], [f"c{j}" for j in range(12)])
     b = load_data(DataConfig(name="table", path=str(tmp_path / "narrow.csv")), seed=0)
     assert "(12 columns: " + ", ".join(f"c{j}" for j in range(12)) + ")" in b.split
+
+
+def test_a_label_column_of_class_names_maps_them_in_sorted_order_and_held_out_files_use_the_training_map(tmp_path):
+    rng = np.random.default_rng(0)
+    names = np.array(["virginica", "setosa", "versicolor"])
+    k = rng.integers(0, 3, 60)
+    x = rng.normal(size=(60, 2))
+
+    def write(path, rows, kinds):
+        with open(path, "w") as fh:
+            fh.write("a,b,kind\n")
+            for r, c in zip(rows, kinds):
+                fh.write(f"{float(r[0])!r},{float(r[1])!r},{c}\n")
+        return str(path)
+
+    train = write(tmp_path / "train.csv", x, names[k])
+    t = read_table(train, label_column="kind")
+    _, y, cols = select_columns(t, None, "kind")
+    assert cols == ["a", "b"] and t.classes == ["setosa", "versicolor", "virginica"]
+    np.testing.assert_array_equal(y, np.array([2, 0, 1])[k])  # sorted: setosa 0, versicolor 1, virginica 2
+    # a test file with only one of the classes keeps the training file's numbers
+    test = write(tmp_path / "test.csv", x[:5], ["virginica"] * 5)
+    b = load_data(DataConfig(name="table", path=train, test_path=test, label_column="kind", val_fraction=0.0), seed=0)
+    assert b.num_classes == 3 and b.test.y.tolist() == [2] * 5
+    assert "labels setosa=0, versicolor=1, virginica=2" in b.split
+    np.testing.assert_array_equal(b.train.x.numpy(), x)  # every training row, in file order
+    bad = write(tmp_path / "bad.csv", x[:3], ["setosa", "daisy", "setosa"])
+    with pytest.raises(DataError, match=r"bad.csv data row 2, label column 'kind': class 'daisy' is not one of the "
+                                        r"training file's \(setosa, versicolor, virginica\)"):
+        load_data(DataConfig(name="table", path=train, test_path=bad, label_column="kind"), seed=0)
+    empty = write(tmp_path / "empty.csv", x[:3], ["setosa", "", "setosa"])
+    with pytest.raises(DataError, match=r"empty.csv data row 2, label column 'kind': the label is empty"):
+        read_rows_like(empty, None, None, "kind")

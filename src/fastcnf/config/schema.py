@@ -41,7 +41,7 @@ class DataConfig(Section):
         test_path, val_path: optional held-out files in the same format (else seeded splits).
         key: the array of an ``.npz`` file holding several.
         columns: feature columns, by header name or 0-based index (None: all but the label column).
-        label_column: the column of integer class labels (name or index), or None.
+        label_column: the column of class labels (name or index; integers 0, 1, ... or class names), or None.
         test_fraction: share of the rows held out for testing when no ``test_path`` is given.
         val_fraction: share of the training split held out for validation, in [0, 1) (seeded by the
             run's seed; never taken from the test split; tables: of the rows left after the test

@@ -3,7 +3,8 @@
 ``data.name: table`` with ``data.path`` (and optionally ``data.test_path`` / ``data.val_path``).
 Text files may have a header line (detected: a first line with a cell that is not a number);
 ``data.columns`` selects feature columns by header name or 0-based index (only they are parsed, so
-columns of text may stay in the file) and ``data.label_column`` names a column of integer class labels;
+columns of text may stay in the file) and ``data.label_column`` names a column of class labels
+(integers, or class names numbered in sorted order);
 empty cells and ``NA`` / ``null`` read as missing (NaN). A ``.npy`` file is memory-mapped (``numpy.load(...,
 mmap_mode="r")``): batches read only their rows, so a file larger than memory trains and scores
 without a copy; its held-out splits are then contiguous blocks at the end of the file (as MAF's
@@ -50,6 +51,10 @@ class Table:
     values: np.ndarray
     names: list[str]
     header: bool
+    #: a label column of text (class names), by column index: its cells as written
+    text: dict[int, list[str]] = field(default_factory=dict)
+    #: the class names of a text label column, in label order (set by :func:`select_columns`)
+    classes: list[str] | None = None
 
     @property
     def memory_mapped(self) -> bool:
@@ -137,8 +142,14 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
     rows = lines[1:] if header else lines
     if not rows:
         raise DataError(f"{p} has a header line but no rows")
-    need = _needed(Table(p, np.empty((0, len(names))), names, header), columns, label_column)
+    stub = Table(p, np.empty((0, len(names))), names, header)
+    need = _needed(stub, columns, label_column)
+    try:  # the label column may hold class names
+        lab = None if label_column is None else _column_index(stub, label_column, "data.label_column")
+    except DataError:
+        lab = None
     cols = range(len(names)) if need is None else need
+    label_cells: list[str] = []
     out = np.full((len(rows), len(names)), np.nan, dtype=np.float64)
     if need is None:  # numpy's C parser; on any problem the loop below finds the line and column to name
         try:
@@ -156,12 +167,18 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
                             f"{len(names)}; every row needs the same columns")
         for j in cols:
             v = _number(row[j])
+            if j == lab:
+                label_cells.append(row[j].strip())
+                v = np.nan if v is None else v
             if v is None:
                 hint = "fix the cell" if need is not None else \
                     "fix the cell or leave the column out with data.columns (a list of the columns to model)"
                 raise DataError(f"{p} line {lineno}, column {names[j]!r}: {row[j].strip()!r} is not a number; {hint}")
             out[r, j] = v
-    return Table(p, out, names, header)
+    table = Table(p, out, names, header)
+    if lab is not None and any(_number(c) is None for c in label_cells):
+        table.text[lab] = label_cells
+    return table
 
 
 def read_table(path: str | Path, key: str | None = None, what: str = "data.path", columns: list | None = None,
@@ -210,9 +227,12 @@ def _column_index(table: Table, spec: str | int, what: str) -> int:
     raise DataError(f"{table.path} has no column {spec!r} ({what}); its columns: {known}")
 
 
-def select_columns(table: Table, columns: list | None, label_column: str | int | None):
+def select_columns(table: Table, columns: list | None, label_column: str | int | None,
+                   classes: list[str] | None = None):
     """``(x, y, names)``: the feature columns (a view of a memory map when they are contiguous),
-    integer labels (``int64``, or None) and the features' names."""
+    integer labels (``int64``, or None) and the features' names. A label column of class names maps
+    them to ``0..K-1`` in sorted order (as torchvision's ``ImageFolder`` orders its folders), or in the
+    order of ``classes`` (a training file's: ``table.classes``) when given."""
     label = None if label_column is None else _column_index(table, label_column, "data.label_column")
     if columns is None:
         idx = [j for j in range(len(table.names)) if j != label]
@@ -230,9 +250,28 @@ def select_columns(table: Table, columns: list | None, label_column: str | int |
     else:
         x = table.values[:, idx]
     y = None
-    if label is not None:
+    if label is not None and label in table.text:
+        y = _class_labels(table, label, classes)
+    elif label is not None:
         y = _labels(np.asarray(table.values[:, label], dtype=np.float64), table, label)
     return x, y, [table.names[j] for j in idx]
+
+
+def _class_labels(table: Table, j: int, classes: list[str] | None) -> np.ndarray:
+    """The labels of a column of class names (``table.classes`` is set to the names in label order)."""
+    cells = table.text[j]
+    if "" in cells:
+        raise DataError(f"{table.path} {_row_name(table, cells.index(''))}, label column {table.names[j]!r}: "
+                        "the label is empty; every row needs its class")
+    names = sorted(set(cells)) if classes is None else list(classes)
+    index = {c: k for k, c in enumerate(names)}
+    unknown = [c for c in cells if c not in index]
+    if unknown:
+        r = cells.index(unknown[0])
+        raise DataError(f"{table.path} {_row_name(table, r)}, label column {table.names[j]!r}: class {unknown[0]!r} "
+                        f"is not one of the training file's ({', '.join(names)})")
+    table.classes = names
+    return np.array([index[c] for c in cells], dtype=np.int64)
 
 
 def _labels(col: np.ndarray, table: Table, j: int) -> np.ndarray:
@@ -240,7 +279,7 @@ def _labels(col: np.ndarray, table: Table, j: int) -> np.ndarray:
     if bad.size:
         r = int(bad[0])
         raise DataError(f"{table.path} {_row_name(table, r)}, label column {table.names[j]!r}: {col[r]!r} is not an "
-                        f"integer >= 0 ({bad.size} such row(s)); class labels must be 0, 1, 2, ...")
+                        f"integer >= 0 ({bad.size} such row(s)); class labels must be 0, 1, 2, ... or names")
     return col.astype(np.int64)
 
 
@@ -279,10 +318,11 @@ def check_rows_finite(table: Table, x: np.ndarray, y: np.ndarray | None, drop: b
 
 
 def read_rows_like(path: str | Path, key: str | None, columns: list | None, label_column: str | int | None,
-                   drop_nonfinite: bool = False, what: str = "data.path"):
-    """``(x, y, names, table)`` of a file read and selected as a run's training file was."""
+                   drop_nonfinite: bool = False, what: str = "data.path", classes: list[str] | None = None):
+    """``(x, y, names, table)`` of a file read and selected as a run's training file was (``classes``:
+    the training file's class names, for a label column of names)."""
     table = read_table(path, key, what, columns, label_column)
-    x, y, names = select_columns(table, columns, label_column)
+    x, y, names = select_columns(table, columns, label_column, classes)
     x, y = check_rows_finite(table, x, y, drop_nonfinite)
     return x, y, names, table
 
@@ -328,7 +368,7 @@ def load_table(cfg, seed: int = 0) -> TableBundle:
         p = getattr(cfg, attr)
         if p:
             hx, hy, hnames, _ = read_rows_like(p, cfg.key, cfg.columns, cfg.label_column, cfg.drop_nonfinite,
-                                               f"data.{attr}")
+                                               f"data.{attr}", table.classes)
             if hnames != names and table.header:
                 raise DataError(f"{p} ({'data.' + attr}) has columns {hnames}, {cfg.path} has {names}; "
                                 "the files must have the same columns")
@@ -353,6 +393,9 @@ def load_table(cfg, seed: int = 0) -> TableBundle:
         raise DataError(f"{cfg.path}: no training rows are left after the held-out splits")
     labels = [a for a in (y, test[1], None if val is None else val[1]) if a is not None]
     num_classes = int(max(int(a.max()) for a in labels if a.size) + 1) if labels else None
+    if table.classes is not None:  # class names: their labels 0..K-1 go in the split line
+        num_classes = len(table.classes)
+        parts.append("labels " + _listed([f"{c}={k}" for k, c in enumerate(table.classes)]))
 
     def split(xy) -> DataSplit:
         return DataSplit(table_tensor(xy[0]), None if xy[1] is None else torch.from_numpy(xy[1]))
