@@ -137,6 +137,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _class_number(label: str, names: list[str] | None) -> int:
+    """``--label``: a class number, or a class name of the run (its number in ``names``)."""
+    if names and label in names:
+        return names.index(label)
+    try:
+        return int(label)
+    except ValueError:
+        raise ValueError(f"--label {label!r} is not a class of this run"
+                         + (f" ({', '.join(names)})" if names else ": give the class number")) from None
+
+
 def cmd_sample(args) -> int:
     import numpy as np
     import torch
@@ -159,9 +170,10 @@ def cmd_sample(args) -> int:
     if args.label is not None:
         if not getattr(model.prior, "conditional", False):
             raise ValueError("--label needs a class-conditional model (a CCNF / InfoCNF recipe)")
-        if not 0 <= args.label < model.prior.num_classes:
+        label = _class_number(args.label, bundle.class_names)
+        if not 0 <= label < model.prior.num_classes:
             raise ValueError(f"--label must be in 0..{model.prior.num_classes - 1}, got {args.label}")
-        y = torch.full((args.n,), args.label, dtype=torch.long)
+        y = torch.full((args.n,), label, dtype=torch.long)
     from fastcnf.ode.budget import SolveBudget
 
     torch.manual_seed(args.seed)
@@ -244,7 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw samples from a trained run")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=64)
-    s.add_argument("--label", type=int, default=None, help="class label (conditional models)")
+    s.add_argument("--label", default=None,
+                   help="class (conditional models): its number, or its name (an image folder's sub-folder, a "
+                        "table's label name)")
     s.add_argument("--out", required=True, help="samples.png (a picture) or samples.npy (raw samples, shape "
                                                "(N, *data shape), in the data's scale)")
     s.add_argument("--seed", type=int, default=0)

@@ -279,6 +279,7 @@ def test_image_folder_run_scores_in_bits_per_dim_and_checks_the_size(tmp_path, c
     capsys.readouterr()
     assert main(["score", str(run), "--data", str(root / "a"), "--out", str(tmp_path / "s.npy"), "--quiet",
                  "--trace", "hutchinson", "--probes", "2"]) == 0
+    assert json.loads((run / "data.json").read_text())["class_names"] == ["a", "b"]  # the sub-folders
     lp, bpd = np.load(tmp_path / "s.npy"), np.load(tmp_path / "s_bits_per_dim.npy")
     assert lp.shape == (6,) and (tmp_path / "s_stderr.npy").exists()
     np.testing.assert_allclose(bpd, -(lp / 64 - math.log(256)) / math.log(2), rtol=1e-10)
@@ -319,3 +320,30 @@ def test_a_label_column_makes_the_class_conditional_model_available(tmp_path, ca
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["test_error"] is not None and "label" not in m["split"].split("columns: ")[1].split(")")[0]
     assert json.loads((tmp_path / "run" / "data.json").read_text())["num_classes"] == 3
+
+
+def test_a_label_column_of_names_trains_the_conditional_model_and_sample_takes_a_class_by_name(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    x = np.column_stack([rng.normal(size=300) + 4 * y, rng.normal(size=300)])
+    names = np.array(["low", "mid", "high"])  # sorted: high 0, low 1, mid 2
+    with open(tmp_path / "lab.csv", "w") as fh:
+        fh.write("a,b,kind\n")
+        fh.writelines(f"{float(r[0])!r},{float(r[1])!r},{names[k]}\n" for r, k in zip(x, y))
+    run = tmp_path / "run"
+    assert main(["train", "tabular-cnf", "--quiet", "--out", str(run), "--set", f"data.path={tmp_path / 'lab.csv'}",
+                 "data.label_column=kind", "conditioning.kind=ccnf", "train.iterations=2", "threads=1",
+                 "model.hidden_dims=[8]", "eval.sample_accuracy_per_class=0", "train.val_every=0",
+                 "train.patience=0"]) == 0
+    record = json.loads((run / "data.json").read_text())
+    assert record["num_classes"] == 3 and record["class_names"] == ["high", "low", "mid"]
+    assert "labels high=0, low=1, mid=2" in json.loads((run / "metrics.json").read_text())["split"]
+    assert main(["sample", str(run), "--n", "5", "--seed", "3", "--label", "mid", "--out", str(tmp_path / "m.npy")]) == 0
+    assert main(["sample", str(run), "--n", "5", "--seed", "3", "--label", "2", "--out", str(tmp_path / "n.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), np.load(tmp_path / "n.npy"))
+    capsys.readouterr()
+    _fails(capsys, ["sample", str(run), "--n", "5", "--label", "top", "--out", str(tmp_path / "t.npy")],
+           "--label 'top' is not a class of this run (high, low, mid)")
+    from fastcnf import load_run
+
+    assert load_run(run).record.class_names == ["high", "low", "mid"]

@@ -89,6 +89,8 @@ class DataBundle:
         sampler: for synthetic sets, ``sampler(n, rng)`` draws a fresh training batch
             (float32 ``x``, labels or ``None``), as FFJORD trains its toy densities; else ``None``.
         val: a validation split, or ``None``.
+        class_names: the classes' names in label order (an image folder's sub-folders, a table's label
+            names), or ``None``.
         standardizer: tables: the map to the standardised scale the model is trained in
             (:class:`~fastcnf.data.standardize.Standardizer`, applied per batch); ``x`` of every
             split stays in the data's own units. ``None``: the model sees ``x`` as it is.
@@ -110,6 +112,7 @@ class DataBundle:
     sampler: Sampler | None = None
     val: DataSplit | None = None
     standardizer: "Standardizer | None" = None  # fastcnf.data.standardize (not imported here: no cycle)
+    class_names: list[str] | None = None
 
     @property
     def is_image(self) -> bool:

@@ -169,4 +169,4 @@ def load_image_folder(cfg, seed: int = 0) -> DataBundle:
         num_classes=len(classes) or None, levels=256,
         split=f"image folder {cfg.path} ({c}x{h}x{w}, {len(classes) or 'no'} classes); {'; '.join(parts)}; "
               f"train: the remaining {len(x)} images",
-        val=None if val is None else DataSplit(*val))
+        val=None if val is None else DataSplit(*val), class_names=classes or None)

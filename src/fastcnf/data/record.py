@@ -1,5 +1,5 @@
 """What a run needs to know about its data without reading it again: ``data.json`` in the run
-directory (name, per-example shape, classes, levels, the table's columns and standardisation).
+directory (name, per-example shape, classes and their names, levels, the table's columns and standardisation).
 
 ``fastcnf score`` and :func:`fastcnf.load_run` rebuild the model from it, so a run scores new
 rows in the user's units even where its training file has moved or is too large to reload.
@@ -28,16 +28,17 @@ class DataRecord:
     levels: int | None
     columns: list[str] | None
     standardizer: Standardizer | None
+    class_names: list[str] | None = None
 
     @classmethod
     def of(cls, bundle: DataBundle) -> "DataRecord":
         return cls(bundle.name, tuple(bundle.shape), bundle.num_classes, bundle.levels,
-                   getattr(bundle, "columns", None), bundle.standardizer)
+                   getattr(bundle, "columns", None), bundle.standardizer, bundle.class_names)
 
     def save(self, run_dir: str | Path) -> Path:
         path = Path(run_dir) / RECORD_FILE
         d = {"name": self.name, "shape": list(self.shape), "num_classes": self.num_classes, "levels": self.levels,
-             "columns": self.columns,
+             "columns": self.columns, "class_names": self.class_names,
              "standardizer": None if self.standardizer is None else self.standardizer.to_dict()}
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(d, indent=1))
@@ -53,7 +54,8 @@ class DataRecord:
         try:
             d = json.loads(path.read_text())
             return cls(d["name"], tuple(int(s) for s in d["shape"]), d["num_classes"], d["levels"], d["columns"],
-                       None if d["standardizer"] is None else Standardizer.from_dict(d["standardizer"]))
+                       None if d["standardizer"] is None else Standardizer.from_dict(d["standardizer"]),
+                       d.get("class_names"))  # absent in runs written before names were kept
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path} is corrupt ({e}); delete it to rebuild it from the run's data") from e
 

@@ -405,4 +405,4 @@ def load_table(cfg, seed: int = 0) -> TableBundle:
         columns=names, name="table", train=split((x, y)), test=split(test), shape=(x.shape[1],), num_classes=num_classes,
         levels=None, split=f"table {cfg.path} ({where}{len(names)} columns: {_listed(names)}); "
                            f"{'; '.join(parts)}; train: the remaining {x.shape[0]} rows",
-        val=None if val is None else split(val))
+        val=None if val is None else split(val), class_names=table.classes)

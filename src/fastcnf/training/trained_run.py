@@ -97,7 +97,8 @@ def _skeleton(record: DataRecord) -> DataBundle:
     y = torch.zeros(0, dtype=torch.int64) if record.num_classes else None
     empty = DataSplit(x, y)
     return DataBundle(record.name, empty, empty, record.shape, record.num_classes, record.levels,
-                      split="(rebuilt from the run's data.json)", standardizer=record.standardizer)
+                      split="(rebuilt from the run's data.json)", standardizer=record.standardizer,
+                      class_names=record.class_names)
 
 
 def restore_run(run_dir: str | Path, overrides: list[str] | None = None, *, record: DataRecord | None = None):
