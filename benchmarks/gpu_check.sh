@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# GPU check of image speed (speed_images.py) and OT-CFM's pairing workers: about 8.5 minutes on one GPU.
+# GPU check of image speed (speed_images.py), OT-CFM's pairing workers and the GPU-scale recipes: about 10 minutes
+# on one GPU.
 #   (a) per iteration, side by side: FFJORD's MNIST model (one block per scale, 400,323 parameters) with
 #       FFJORD's engine (benchmarks/ffjord_multiscale_baseline.py) against fastcnf (direct back-propagation,
 #       and direct with per-stage recomputation, in float32 and with a bfloat16 backward pass), batch 200 on
 #       mnist-test-split, same weights, same batches;
 #   (b)+(c) a short digits run (full-width 64-64-64 model, batch 200, N=100) with bits/dim curves for both
 #       sides, then digits-fast until it reaches the baseline's bits/dim at N (time to quality);
+#   one step of each of the 40 GPU-scale recipes on CUDA (tests/package/test_gpu_scale_recipes.py);
 #   then the tests, which use CUDA where they can (tests/package/test_cuda.py).
 # Needs a CUDA build of torch and `pip install -e .[test]` in $PYTHON's environment (the project's
 # `make` set-up installs the CPU build). Results go to $OUT (default benchmarks/results/gpu).
@@ -34,6 +36,9 @@ timeout 45 "$PY" benchmarks/ot_pairing_trainer.py --data 8gaussians --steps 100 
     --json "$OUT/ot_pairing_trainer_cpu.json" || echo "gpu_check: ot_pairing_trainer (cpu) failed"
 timeout 45 "$PY" benchmarks/ot_pairing_trainer.py --data 8gaussians --steps 100 --block 20 --device cuda \
     --json "$OUT/ot_pairing_trainer_cuda.json" || echo "gpu_check: ot_pairing_trainer (cuda) failed"
+# the 40 recipes whose data is not on the CPU machine: one step each on the GPU, on files of their formats, ~2 minutes
+FASTCNF_TEST_DEVICE=cuda timeout 180 "$PY" -m pytest -q -p no:cacheprovider -m "slow or not slow" \
+    tests/package/test_gpu_scale_recipes.py || echo "gpu_check: GPU-scale recipe steps failed"
 # the suite (CUDA-aware tests included), ~1.5 minutes
 timeout 150 "$PY" -m pytest -q -x -p no:cacheprovider tests/package/test_cuda.py tests/ode tests/cnf
 echo "gpu_check: results in $OUT"

@@ -3,11 +3,13 @@ tables) trains one step and evaluates through ``fastcnf train``, at its own mode
 schedule, on small files written in its data set's format: the recipes that cannot be measured here are
 at least known to run. Overridden only: the data's root, the length (one step; the training-by-parts
 recipes a turn of each part and one fine-tuning step), a batch of 8, evaluation on 8 examples at 1e-3,
-no figures, checkpoints or validation. The larger models are marked ``slow`` (``pytest -m slow``)."""
+no figures, checkpoints or validation. The larger models are marked ``slow`` (``pytest -m slow``).
+``FASTCNF_TEST_DEVICE=cuda`` runs them on a GPU (benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import struct
 
 import numpy as np
@@ -80,7 +82,7 @@ def test_recipe_trains_a_step_and_evaluates_on_files_of_its_format(recipe, roots
     sets = [f"data.root={roots / ROOTS[cfg.data.name]}", "train.iterations=1", "train.batch_size=8", "threads=1",
             "eval.max_examples=8", "eval.batch_size=8", "eval.atol=1e-3", "eval.rtol=1e-3", "eval.figures=false",
             "eval.n_samples=4", "eval.sample_accuracy_per_class=0", "train.checkpoint_every=0", "train.val_every=0",
-            "train.patience=0", "train.warmup_iterations=0"]
+            "train.patience=0", "train.warmup_iterations=0", f"device={os.environ.get('FASTCNF_TEST_DEVICE', 'cpu')}"]
     if cfg.parts.enabled:  # a turn of each part, then one end-to-end step
         sets += ["parts.unit=iterations", "parts.turn=1", "parts.finetune=1",
                  f"train.iterations={len(cfg.parts.level_boundaries) + 2}"]
