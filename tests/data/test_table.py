@@ -318,3 +318,15 @@ def test_a_label_column_of_class_names_maps_them_in_sorted_order_and_held_out_fi
     empty = write(tmp_path / "empty.csv", x[:3], ["setosa", "", "setosa"])
     with pytest.raises(DataError, match=r"empty.csv data row 2, label column 'kind': the label is empty"):
         read_rows_like(empty, None, None, "kind")
+
+
+def test_a_byte_order_mark_windows_line_ends_and_latin1_text_cells_read_as_the_plain_file(tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfa,b,c\r\n1,2,3\r\n4,5,6.5\r\n")  # a spreadsheet's "CSV UTF-8"
+    t = read_table(tmp_path / "bom.csv", columns=["a", "c"])
+    assert t.names == ["a", "b", "c"] and t.values[:, [0, 2]].tolist() == [[1.0, 3.0], [4.0, 6.5]]
+    (tmp_path / "bom2.csv").write_bytes(b"\xef\xbb\xbf1,2\r\n3,4\r\n")  # no header
+    t = read_table(tmp_path / "bom2.csv")
+    assert not t.header and t.values.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+    (tmp_path / "latin1.csv").write_bytes(b"a,name,b\n1,Jos\xe9,2\n3,Ann,4\n")  # not UTF-8, in a column left out
+    t = read_table(tmp_path / "latin1.csv", columns=["a", "b"])
+    assert t.values[:, [0, 2]].tolist() == [[1.0, 2.0], [3.0, 4.0]]

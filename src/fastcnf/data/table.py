@@ -126,7 +126,9 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
     """A text table; with ``columns`` only the selected columns (and the label) are parsed, the others are
     left NaN, so a column of names or dates can stay in the file."""
     delim = _DELIMITERS[p.suffix.lower()]
-    with open(p, newline="") as fh:
+    # utf-8-sig: a spreadsheet's byte-order mark is not part of the first name; a byte that is not UTF-8
+    # (a Latin-1 name in a text column) becomes U+FFFD instead of stopping the read
+    with open(p, newline="", encoding="utf-8-sig", errors="replace") as fh:
         lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip()]
     if not lines:
         raise DataError(f"{p} is empty; it must hold at least one row")
@@ -154,10 +156,10 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
     if need is None:  # numpy's C parser; on any problem the loop below finds the line and column to name
         try:
             fast = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
-                              dtype=np.float64)
+                              dtype=np.float64, encoding="utf-8-sig")
             if fast.shape == out.shape:
                 return Table(p, fast, names, header)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             pass
     # the csv module: quoted cells (a name with a comma) and a check that every row has the header's cells
     for r, (lineno, line) in enumerate(rows):
