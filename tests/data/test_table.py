@@ -330,3 +330,14 @@ def test_a_byte_order_mark_windows_line_ends_and_latin1_text_cells_read_as_the_p
     (tmp_path / "latin1.csv").write_bytes(b"a,name,b\n1,Jos\xe9,2\n3,Ann,4\n")  # not UTF-8, in a column left out
     t = read_table(tmp_path / "latin1.csv", columns=["a", "b"])
     assert t.values[:, [0, 2]].tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_with_its_separator(tmp_path):
+    x = _rows()
+    for name, sep in (("semi.csv", ";"), ("tabs.csv", "\t")):
+        _write_text(tmp_path / name, x, ["a", "b", "c", "d"], delim=sep)
+        t = read_table(tmp_path / name)
+        assert t.names == ["a", "b", "c", "d"]
+        np.testing.assert_array_equal(t.values, x)
+    _write_text(tmp_path / "one.csv", x[:, :1], ["a"])  # one column: no separator at all
+    np.testing.assert_array_equal(read_table(tmp_path / "one.csv").values, x[:, :1])

@@ -1,11 +1,12 @@
 """Tables from the user's files: ``.npy``, ``.npz``, ``.csv``, ``.tsv``, ``.txt`` (rows = examples).
 
 ``data.name: table`` with ``data.path`` (and optionally ``data.test_path`` / ``data.val_path``).
-Text files may have a header line (detected: a first line with a cell that is not a number);
+Text files may have a header line (detected: a first line with a cell that is not a number); a
+``.csv`` whose first line holds no comma but semicolons (or tabs) is read with that separator.
 ``data.columns`` selects feature columns by header name or 0-based index (only they are parsed, so
 columns of text may stay in the file) and ``data.label_column`` names a column of class labels
-(integers, or class names numbered in sorted order);
-empty cells and ``NA`` / ``null`` read as missing (NaN). A ``.npy`` file is memory-mapped (``numpy.load(...,
+(integers, or class names numbered in sorted order); empty cells and ``NA`` / ``null`` read as
+missing (NaN). A ``.npy`` file is memory-mapped (``numpy.load(...,
 mmap_mode="r")``): batches read only their rows, so a file larger than memory trains and scores
 without a copy; its held-out splits are then contiguous blocks at the end of the file (as MAF's
 loaders split their shuffled arrays), the other formats are split by a permutation drawn from
@@ -132,6 +133,8 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
         lines = [(i + 1, line) for i, line in enumerate(fh) if line.strip()]
     if not lines:
         raise DataError(f"{p} is empty; it must hold at least one row")
+    if delim == "," and "," not in lines[0][1]:  # a .csv separated by semicolons or tabs (spreadsheet locales)
+        delim = next((d for d in (";", "\t") if d in lines[0][1]), delim)
 
     def cells(line: str) -> list[str]:
         if delim is None:
