@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--label", default=None,
                    help="class (conditional models): its number, or its name (an image folder's sub-folder, a "
                         "table's label name)")
-    s.add_argument("--out", required=True, help="samples.png (a picture) or samples.npy (raw samples, shape "
-                                               "(N, *data shape), in the data's scale)")
+    s.add_argument("--out", required=True, help="samples.png (a picture), samples.npy (raw samples, shape "
+                                               "(N, *data shape), in the data's scale) or samples.csv (tables "
+                                               "and points: a row per sample under the column names)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     _fixed_step_flags(s)

@@ -341,3 +341,13 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_with_its_separator(tmp_pa
         np.testing.assert_array_equal(t.values, x)
     _write_text(tmp_path / "one.csv", x[:, :1], ["a"])  # one column: no separator at all
     np.testing.assert_array_equal(read_table(tmp_path / "one.csv").values, x[:, :1])
+
+
+def test_class_names_that_look_like_numbers_keep_the_training_files_numbers_in_a_held_out_file(tmp_path):
+    x = np.random.default_rng(1).normal(size=(12, 2))
+    (tmp_path / "train.csv").write_text("a,b,kind\n" + "".join(
+        f"{float(r[0])!r},{float(r[1])!r},{'b' if i % 2 else '7'}\n" for i, r in enumerate(x)))
+    (tmp_path / "test.csv").write_text("a,b,kind\n" + "".join(f"{float(r[0])!r},{float(r[1])!r},7\n" for r in x[:3]))
+    b = load_data(DataConfig(name="table", path=str(tmp_path / "train.csv"), test_path=str(tmp_path / "test.csv"),
+                             label_column="kind", val_fraction=0.0), seed=0)
+    assert b.class_names == ["7", "b"] and b.test.y.tolist() == [0, 0, 0]  # '7' is class 0, not the number 7

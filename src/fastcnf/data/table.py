@@ -123,9 +123,11 @@ def _needed(stub: Table, columns: list | None, label_column: str | int | None) -
     return sorted(idx)
 
 
-def _read_text(p: Path, columns: list | None = None, label_column: str | int | None = None) -> Table:
+def _read_text(p: Path, columns: list | None = None, label_column: str | int | None = None,
+               label_text: bool = False) -> Table:
     """A text table; with ``columns`` only the selected columns (and the label) are parsed, the others are
-    left NaN, so a column of names or dates can stay in the file."""
+    left NaN, so a column of names or dates can stay in the file. The label column's cells are kept as
+    text when one is not a number, or always with ``label_text`` (a held-out file of a run with names)."""
     delim = _DELIMITERS[p.suffix.lower()]
     # utf-8-sig: a spreadsheet's byte-order mark is not part of the first name; a byte that is not UTF-8
     # (a Latin-1 name in a text column) becomes U+FFFD instead of stopping the read
@@ -156,7 +158,8 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
     cols = range(len(names)) if need is None else need
     label_cells: list[str] = []
     out = np.full((len(rows), len(names)), np.nan, dtype=np.float64)
-    if need is None:  # numpy's C parser; on any problem the loop below finds the line and column to name
+    if need is None and not (label_text and lab is not None):  # numpy's C parser; on any problem the loop
+        # below finds the line and column to name
         try:
             fast = np.loadtxt(p, delimiter=delim, skiprows=lines[0][0] if header else 0, ndmin=2, comments=None,
                               dtype=np.float64, encoding="utf-8-sig")
@@ -181,13 +184,13 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
                 raise DataError(f"{p} line {lineno}, column {names[j]!r}: {row[j].strip()!r} is not a number; {hint}")
             out[r, j] = v
     table = Table(p, out, names, header)
-    if lab is not None and any(_number(c) is None for c in label_cells):
+    if lab is not None and (label_text or any(_number(c) is None for c in label_cells)):
         table.text[lab] = label_cells
     return table
 
 
 def read_table(path: str | Path, key: str | None = None, what: str = "data.path", columns: list | None = None,
-               label_column: str | int | None = None) -> Table:
+               label_column: str | int | None = None, label_text: bool = False) -> Table:
     """Read a table file (see the module docstring); ``.npy`` is memory-mapped, ``.npz`` needs
     ``key`` when it holds several arrays. A text file's empty cells (and "NA", "null", ...) read as NaN;
     given ``columns`` (names or 0-based indices), only those and ``label_column`` are parsed (the others
@@ -211,7 +214,7 @@ def read_table(path: str | Path, key: str | None = None, what: str = "data.path"
                 return _numbered(p, _as_2d(z[k], p))
     except (ValueError, OSError, EOFError) as e:
         raise DataError(f"{p} is not a readable {suffix} file ({e}); save it with numpy.save / numpy.savez") from e
-    return _read_text(p, columns, label_column)
+    return _read_text(p, columns, label_column, label_text)
 
 
 def _numbered(p: Path, arr: np.ndarray) -> Table:
@@ -326,7 +329,7 @@ def read_rows_like(path: str | Path, key: str | None, columns: list | None, labe
                    drop_nonfinite: bool = False, what: str = "data.path", classes: list[str] | None = None):
     """``(x, y, names, table)`` of a file read and selected as a run's training file was (``classes``:
     the training file's class names, for a label column of names)."""
-    table = read_table(path, key, what, columns, label_column)
+    table = read_table(path, key, what, columns, label_column, label_text=classes is not None)
     x, y, names = select_columns(table, columns, label_column, classes)
     x, y = check_rows_finite(table, x, y, drop_nonfinite)
     return x, y, names, table
