@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # Class-conditional flow matching on scikit-learn's digits (real data shipped with a dependency): 1,500
-# iterations, one torch thread (robust when other jobs share the cores): measured 2 min 58 s, 1.954 bits/dim,
-# 93.5% of class-conditional samples recognised as their label (runs/demo/figures/class_conditional_samples.png)
+# iterations, one torch thread (robust when other jobs share the cores): measured 2 min 36 s, 1.944 bits/dim,
+# 92.5% of class-conditional samples recognised as their label (runs/demo/figures/class_conditional_samples.png)
 demo: $(STAMP)
 	$(BIN)/fastcnf train digits-fm-conditional --set train.iterations=1500 threads=1 --out runs/demo --force
 
