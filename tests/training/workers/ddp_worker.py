@@ -42,7 +42,10 @@ def main(out: Path, steps: int) -> None:
     results["rank"] = a.dist.rank
     results["world"] = a.dist.world_size
     torch.save(results, out / f"rank{a.dist.rank}.pt")
-    ddp.teardown()
+    # the command line's way to end under torchrun: a barrier, then os._exit without the process group's
+    # destructors (destroy_process_group at the end let gloo abort a rank now and then)
+    ddp.leave_at_exit()
+    ddp.exit_process(0)
 
 
 if __name__ == "__main__":

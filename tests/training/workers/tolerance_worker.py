@@ -27,7 +27,10 @@ def main(out: Path, steps: int) -> None:
     gates = {k: v.detach().clone() for k, v in hook.policy.state_dict().items()}
     torch.save({"gates": gates, "agree": ddp.parameters_agree(list(hook.policy.parameters())),
                 "rank": t.dist.rank}, out / f"gates{t.dist.rank}.pt")
-    ddp.teardown()
+    # the command line's way to end under torchrun: a barrier, then os._exit without the process group's
+    # destructors (destroy_process_group at the end let gloo abort a rank now and then)
+    ddp.leave_at_exit()
+    ddp.exit_process(0)
 
 
 if __name__ == "__main__":

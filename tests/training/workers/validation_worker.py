@@ -23,7 +23,10 @@ def main(out: Path) -> None:
     trainer.fit()
     torch.save({"params": params(trainer), "iteration": trainer.iteration, "summary": trainer.early.summary()},
                out / f"rank{trainer.dist.rank}.pt")
-    ddp.teardown()
+    # the command line's way to end under torchrun: a barrier, then os._exit without the process group's
+    # destructors (destroy_process_group at the end let gloo abort a rank now and then)
+    ddp.leave_at_exit()
+    ddp.exit_process(0)
 
 
 if __name__ == "__main__":
