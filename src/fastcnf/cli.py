@@ -186,8 +186,9 @@ def cmd_sample(args) -> int:
     if out.suffix == ".npy":
         np.save(out, x.numpy())  # (N, *data shape), in the data's own scale ([0, 1) pixels for images)
     elif out.suffix == ".csv":  # a header of the table's column names (x0, x1, ... for points), 17 digits
-        names = getattr(bundle, "columns", None) or [f"x{j}" for j in range(x.shape[1])]
-        np.savetxt(out, x.double().numpy(), delimiter=",", fmt="%.17g", header=",".join(names), comments="")
+        from fastcnf.data.table import write_csv
+
+        write_csv(out, x.numpy(), getattr(bundle, "columns", None) or [f"x{j}" for j in range(x.shape[1])])
     else:
         plot_samples(x, out, bundle.is_image, nrow=min(args.n, 10),
                      title=None if y is None else f"label {args.label}")

@@ -76,43 +76,36 @@ def read_image_folder(path: str | Path, what: str = "data.path",
         raise DataError(f"{root} holds no PNG / JPEG images ({', '.join(IMAGE_SUFFIXES)}); put the images in it "
                         "or in one sub-folder per class")
 
-    def unreadable(f: Path, e: Exception) -> DataError:
-        return DataError(f"{f} is not a readable image ({type(e).__name__}); remove or replace it")
-
-    modes, first = [], None
-    for f in files:  # the headers: modes and sizes, before any pixel is decoded
+    images, modes, first = [], [], None
+    for f in files:  # decoded once; converted below, when the folder's mode is known
         try:
             with Image.open(f) as im:
                 mode, size = im.mode, im.size
+                im.load()  # the pixels stay in memory after the file is closed
         except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise unreadable(f, e) from e
+            raise DataError(f"{f} is not a readable image ({type(e).__name__}); remove or replace it") from e
         if mode not in _GREY_MODES + _COLOUR_MODES:
             raise DataError(f"{f} has mode {mode!r}; images must be 8-bit (grey, RGB, palette, with or without "
                             "alpha): convert it (e.g. PIL's Image.convert('RGB'))")
         if first is None:
             first = (f, size)
         elif size != first[1]:
-            raise DataError(f"{root} mixes image sizes: {first[0]} is {_describe(size=first[1])}, {f} is "
-                            f"{_describe(size=size)}; make every image the same size")
+            raise DataError(f"{root} mixes image sizes: {first[0]} is {_describe(first[1])}, {f} is "
+                            f"{_describe(size)}; make every image the same size")
+        images.append(im)
         modes.append(mode)
-    grey = all(m in _GREY_MODES for m in modes)
+    colour = [i for i, m in enumerate(modes) if m not in _GREY_MODES]
+    grey = not colour
     if expect is not None:  # a run's images: its size, and no colour image for a grey run
-        wrong = [0] if (first[1][1], first[1][0]) != tuple(expect[1:]) else \
-            [i for i, m in enumerate(modes) if m not in _GREY_MODES][:1] if expect[0] == 1 else []
-        if wrong:
-            raise DataError(f"{files[wrong[0]]} is {_describe(modes[wrong[0]], first[1])}, the run was trained on "
+        wrong = 0 if (first[1][1], first[1][0]) != tuple(expect[1:]) else \
+            colour[0] if expect[0] == 1 and colour else None
+        if wrong is not None:
+            raise DataError(f"{files[wrong]} is {_describe(first[1], modes[wrong])}, the run was trained on "
                             f"{expect[0]}x{expect[1]}x{expect[2]} (C x H x W) images; resize / convert them")
         grey = expect[0] == 1
     target = "L" if grey else "RGB"
-    arrays = []
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.load()
-                a = np.asarray(im if im.mode == target else im.convert(target))
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise unreadable(f, e) from e
-        arrays.append(a.reshape(a.shape[0], a.shape[1], -1))
+    arrays = [np.asarray(im if im.mode == target else im.convert(target)) for im in images]
+    arrays = [a.reshape(a.shape[0], a.shape[1], -1) for a in arrays]
     converted = {m: modes.count(m) for m in sorted(set(modes)) if m != target}
     if converted:
         warnings.warn(f"{root}: read {sum(converted.values())} of {len(files)} images as "
@@ -124,7 +117,7 @@ def read_image_folder(path: str | Path, what: str = "data.path",
     return x, y, classes, files
 
 
-def _describe(mode: str | None = None, size: tuple[int, int] = (0, 0)) -> str:
+def _describe(size: tuple[int, int], mode: str | None = None) -> str:
     return f"{size[0]}x{size[1]} (W x H)" + ("" if mode is None else f" {_MODE_NAMES.get(mode, mode)}")
 
 

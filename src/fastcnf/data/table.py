@@ -35,7 +35,7 @@ import torch
 from .base import DataBundle, DataError, DataSplit
 
 __all__ = ["TABLE_SUFFIXES", "Table", "TableBundle", "read_table", "select_columns", "load_table", "read_rows_like",
-           "check_rows_finite", "table_tensor"]
+           "check_rows_finite", "table_tensor", "write_csv"]
 
 #: file suffixes a table can be read from
 TABLE_SUFFIXES = (".npy", ".npz", ".csv", ".tsv", ".txt")
@@ -109,18 +109,20 @@ def _number(cell: str) -> float | None:
         return float("nan") if cell.strip().lower() in MISSING_CELLS else None
 
 
-def _needed(stub: Table, columns: list | None, label_column: str | int | None) -> list[int] | None:
-    """The file's columns that ``columns`` and ``label_column`` read (sorted), or None for all of them. A
-    label that does not resolve is left to :func:`select_columns` (its error, or a file to score without it)."""
+def _label_index(stub: Table, label_column: str | int | None) -> int | None:
+    """The label column's index, or None; a label that does not resolve is left to :func:`select_columns`
+    (its error, or a file to score without the labels)."""
+    try:
+        return None if label_column is None else _column_index(stub, label_column, "data.label_column")
+    except DataError:
+        return None
+
+
+def _needed(stub: Table, columns: list | None, lab: int | None) -> list[int] | None:
+    """The file's columns that ``columns`` and the label column ``lab`` read (sorted), or None for all."""
     if columns is None or not isinstance(columns, (list, tuple)) or not columns:
         return None
-    idx = {_column_index(stub, c, "data.columns") for c in columns}
-    if label_column is not None:
-        try:
-            idx.add(_column_index(stub, label_column, "data.label_column"))
-        except DataError:
-            pass
-    return sorted(idx)
+    return sorted({_column_index(stub, c, "data.columns") for c in columns} | ({lab} if lab is not None else set()))
 
 
 def _read_text(p: Path, columns: list | None = None, label_column: str | int | None = None,
@@ -150,11 +152,8 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
     if not rows:
         raise DataError(f"{p} has a header line but no rows")
     stub = Table(p, np.empty((0, len(names))), names, header)
-    need = _needed(stub, columns, label_column)
-    try:  # the label column may hold class names
-        lab = None if label_column is None else _column_index(stub, label_column, "data.label_column")
-    except DataError:
-        lab = None
+    lab = _label_index(stub, label_column)  # its cells may be class names
+    need = _needed(stub, columns, lab)
     cols = range(len(names)) if need is None else need
     label_cells: list[str] = []
     out = np.full((len(rows), len(names)), np.nan, dtype=np.float64)
@@ -177,6 +176,7 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
             v = _number(row[j])
             if j == lab:
                 label_cells.append(row[j].strip())
+                label_text = label_text or v is None
                 v = np.nan if v is None else v
             if v is None:
                 hint = "fix the cell" if need is not None else \
@@ -184,7 +184,7 @@ def _read_text(p: Path, columns: list | None = None, label_column: str | int | N
                 raise DataError(f"{p} line {lineno}, column {names[j]!r}: {row[j].strip()!r} is not a number; {hint}")
             out[r, j] = v
     table = Table(p, out, names, header)
-    if lab is not None and (label_text or any(_number(c) is None for c in label_cells)):
+    if lab is not None and label_text:
         table.text[lab] = label_cells
     return table
 
@@ -333,6 +333,13 @@ def read_rows_like(path: str | Path, key: str | None, columns: list | None, labe
     x, y, names = select_columns(table, columns, label_column, classes)
     x, y = check_rows_finite(table, x, y, drop_nonfinite)
     return x, y, names, table
+
+
+def write_csv(path: str | Path, columns: np.ndarray, names: list[str]) -> None:
+    """Write ``columns`` (``(N, C)``, or ``(N,)`` for one) as a CSV file under a header of ``names``, 17
+    significant digits (float64 reads back exactly): the tables ``fastcnf score`` and ``sample`` write."""
+    np.savetxt(path, np.asarray(columns, dtype=np.float64).reshape(len(columns), -1), delimiter=",", fmt="%.17g",
+               header=",".join(names), comments="")
 
 
 def table_tensor(x: np.ndarray) -> torch.Tensor:

@@ -99,6 +99,11 @@ class BackgroundPairingHook(Hook):
     line."""
 
     name = "flow_matching_pairing"
+    objective: FlowMatching | None = None  #: the objective whose pairing runs in the background
+
+    @property
+    def background(self) -> BackgroundPairing | None:
+        return None if self.objective is None else self.objective.background
 
     def setup(self, trainer) -> None:
         objective = getattr(trainer.task, "objective", None)
@@ -117,19 +122,13 @@ class BackgroundPairingHook(Hook):
         self.objective = objective
 
     def start_note(self, trainer) -> str:
-        bg = getattr(self, "objective", None)
-        bg = bg.background if bg is not None else None
-        if bg is None:
+        if self.background is None:
             return ""
-        w = bg.workers
-        plural = w > 1
-        return (f"exact OT pairs computed {w} batch{'es' if plural else ''} ahead in {w} worker "
-                f"thread{'s' if plural else ''}")
+        w = self.background.workers
+        return f"exact OT pairs computed {w} batch{'es' * (w > 1)} ahead in {w} worker thread{'s' * (w > 1)}"
 
     def eval_metrics(self, trainer) -> dict[str, Any]:
-        bg = getattr(self, "objective", None)
-        bg = bg.background if bg is not None else None
-        return {} if bg is None else {"pairings_prefetched": bg.prefetched}
+        return {} if self.background is None else {"pairings_prefetched": self.background.prefetched}
 
 
 FLOW_MATCHING = FlowMatchingMethod()

@@ -25,6 +25,7 @@ from fastcnf.config import Config
 from fastcnf.data import load_data
 from fastcnf.data.base import DataBundle, DataSplit
 from fastcnf.data.record import DataRecord, rows_for_run
+from fastcnf.data.table import write_csv
 from fastcnf.evaluation.scoring import ScoreResult, score_rows
 from fastcnf.methods import load_run_config
 from fastcnf.models.flow_model import FlowModel, bits_per_dim_from_log_prob
@@ -206,8 +207,7 @@ def score_command(run_dir: str | Path, data: str | Path, out: str | Path, batch_
     written = [out]
     extra = [(name, v) for name, v in (("stderr", res.stderr), ("bits_per_dim", res.bits_per_dim)) if v is not None]
     if out.suffix == ".csv":  # one file: a header line, then a row per input row (17 digits: float64 read back exactly)
-        np.savetxt(out, np.column_stack([res.log_prob] + [v for _, v in extra]), delimiter=",", fmt="%.17g",
-                   header=",".join(["log_prob"] + [name for name, _ in extra]), comments="")
+        write_csv(out, np.column_stack([res.log_prob] + [v for _, v in extra]), ["log_prob"] + [n for n, _ in extra])
     else:
         np.save(out, res.log_prob)
         for name, values in extra:
